@@ -1,0 +1,106 @@
+"""Wire protocol shared by clients, the coordinator and engines.
+
+One msgpack-encoded list per ZMQ frame: ``[header, *fields]``. Header values 1..11 are
+Megatron-core 0.16's (its clients and engines talk to us unchanged); our own messages use
+values from 100 up so they can never collide with Megatron's.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+# Frames larger than this are refused by every socket we open (ZMQ_MAXMSGSIZE): a peer cannot
+# make the coordinator allocate unbounded memory with a single message.
+DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+
+# Version of our extensions to the Megatron protocol, sent in CONNECT and REGISTER.
+PROTOCOL_VERSION = 1
+
+
+class Headers(enum.IntEnum):
+    """Message types. Values 1..11 match Megatron-core 0.16's ``Headers`` (an ``auto()`` enum)."""
+
+    CONNECT = 1
+    CONNECT_ACK = 2
+    SUBMIT_REQUEST = 3
+    ENGINE_REPLY = 4
+    PAUSE = 5
+    PAUSE_ACK = 6
+    UNPAUSE = 7
+    SUSPEND = 8
+    RESUME = 9
+    STOP = 10
+    STOP_ACK = 11
+
+    # --- megatron_coord extensions (never sent to peers that spoke only Megatron's protocol) ---
+    # coord -> client: [ERROR, client_request_id | None, code: str, message: str]
+    # engine -> coord: [ERROR, request_id, code, message] (that request failed on the engine)
+    ERROR = 100
+    # engine -> coord: [REGISTER, {"data_parallel_rank": int, "protocol": int, ...}]
+    REGISTER = 101
+    # engine -> coord: [HEARTBEAT, {"queued": int, "active": int, "free_kv_tokens": int, ...}]
+    HEARTBEAT = 102
+    # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids]], ...]]
+    # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text]
+    PARTIAL_REPLY = 103
+    # client -> coord: [ABORT, client_request_id]; coord -> engine: [ABORT, request_id]
+    ABORT = 104
+
+
+CONTROL_SIGNALS = frozenset(
+    {Headers.PAUSE, Headers.UNPAUSE, Headers.SUSPEND, Headers.RESUME, Headers.STOP}
+)
+
+
+class ErrorCode(str, enum.Enum):
+    """Machine-readable codes carried by ERROR messages."""
+
+    MALFORMED = "malformed"  # not msgpack, not a list, wrong field count or type
+    UNKNOWN_HEADER = "unknown_header"
+    NOT_CONNECTED = "not_connected"  # a client sent work before CONNECT
+    INVALID_REQUEST = "invalid_request"  # bad prompt or sampling params
+    DUPLICATE_REQUEST_ID = "duplicate_request_id"
+    OVERLOADED = "overloaded"
+    NO_ENGINE = "no_engine"
+    ENGINE_FAILED = "engine_failed"
+    TIMEOUT = "timeout"
+    ABORTED = "aborted"
+    SHUTTING_DOWN = "shutting_down"
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be acted on; ``code`` says why, for the ERROR reply."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder()
+
+
+def encode(message: list[Any]) -> bytes:
+    """Encode one message (a list whose first element is a header value)."""
+    return _encoder.encode(message)
+
+
+def decode(frame: bytes) -> list[Any]:
+    """Decode one frame into ``[Headers, *fields]``, raising ProtocolError if it is not one."""
+    try:
+        message = _decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise ProtocolError(ErrorCode.MALFORMED, f"frame is not valid msgpack: {exc}") from None
+    if not isinstance(message, list) or not message:
+        raise ProtocolError(ErrorCode.MALFORMED, "a message must be a non-empty msgpack list")
+    header = message[0]
+    if type(header) is not int:
+        raise ProtocolError(ErrorCode.MALFORMED, "the header must be an integer")
+    try:
+        message[0] = Headers(header)
+    except ValueError:
+        raise ProtocolError(ErrorCode.UNKNOWN_HEADER, f"unknown header {header}") from None
+    return message

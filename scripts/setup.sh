@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Create .venv with every dependency and build the package with its C++ extension.
+# Idempotent: a second run with unchanged inputs only checks that the stamp is current.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON=${PYTHON:-python3}
+stamp=.venv/.setup-stamp
+want=$(cat requirements.txt setup.py csrc/*.cpp | sha256sum | cut -d' ' -f1)
+
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import megatron_coord._C" 2>/dev/null; then
+  .venv/bin/pip install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
+  .venv/bin/pip install --quiet torch==2.13.0
+  .venv/bin/pip install --quiet -r requirements.txt
+  .venv/bin/pip install --quiet --no-build-isolation --no-deps -e .
+  echo "$want" > "$stamp"
+fi
