@@ -73,9 +73,12 @@ def _check_field(name: str, value: Any) -> Any:
         if type(value) not in (int, float) or value != value:
             raise _bad(f"sampling_params.{name} must be a number")
         value = float(value)
-    elif name == "stop_words" and value is not None:
-        if not isinstance(value, list) or not all(isinstance(w, str) for w in value):
-            raise _bad("sampling_params.stop_words must be a list of strings")
+    elif (
+        name == "stop_words"
+        and value is not None
+        and not (isinstance(value, list) and all(isinstance(w, str) for w in value))
+    ):
+        raise _bad("sampling_params.stop_words must be a list of strings")
     return value
 
 
