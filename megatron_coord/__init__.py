@@ -1,12 +1,27 @@
 """megatron_coord: a data-parallel inference coordinator for torchrun launches.
 
-The public names below are stable (see DESIGN.md). Importing the package does not import
-torch: clients and the coordinator stay light; engines and models import it themselves.
+The public names below are stable (see DESIGN.md). They are imported lazily, so importing one
+submodule (say ``megatron_coord.model`` in an engine) does not pull in the others, and importing
+the client or coordinator never imports torch.
 """
 
-from .client import InferenceClient
-from .coordinator import DataParallelInferenceCoordinator
-from .protocol import Headers
-from .sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["DataParallelInferenceCoordinator", "Headers", "InferenceClient", "SamplingParams"]
+import importlib
+from typing import Any
+
+_PUBLIC = {
+    "DataParallelInferenceCoordinator": "coordinator",
+    "InferenceClient": "client",
+    "Headers": "protocol",
+    "SamplingParams": "sampling_params",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str) -> Any:
+    module = _PUBLIC.get(name)
+    if module is None:
+        raise AttributeError(f"module 'megatron_coord' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)
