@@ -48,6 +48,10 @@ class Headers(enum.IntEnum):
     PARTIAL_REPLY = 103
     # client -> coord: [ABORT, client_request_id]; coord -> engine: [ABORT, request_id]
     ABORT = 104
+    # client -> coord: [STATS]; coord -> client: [STATS, {"engines": [{"data_parallel_rank",
+    # "alive", "outstanding_requests", "outstanding_tokens", "load": last HEARTBEAT dict}, ...],
+    # "requests_in_flight": int, "clients": int}] (for health checks and metrics)
+    STATS = 105
 
 
 CONTROL_SIGNALS = frozenset(
