@@ -1,0 +1,257 @@
+"""Loading Hugging Face Llama checkpoints into the tensor-parallel model, shard by shard.
+
+Each rank opens the safetensors file(s) with ``safe_open`` and reads, through ``get_slice``,
+only the rows or columns its shard needs, so a TP=T job reads each weight about once in total
+rather than T times. Single-file (``model.safetensors``) and sharded
+(``model.safetensors.index.json``) checkpoints are both supported.
+
+``default_checkpoint_dir`` writes the embedded default model (a small seeded-random Llama with
+the GPT-2 tokenizer) once as a real checkpoint, so it is loaded through the same path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+
+from .model import LlamaModel, ModelConfig, TPLayout
+from .parallel_state import ParallelState
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Bump when the default model's recipe changes: the cache directory name carries it.
+DEFAULT_RECIPE_VERSION = 1
+DEFAULT_MODEL_CONFIG: dict[str, Any] = {
+    "vocab_size": 50257,
+    "hidden_size": 256,
+    "intermediate_size": 688,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 32,
+    "max_position_embeddings": 1024,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": True,
+    "bos_token_id": 50256,
+    "eos_token_id": 50256,
+}
+DEFAULT_SEED = 0
+
+
+def read_config(path: str) -> ModelConfig:
+    """Read and validate ``config.json`` of a checkpoint directory."""
+    config_path = os.path.join(path, "config.json")
+    if not os.path.isfile(config_path):
+        raise FileNotFoundError(f"no config.json in checkpoint directory {path!r}")
+    with open(config_path, encoding="utf-8") as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+    return ModelConfig.from_hf_dict(d)
+
+
+def _weight_files(path: str) -> dict[str, str]:
+    """Map each tensor name to the safetensors file that holds it."""
+    index_path = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map = json.load(f).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index_path} has no weight_map")
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, SINGLE_FILE)
+    if os.path.isfile(single):
+        from safetensors import safe_open
+
+        with safe_open(single, framework="pt") as f:
+            return dict.fromkeys(f.keys(), single)
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint directory {path!r}")
+
+
+class _Reader:
+    """Reads row or column ranges of named tensors, opening each file once."""
+
+    def __init__(self, files: dict[str, str], stack: ExitStack) -> None:
+        self.files = files
+        self.stack = stack
+        self.handles: dict[str, Any] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.files
+
+    def _slice(self, name: str) -> Any:
+        if name not in self.files:
+            raise KeyError(f"checkpoint lacks tensor {name!r}")
+        file = self.files[name]
+        if file not in self.handles:
+            from safetensors import safe_open
+
+            self.handles[file] = self.stack.enter_context(safe_open(file, framework="pt"))
+        return self.handles[file].get_slice(name)
+
+    def read(
+        self, name: str, shape: tuple[int, ...], dim: int | None = None, lo: int = 0, hi: int = 0
+    ) -> torch.Tensor:
+        """Read ``name`` (whose full shape must be ``shape``), or ``[lo:hi]`` along ``dim``."""
+        sl = self._slice(name)
+        actual = tuple(sl.get_shape())
+        if actual != tuple(shape):
+            raise ValueError(f"tensor {name!r} has shape {actual}, config implies {tuple(shape)}")
+        if dim is None:
+            return sl[:]
+        if dim == 0:
+            return sl[lo:hi]
+        return sl[:, lo:hi]
+
+
+def _shard_sources(
+    config: ModelConfig, lay: TPLayout, reader: _Reader
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """For each local parameter name, a function that reads its shard from the checkpoint."""
+    c = config
+    hd, hidden = c.head_dim, c.hidden_size
+    sources: dict[str, Callable[[], torch.Tensor]] = {}
+
+    def rows(name: str, full: tuple[int, int], lo: int, hi: int) -> Callable[[], torch.Tensor]:
+        return lambda: reader.read(name, full, 0, lo, hi)
+
+    def cols(name: str, full: tuple[int, int], lo: int, hi: int) -> Callable[[], torch.Tensor]:
+        return lambda: reader.read(name, full, 1, lo, hi)
+
+    def cat(*parts: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        return lambda: torch.cat([p() for p in parts], dim=0)
+
+    def vocab(name: str) -> Callable[[], torch.Tensor]:
+        lo = lay.vocab_start
+        hi = min(lo + lay.vocab_part, c.vocab_size)
+
+        def load() -> torch.Tensor:
+            shard = torch.zeros(lay.vocab_part, hidden)
+            if hi > lo:
+                shard[: hi - lo] = reader.read(name, (c.vocab_size, hidden), 0, lo, hi)
+            return shard
+
+        return load
+
+    sources["embed_tokens"] = vocab("model.embed_tokens.weight")
+    if reader.has("lm_head.weight"):
+        sources["lm_head"] = vocab("lm_head.weight")
+    elif c.tie_word_embeddings:
+        sources["lm_head"] = vocab("model.embed_tokens.weight")
+    else:
+        raise KeyError("checkpoint lacks lm_head.weight and tie_word_embeddings is false")
+    sources["norm.weight"] = lambda: reader.read("model.norm.weight", (hidden,))
+
+    q0, k0 = lay.rank * lay.heads * hd, lay.rank * lay.kv_heads * hd
+    nq, nk = lay.heads * hd, lay.kv_heads * hd
+    f0, nf = lay.rank * lay.intermediate, lay.intermediate
+    for i in range(c.num_hidden_layers):
+        p, hf = f"layers.{i}.", f"model.layers.{i}."
+        attn = hf + "self_attn."
+        sources[p + "self_attn.qkv_proj"] = cat(
+            rows(attn + "q_proj.weight", (c.num_attention_heads * hd, hidden), q0, q0 + nq),
+            rows(attn + "k_proj.weight", (c.num_key_value_heads * hd, hidden), k0, k0 + nk),
+            rows(attn + "v_proj.weight", (c.num_key_value_heads * hd, hidden), k0, k0 + nk),
+        )
+        sources[p + "self_attn.o_proj"] = cols(
+            attn + "o_proj.weight", (hidden, c.num_attention_heads * hd), q0, q0 + nq
+        )
+        mlp = hf + "mlp."
+        sources[p + "mlp.gate_up_proj"] = cat(
+            rows(mlp + "gate_proj.weight", (c.intermediate_size, hidden), f0, f0 + nf),
+            rows(mlp + "up_proj.weight", (c.intermediate_size, hidden), f0, f0 + nf),
+        )
+        sources[p + "mlp.down_proj"] = cols(
+            mlp + "down_proj.weight", (hidden, c.intermediate_size), f0, f0 + nf
+        )
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            sources[p + norm + ".weight"] = lambda n=hf + norm + ".weight": reader.read(
+                n, (hidden,)
+            )
+    return sources
+
+
+def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float32) -> LlamaModel:
+    """Build the model for this rank and fill it with its shard of the checkpoint at ``path``."""
+    config = read_config(path)
+    model = LlamaModel(config, state, dtype=dtype)
+    params = dict(model.named_parameters())
+    with ExitStack() as stack:
+        reader = _Reader(_weight_files(path), stack)
+        sources = _shard_sources(config, model.layout, reader)
+        if set(sources) != set(params):
+            raise RuntimeError(
+                f"loader/model mismatch: {sorted(set(sources) ^ set(params))}"
+            )  # a bug here, not in the checkpoint
+        with torch.no_grad():
+            for name, load in sources.items():
+                param = params[name]
+                tensor = load()
+                if tensor.shape != param.shape:
+                    raise ValueError(
+                        f"{name}: shard shape {tuple(tensor.shape)} != {tuple(param.shape)}"
+                    )
+                param.copy_(tensor.to(dtype))
+    return model.eval()
+
+
+# ---- the embedded default model -------------------------------------------------------------
+
+
+def cache_root() -> str:
+    """``$MEGATRON_COORD_CACHE`` or ``~/.cache/megatron_coord``."""
+    root = os.environ.get("MEGATRON_COORD_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "megatron_coord"
+    )
+    return os.path.abspath(root)
+
+
+def default_checkpoint_dir() -> str:
+    """Return the default model's checkpoint directory, writing it first if absent.
+
+    Written into a private temporary directory and then renamed into place, so several ranks
+    calling this at once all end up with the same complete directory and never see a partial
+    one (the loser of the rename race discards its copy).
+    """
+    root = cache_root()
+    final = os.path.join(root, f"megatron_coord-default-llama-v{DEFAULT_RECIPE_VERSION}")
+    if os.path.isfile(os.path.join(final, "config.json")):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-default-llama-", dir=root)
+    try:
+        write_default_checkpoint(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not os.path.isfile(os.path.join(final, "config.json")):
+                raise
+    finally:
+        if os.path.isdir(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def write_default_checkpoint(path: str) -> None:
+    """Save the seeded-random default Llama and the GPT-2 tokenizer as an HF checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from .tokenizer import gpt2_tokenizer
+
+    d = dict(DEFAULT_MODEL_CONFIG)
+    d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DEFAULT_SEED)
+        model = LlamaForCausalLM(LlamaConfig(**d))
+    model.save_pretrained(path, safe_serialization=True)
+    gpt2_tokenizer().hf_tokenizer.save_pretrained(path)
