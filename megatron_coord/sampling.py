@@ -1,0 +1,121 @@
+"""Per-request token sampling: greedy, temperature, top-k, top-p, seeded, with log-probs.
+
+Every rank of a TP group holds the same full-vocabulary logits, and every request carries a seed
+that the TP-coordinator fixed before the broadcast, so all ranks of a replica draw the same
+token without talking to each other. Random numbers come from a per-request CPU
+``torch.Generator`` (one uniform draw per token), so a request gives the same tokens on CPU and
+GPU, in any batch, on any replica.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+SEED_BITS = 64
+
+
+@dataclass
+class SamplingState:
+    """What one request needs to draw its next token."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 0.0
+    seed: int = 0
+    generator: torch.Generator = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator(device="cpu")
+        # manual_seed takes a uint64; fold any integer into that range.
+        self.generator.manual_seed(self.seed % (1 << SEED_BITS))
+
+    @property
+    def greedy(self) -> bool:
+        return self.top_k == 1 or self.temperature == 0.0
+
+
+def prompt_seed(prompt_tokens: list[int]) -> int:
+    """A seed derived from the prompt alone: stable across runs, processes and replicas.
+
+    Request ids and arrival order differ between replicas, so they must not feed the seed.
+    """
+    data = b"".join(int(t).to_bytes(8, "little", signed=True) for t in prompt_tokens)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def random_seed() -> int:
+    """A fresh seed for non-deterministic sampling (chosen once, by the TP-coordinator)."""
+    return int.from_bytes(os.urandom(8), "little")
+
+
+def choose_seed(user_seed: int | None, prompt_tokens: list[int], deterministic: bool) -> int:
+    """The seed a request samples with: the user's, else the prompt's hash, else random."""
+    if user_seed is not None:
+        return user_seed % (1 << SEED_BITS)
+    return prompt_seed(prompt_tokens) if deterministic else random_seed()
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Mask (to -inf) the tokens outside the top-k set and the top-p nucleus of a 1-D row."""
+    if top_k > 0 and top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens ranked above it already cover top_p; the first one stays.
+        drop = (torch.cumsum(probs, dim=-1) - probs) > top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(0, order, sorted_logits)
+    return logits
+
+
+def sample_row(logits: torch.Tensor, state: SamplingState) -> int:
+    """Draw one token from a 1-D float32 logits row according to ``state``."""
+    if state.greedy:
+        return int(torch.argmax(logits))
+    scaled = filter_logits(logits / state.temperature, state.top_k, state.top_p)
+    probs = torch.softmax(scaled, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    u = torch.rand((), generator=state.generator).item() * float(cdf[-1])
+    index = int(torch.searchsorted(cdf, torch.tensor([u], device=cdf.device, dtype=cdf.dtype)))
+    index = min(index, logits.numel() - 1)
+    # Rounding can land the draw on a masked token with zero mass; step back to a live one.
+    while probs[index] == 0 and index > 0:
+        index -= 1
+    return index
+
+
+def sample(
+    logits: torch.Tensor, states: list[SamplingState], want_log_probs: list[bool]
+) -> tuple[list[int], list[float | None]]:
+    """Sample one token per row of ``logits`` [B, V]; return tokens and (optional) log-probs.
+
+    Log-probs are those of the model's unmodified distribution (log-softmax of the raw logits),
+    as Megatron reports them, whatever temperature or filtering chose the token.
+    """
+    if logits.dim() != 2 or logits.shape[0] != len(states):
+        raise ValueError(f"logits {tuple(logits.shape)} do not match {len(states)} requests")
+    logits = logits.float()
+    tokens = [0] * len(states)
+    greedy_rows = [i for i, s in enumerate(states) if s.greedy]
+    if greedy_rows:
+        picked = torch.argmax(logits[greedy_rows], dim=-1).tolist()
+        for row, token in zip(greedy_rows, picked):
+            tokens[row] = token
+    for i, state in enumerate(states):
+        if not state.greedy:
+            tokens[i] = sample_row(logits[i], state)
+    log_probs: list[float | None] = [None] * len(states)
+    rows = [i for i, want in enumerate(want_log_probs) if want]
+    if rows:
+        lp = torch.log_softmax(logits[rows], dim=-1)
+        chosen = torch.tensor([tokens[i] for i in rows], device=lp.device)
+        values = lp.gather(1, chosen[:, None])[:, 0].tolist()
+        for row, value in zip(rows, values):
+            log_probs[row] = value
+    return tokens, log_probs

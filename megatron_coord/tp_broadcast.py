@@ -1,0 +1,178 @@
+"""The per-step request broadcast inside one tensor-parallel group.
+
+Only the TP-coordinator (TP rank 0) talks to the coordinator. Each step it packs the control
+signals and new requests it drained into one int64 buffer (``megatron_coord._C.pack_step``) and
+broadcasts it over the TP group with torch.distributed (a CUDA tensor over NCCL on GPU, a CPU
+tensor over gloo otherwise). Followers unpack it, so every rank applies the same batch in the
+same step.
+
+To keep a decode step at one collective, the buffer travels in a fixed-size head whose first
+word is the total length; only a step whose inputs overflow the head (a prompt arrived) pays a
+second broadcast for the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from . import _C
+from .parallel_state import ParallelState
+from .sampling_params import SamplingParams
+
+# Internal signal (never on the wire): the TP-coordinator tells its followers to shut down
+# (SIGINT/SIGTERM or a lost coordinator), so every rank leaves the loop at the same step.
+SHUTDOWN_SIGNAL = -1
+# Signals followed by one argument word (the request id).
+ABORT_SIGNAL = 104
+
+HEAD_WORDS = 64
+_EXACT = float(1 << 52)  # integers below this magnitude survive a trip through a double
+
+
+@dataclass
+class NewRequest:
+    """A request as every rank of a replica sees it: validated, with its seed fixed."""
+
+    request_id: int
+    prompt_tokens: list[int]
+    params: SamplingParams
+    seed: int
+
+
+@dataclass
+class StepInputs:
+    """Everything a replica applies in one step, identical on every rank of the group."""
+
+    signals: list[int] = field(default_factory=list)  # Headers values; ABORT is (104, id)
+    requests: list[NewRequest] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.signals or self.requests)
+
+
+def _clamp_int(value: int) -> float:
+    return float(max(-_EXACT, min(_EXACT, value)))
+
+
+def _optional(value: int | None) -> float:
+    return math.nan if value is None else _clamp_int(value)
+
+
+def encode_params(params: SamplingParams, seed: int) -> list[float]:
+    """The numeric sampling fields an engine acts on, as doubles (the seed split in halves)."""
+    seed %= 1 << 64
+    return [
+        float(params.temperature),
+        _clamp_int(params.top_k),
+        float(params.top_p),
+        _clamp_int(params.num_tokens_to_generate),
+        _optional(params.num_tokens_total),
+        _optional(params.termination_id),
+        float(params.return_log_probs),
+        float(params.skip_prompt_log_probs),
+        _clamp_int(params.streaming_interval),
+        float(seed & 0xFFFFFFFF),
+        float(seed >> 32),
+    ]
+
+
+def _opt_int(value: float) -> int | None:
+    return None if math.isnan(value) else int(value)
+
+
+def decode_params(values: list[float]) -> tuple[SamplingParams, int]:
+    """Inverse of encode_params; raises ValueError on a vector of the wrong length."""
+    if len(values) != 11:
+        raise ValueError(f"expected 11 sampling parameters, got {len(values)}")
+    params = SamplingParams(
+        temperature=values[0],
+        top_k=int(values[1]),
+        top_p=values[2],
+        num_tokens_to_generate=int(values[3]),
+        num_tokens_total=_opt_int(values[4]),
+        termination_id=_opt_int(values[5]),
+        return_log_probs=bool(values[6]),
+        skip_prompt_log_probs=bool(values[7]),
+        streaming_interval=int(values[8]),
+    )
+    return params, int(values[9]) | (int(values[10]) << 32)
+
+
+def pack(inputs: StepInputs) -> torch.Tensor:
+    """One int64 CPU tensor holding ``inputs`` (C++ extension)."""
+    reqs = inputs.requests
+    return _C.pack_step(
+        inputs.signals,
+        [r.request_id for r in reqs],
+        [r.prompt_tokens for r in reqs],
+        [encode_params(r.params, r.seed) for r in reqs],
+    )
+
+
+def unpack(buffer: torch.Tensor) -> StepInputs:
+    """Inverse of pack; raises ValueError on a corrupt buffer."""
+    signals, ids, tokens, params = _C.unpack_step(buffer)
+    requests = []
+    for rid, toks, values in zip(ids, tokens, params):
+        sampling, seed = decode_params(values)
+        requests.append(NewRequest(rid, toks, sampling, seed))
+    return StepInputs(signals, requests)
+
+
+class TPBroadcaster:
+    """Moves one StepInputs per step from the TP-coordinator to every rank of its group."""
+
+    def __init__(self, state: ParallelState, head_words: int = HEAD_WORDS) -> None:
+        self.state = state
+        self.head_words = head_words
+        self.enabled = state.tensor_parallel_size > 1
+        # NCCL moves only CUDA tensors; gloo moves CPU ones.
+        self.device = state.device if state.backend == "nccl" else torch.device("cpu")
+        self.head = torch.zeros(head_words, dtype=torch.int64, device=self.device)
+
+    def _broadcast(self, tensor: torch.Tensor) -> None:
+        dist.broadcast(tensor, src=self.state.tp_src_rank, group=self.state.tp_group)
+
+    def exchange(self, inputs: StepInputs | None) -> StepInputs:
+        """Collective over the TP group: the source passes its inputs, followers pass None.
+
+        Returns the same StepInputs on every rank. With T == 1 it returns ``inputs`` as is.
+        """
+        if not self.enabled:
+            return inputs if inputs is not None else StepInputs()
+        if self.state.is_tp_coordinator:
+            if inputs is None:
+                raise ValueError("the TP-coordinator must provide the step's inputs")
+            return self._send(inputs)
+        return self._receive()
+
+    def _send(self, inputs: StepInputs) -> StepInputs:
+        buffer = pack(inputs)
+        n = buffer.numel()
+        fits = min(n, self.head_words - 1)
+        head = torch.zeros(self.head_words, dtype=torch.int64)
+        head[0] = n
+        head[1 : 1 + fits] = buffer[:fits]
+        self.head.copy_(head)
+        self._broadcast(self.head)
+        if n > fits:
+            self._broadcast(buffer[fits:].to(self.device))
+        return inputs
+
+    def _receive(self) -> StepInputs:
+        self._broadcast(self.head)
+        head = self.head.cpu()
+        n = int(head[0])
+        if n < 0 or n > (1 << 40):
+            raise ValueError(f"TP broadcast: bad buffer length {n}")
+        fits = min(n, self.head_words - 1)
+        buffer = head[1 : 1 + fits]
+        if n > fits:
+            rest = torch.empty(n - fits, dtype=torch.int64, device=self.device)
+            self._broadcast(rest)
+            buffer = torch.cat([buffer, rest.cpu()])
+        return unpack(buffer)
