@@ -1,0 +1,271 @@
+"""InferenceClient: submit requests to the coordinator and await their records (asyncio).
+
+The same shape as Megatron-core 0.16's client (``start``, ``add_request`` -> Future,
+``pause_engines`` ...), so code written for it runs unchanged, but built on ``zmq.asyncio``:
+the listener awaits the socket instead of sleeping 5 ms between polls, which is most of the
+latency of Megatron's client. Futures resolve to the finished record as a dict (Megatron's
+serialized record shape, with ``generated_text`` filled in and ``latency`` in seconds). Errors
+the coordinator reports for a request fail its future with ``RequestError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
+from .sampling_params import SamplingParams
+
+logger = logging.getLogger("megatron_coord.client")
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+_END = object()  # end of a streaming request's queue
+
+
+class RequestError(Exception):
+    """The coordinator or an engine refused or failed a request; ``code`` says why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class InferenceClient:
+    """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        inference_coordinator_address: str,
+        connect_timeout: float = 30.0,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.address = inference_coordinator_address
+        self.connect_timeout = connect_timeout
+        self.max_message_bytes = max_message_bytes
+        self.context: zmq.asyncio.Context | None = None
+        self.socket: zmq.asyncio.Socket | None = None
+        self.completion_futures: dict[int, asyncio.Future] = {}
+        self.request_submission_times: dict[int, float] = {}
+        self._streams: dict[int, asyncio.Queue] = {}
+        self.next_request_id = 0
+        self.listener_task: asyncio.Task | None = None
+        self.running = asyncio.Event()
+        self.paused = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self.last_error: RequestError | None = None  # the last error not tied to a request
+
+    async def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Connect, handshake (raises TimeoutError after ``connect_timeout``), start listening."""
+        self.context = zmq.asyncio.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        self.socket.connect(self.address)
+        self.running.set()
+        self.paused.clear()
+        self.stopped.clear()
+        await self.socket.send(_encode([int(Headers.CONNECT), {"protocol": PROTOCOL_VERSION}]))
+        try:
+            reply = await asyncio.wait_for(self.socket.recv(), self.connect_timeout)
+        except asyncio.TimeoutError:
+            self._close()
+            raise TimeoutError(
+                f"no CONNECT_ACK from the coordinator at {self.address} within "
+                f"{self.connect_timeout} s (is it running and are all engines registered?)"
+            ) from None
+        message = _decode(reply)
+        if message[0] != Headers.CONNECT_ACK:
+            self._close()
+            raise ConnectionError(f"expected CONNECT_ACK from {self.address}, got {message!r}")
+        self.listener_task = asyncio.get_running_loop().create_task(self._recv_task())
+
+    # ------------------------------------------------------------------ requests
+
+    def _submit(self, prompt: str | list[int], sampling_params: Any, streaming: bool) -> int:
+        if not self.running.is_set():
+            raise RuntimeError("InferenceClient is not running (call start(); not after stop)")
+        if not isinstance(prompt, (str, list)):
+            raise TypeError("prompt must be a string or a list of token ids")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (
+            sampling_params if isinstance(sampling_params, dict) else sampling_params.serialize()
+        )
+        if streaming and not params.get("streaming_interval"):
+            params = {**params, "streaming_interval": 1}
+        request_id = self.next_request_id
+        self.next_request_id = request_id + 1
+        message = _encode([int(Headers.SUBMIT_REQUEST), request_id, prompt, params])
+        self.socket.send(message, copy=len(message) < 65536)
+        self.request_submission_times[request_id] = time.perf_counter()
+        return request_id
+
+    def add_request(
+        self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None
+    ) -> asyncio.Future:
+        """Submit one request; the future resolves to its finished record (a dict)."""
+        request_id = self._submit(prompt, sampling_params, streaming=False)
+        future = asyncio.get_running_loop().create_future()
+        future.request_id = request_id  # lets abort_request(future) find it
+        self.completion_futures[request_id] = future
+        return future
+
+    async def add_request_streaming(
+        self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Yield ``{"request_id", "tokens", "text"}`` per partial result, then the final record."""
+        request_id = self._submit(prompt, sampling_params, streaming=True)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            self.request_submission_times.pop(request_id, None)
+
+    def abort_request(self, future_or_id: asyncio.Future | int) -> None:
+        """Ask the engine holding the request to abort it; its future gets the final record."""
+        request_id = getattr(future_or_id, "request_id", future_or_id)
+        self.socket.send(_encode([int(Headers.ABORT), request_id]))
+
+    # ------------------------------------------------------------------ replies
+
+    async def _recv_task(self) -> None:
+        """Await replies and resolve futures; drains every ready frame per wake-up."""
+        sock = self.socket
+        while True:
+            try:
+                frames = [await sock.recv()]
+                with contextlib.suppress(zmq.Again):
+                    while True:
+                        frames.append(sock.recv(zmq.NOBLOCK).result())
+            except (asyncio.CancelledError, zmq.ContextTerminated):
+                return
+            except zmq.ZMQError as exc:
+                if exc.errno == zmq.ENOTSOCK:
+                    return
+                raise
+            for frame in frames:
+                try:
+                    self._dispatch(_decode(frame))
+                except Exception:
+                    logger.exception("client: cannot handle a message from the coordinator")
+
+    def _dispatch(self, message: list[Any]) -> None:
+        header = message[0]
+        if header == Headers.ENGINE_REPLY:
+            self._on_reply(message[1], message[2])
+        elif header == Headers.PARTIAL_REPLY:
+            queue = self._streams.get(message[1])
+            if queue is not None:
+                queue.put_nowait(
+                    {"request_id": message[1], "tokens": message[2], "text": message[3]}
+                )
+        elif header == Headers.ERROR:
+            self._on_error(message[1], message[2], message[3])
+        elif header == Headers.PAUSE_ACK:
+            self.paused.set()
+        elif header == Headers.STOP_ACK:
+            self.stopped.set()
+
+    def _on_reply(self, request_id: int, record: dict[str, Any]) -> None:
+        started = self.request_submission_times.pop(request_id, None)
+        if started is not None:
+            record["latency"] = time.perf_counter() - started
+        future = self.completion_futures.pop(request_id, None)
+        if future is not None:
+            if not future.done():
+                future.set_result(record)
+            return
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(record)
+            queue.put_nowait(_END)
+        else:
+            logger.warning("client: reply for unknown request %r", request_id)
+
+    def _on_error(self, request_id: Any, code: str, text: str) -> None:
+        error = RequestError(code, text)
+        self.request_submission_times.pop(request_id, None)
+        future = self.completion_futures.pop(request_id, None)
+        if future is not None:
+            if not future.done():
+                future.set_exception(error)
+            return
+        queue = self._streams.get(request_id)
+        if queue is not None:
+            queue.put_nowait(error)
+            return
+        logger.warning("client: coordinator error: %s", error)
+        self.last_error = error
+
+    # ------------------------------------------------------------------ control
+
+    def _send_signal_to_engines(self, signal: Headers) -> None:
+        self.socket.send(_encode([int(signal)]))
+
+    def pause_engines(self) -> Awaitable:
+        """Pause every engine; the awaitable resolves once all of them acknowledged."""
+        self.paused.clear()
+        self._send_signal_to_engines(Headers.PAUSE)
+        return self.paused.wait()
+
+    def unpause_engines(self) -> None:
+        """Let paused engines run again."""
+        self.paused.clear()
+        self.running.set()
+        self._send_signal_to_engines(Headers.UNPAUSE)
+
+    def suspend_engines(self) -> None:
+        """Pause, then suspend (engines may release memory), as Megatron's client does."""
+        self._send_signal_to_engines(Headers.PAUSE)
+        self._send_signal_to_engines(Headers.SUSPEND)
+
+    def resume_engines(self) -> None:
+        """Resume, then unpause."""
+        self._send_signal_to_engines(Headers.RESUME)
+        self._send_signal_to_engines(Headers.UNPAUSE)
+
+    def stop_engines(self) -> Awaitable:
+        """Stop every engine; the awaitable resolves once all acknowledged (the coordinator exits)."""
+        self._send_signal_to_engines(Headers.STOP)
+        self.running.clear()
+        return self.stopped.wait()
+
+    def stop(self) -> None:
+        """Cancel the listener and close the socket; pending futures are cancelled."""
+        if self.listener_task is not None:
+            self.listener_task.cancel()
+            self.listener_task = None
+        for future in self.completion_futures.values():
+            if not future.done():
+                future.cancel()
+        self.completion_futures.clear()
+        self._close()
+
+    def _close(self) -> None:
+        self.running.clear()
+        if self.socket is not None:
+            self.socket.close(0)
+            self.socket = None
+        if self.context is not None:
+            self.context.term()
+            self.context = None

@@ -1,0 +1,775 @@
+"""The data-parallel inference coordinator: one ROUTER between clients and engines.
+
+Process and protocol are in DESIGN.md; this module adds what Megatron-core 0.16's coordinator
+leaves out: every frame is validated, bad input is answered (or, for peers that only speak
+Megatron's protocol, logged) and never stops the loop, and the loop drains every ready frame per
+wake-up so the per-message Python work stays small.
+
+Choices documented here (the contracts others rely on):
+
+* Engine registration: one empty frame (Megatron: identity ``b"mp-coord-<dp_rank>"``, whose rank
+  is parsed for ``deterministic_mode``) or ``[REGISTER, {"data_parallel_rank": int, "protocol":
+  int}]`` (ours). The coordinator replies nothing to a registration. Frames from clients that
+  arrive while engines register are queued (bounded) and handled once serving starts.
+* Clients that sent ``[CONNECT, {"protocol": n}]`` are "ours" and receive ``[ERROR,
+  client_request_id | None, code, message]`` for bad input. Clients that sent Megatron's bare
+  ``[CONNECT]`` never receive a header >= 100 (Megatron's client would crash); their errors are
+  only logged. A sender that never sent CONNECT (and is no engine) is answered with ERROR
+  ``not_connected``: Megatron's client always handshakes first, so it never sees this.
+* Engines that registered with REGISTER get ERROR messages for bad frames; Megatron engines
+  never do.
+* Replies for requests that streamed (``streaming_interval`` > 0) are relayed as ``[PARTIAL_REPLY,
+  client_request_id, new_token_ids, new_text]`` with text held back while it ends in an
+  incomplete multi-byte character.
+* The ROUTER is ROUTER_MANDATORY with no send high-water mark: a reply to a client that has gone
+  is dropped (logged), and a slow client never blocks the loop or loses a reply.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import re
+from collections import deque
+from multiprocessing.connection import Connection
+from typing import Annotated, Any
+
+import msgspec
+import zmq
+
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    ErrorCode,
+    Headers,
+    ProtocolError,
+)
+from .routing import make_policy
+from .sampling_params import validate_sampling_params
+from .tokenizer import as_megatron_tokenizer, tokenize_batch
+
+logger = logging.getLogger("megatron_coord.coordinator")
+
+_encode = msgspec.msgpack.Encoder().encode
+_any_decoder = msgspec.msgpack.Decoder()
+NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
+# Typed decoders validate the shape of the hot messages in C. The prompt and sampling params of
+# a SUBMIT_REQUEST stay raw msgpack so a token prompt is forwarded without re-encoding.
+_submit_decoder = msgspec.msgpack.Decoder(tuple[int, int | str, msgspec.Raw, msgspec.Raw])
+_prompt_decoder = msgspec.msgpack.Decoder(str | list[NonNegInt])
+_token_list_decoder = msgspec.msgpack.Decoder(list[NonNegInt])
+_reply_decoder = msgspec.msgpack.Decoder(tuple[int, list[dict[str, Any]]])
+_partial_decoder = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, list[NonNegInt]]]])
+_engine_error_decoder = msgspec.msgpack.Decoder(tuple[int, int, str, str])
+_heartbeat_decoder = msgspec.msgpack.Decoder(tuple[int, dict[str, Any]])
+_client_id_decoder = msgspec.msgpack.Decoder(tuple[int, int | str])
+_MEGATRON_IDENTITY = re.compile(rb"^mp-coord-(\d+)$")
+
+_HEADER_ONLY = {h: _encode([int(h)]) for h in Headers}
+_CLIENT_CONTROL = frozenset(
+    int(h) for h in (Headers.PAUSE, Headers.UNPAUSE, Headers.SUSPEND, Headers.RESUME, Headers.STOP)
+)
+_MAX_EARLY_FRAMES = 65536
+_SAMPLING_CACHE_SIZE = 1024
+_REPLACEMENT = "\ufffd"
+
+
+def _peek_header(payload: bytes) -> int:
+    """The header of a msgpack ``[header, ...]`` frame without decoding it (-1 if unusual).
+
+    Every valid message is a fixarray (<= 15 fields) whose first element is a positive fixint
+    (all header values are < 128), so two byte reads classify it; anything else takes the slow,
+    fully validating path.
+    """
+    if len(payload) >= 2 and 0x91 <= payload[0] <= 0x9F and payload[1] < 0x80:
+        return payload[1]
+    return -1
+
+
+def _describe(payload: bytes) -> ProtocolError:
+    """Why a frame that failed the fast path is bad (for the ERROR reply)."""
+    try:
+        message = _any_decoder.decode(payload)
+    except msgspec.DecodeError as exc:
+        return ProtocolError(ErrorCode.MALFORMED, f"frame is not valid msgpack: {exc}")
+    if not isinstance(message, list) or not message:
+        return ProtocolError(ErrorCode.MALFORMED, "a message must be a non-empty msgpack list")
+    if type(message[0]) is not int:
+        return ProtocolError(ErrorCode.MALFORMED, "the header must be an integer")
+    return ProtocolError(ErrorCode.UNKNOWN_HEADER, f"unknown header {message[0]}")
+
+
+def _client_request_id_of(payload: bytes) -> Any:
+    """Best-effort client_request_id of a rejected message, so the client can match the error."""
+    try:
+        message = _any_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return None
+    if isinstance(message, list) and len(message) > 1 and type(message[1]) in (int, str):
+        return message[1]
+    return None
+
+
+def _tokens_of(value: Any) -> list[int]:
+    """Token ids from a plain list or Megatron's serialized tensor ``["tensor", [ids]]``."""
+    if isinstance(value, list) and len(value) == 2 and value[0] == "tensor":
+        value = value[1]
+    if not isinstance(value, list) or not all(type(t) is int and t >= 0 for t in value):
+        raise ProtocolError(ErrorCode.MALFORMED, "token ids must be a list of non-negative ints")
+    return value
+
+
+def _batch_detokenizer(tokenizer: Any):
+    """One call that detokenizes many token lists (a single Rust call for HF tokenizers)."""
+    batch = getattr(tokenizer, "detokenize_batch", None)
+    if batch is not None:
+        return batch
+    hf = getattr(tokenizer, "hf_tokenizer", None)
+    if hf is not None and hasattr(hf, "batch_decode"):
+        return hf.batch_decode
+    detokenize = tokenizer.detokenize
+    return lambda token_lists: [detokenize(tokens) for tokens in token_lists]
+
+
+class _Engine:
+    """What the coordinator knows about one registered engine (TP-coordinator)."""
+
+    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load")
+
+    def __init__(self, identity: bytes, rank: int | None, ours: bool, arrival: int) -> None:
+        self.identity = identity
+        self.data_parallel_rank = rank
+        self.ours = ours
+        self.arrival = arrival
+        self.load: dict[str, Any] | None = None  # last HEARTBEAT report
+
+
+class _Stream:
+    """Incremental detokenization state of one streaming request (never splits a character)."""
+
+    __slots__ = ("tokens", "prefix_offset", "read_offset")
+
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.prefix_offset = 0
+        self.read_offset = 0
+
+    def push(self, detokenize: Any, new_tokens: list[int]) -> str:
+        """Append tokens; return the newly completed text (held back while it ends in U+FFFD)."""
+        self.tokens.extend(new_tokens)
+        prefix = detokenize(self.tokens[self.prefix_offset : self.read_offset])
+        text = detokenize(self.tokens[self.prefix_offset :])
+        if len(text) > len(prefix) and not text.endswith(_REPLACEMENT):
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.tokens)
+            return text[len(prefix) :]
+        return ""
+
+
+class DataParallelInferenceCoordinator:
+    """Routes requests from clients to data-parallel engines and their results back.
+
+    Binds a ROUTER (``host`` option, 127.0.0.1 by default; a port in use falls back to a random
+    port with a warning), sends its address through ``pipe_connection`` and blocks until
+    ``data_parallel_size`` engines have registered. ``start()`` then serves until every engine
+    acknowledged a STOP.
+
+    Options (keyword, all optional): ``host``, ``max_message_bytes`` (ZMQ_MAXMSGSIZE),
+    ``routing`` (policy name, "round_robin"), ``log_level``, ``registration_timeout`` (seconds,
+    None = wait forever, as Megatron does).
+    """
+
+    def __init__(
+        self,
+        pipe_connection: Connection | None,
+        data_parallel_size: int,
+        tokenizer: Any,
+        inference_coordinator_port: int | None = None,
+        deterministic_mode: bool = False,
+        **options: Any,
+    ) -> None:
+        if type(data_parallel_size) is not int or data_parallel_size < 1:
+            raise ValueError("data_parallel_size must be a positive integer")
+        host = options.pop("host", "127.0.0.1")
+        max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
+        routing = options.pop("routing", "round_robin")
+        log_level = options.pop("log_level", None)
+        registration_timeout = options.pop("registration_timeout", None)
+        if options:
+            raise TypeError(f"unknown coordinator options: {sorted(options)}")
+        if log_level is not None:
+            logger.setLevel(log_level)
+
+        self.data_parallel_size = data_parallel_size
+        self.deterministic_mode = deterministic_mode
+        self.tokenizer = as_megatron_tokenizer(tokenizer)
+        self._detokenize_batch = _batch_detokenizer(self.tokenizer)
+        self.max_message_bytes = max_message_bytes
+
+        self.context = zmq.Context()
+        self.router_socket = self._bind(host, inference_coordinator_port, max_message_bytes)
+        self.addr = self.router_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        if pipe_connection is not None:
+            pipe_connection.send(self.addr)
+            pipe_connection.close()
+
+        self.request_id_to_client_id: dict[int, bytes] = {}
+        self.request_id_to_client_request_id: dict[int, Any] = {}
+        self.next_request_id = 0
+        self.engines: dict[bytes, _Engine] = {}
+        self.clients: dict[bytes, bool] = {}  # identity -> speaks our protocol
+        self._request_engine: dict[int, bytes] = {}
+        self._inflight: dict[tuple[bytes, Any], int] = {}
+        self._prompt_text: dict[int, str] = {}
+        self._streams: dict[int, _Stream] = {}
+        self._pending: list[list[Any]] = []  # submits of this wake-up, sent in one flush
+        self._sampling_cache: dict[bytes, tuple[msgspec.Raw, bool]] = {}
+        self._pause_acks: set[bytes] = set()
+        self._stop_acks: set[bytes] = set()
+        self._early_frames: list[list[bytes]] = []
+        self._running = False
+
+        logger.info("coordinator at %s: waiting for %d engine(s)", self.addr, data_parallel_size)
+        self._register_engines(registration_timeout)
+        order = sorted(self.engines.values(), key=self._engine_order_key)
+        self.identities_of_data_parallel_ranks: deque[bytes] = deque(e.identity for e in order)
+        self.routing_policy = make_policy(routing, self.identities_of_data_parallel_ranks)
+        self._tracks_load = self.routing_policy.tracks_load
+        logger.info("coordinator: %d engine(s) registered", data_parallel_size)
+
+    # ------------------------------------------------------------------ setup
+
+    def _bind(self, host: str, port: int | None, max_message_bytes: int) -> zmq.Socket:
+        """Bind the ROUTER; a port in use falls back to a random one with a warning."""
+        sock = self.context.socket(zmq.ROUTER)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        sock.setsockopt(zmq.LINGER, 1000)
+        if port is not None:
+            try:
+                sock.bind(f"tcp://{host}:{port}")
+                return sock
+            except zmq.ZMQError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    sock.close(0)
+                    raise
+                logger.warning("port %d is in use; binding a random port instead", port)
+        sock.bind_to_random_port(f"tcp://{host}")
+        return sock
+
+    def _engine_order_key(self, engine: _Engine) -> tuple:
+        if self.deterministic_mode:
+            rank = engine.data_parallel_rank
+            return (rank is None, rank if rank is not None else 0, engine.arrival)
+        return (engine.arrival,)
+
+    def _register_engines(self, timeout: float | None) -> None:
+        """Block until data_parallel_size engines registered; queue client frames meanwhile."""
+        sock = self.router_socket
+        while len(self.engines) < self.data_parallel_size:
+            if timeout is not None and not sock.poll(int(timeout * 1000)):
+                raise TimeoutError(
+                    f"only {len(self.engines)} of {self.data_parallel_size} engines registered "
+                    f"within {timeout} s"
+                )
+            frames = sock.recv_multipart()
+            if len(frames) == 2 and self._try_register(frames[0], frames[1]):
+                continue
+            if len(self._early_frames) < _MAX_EARLY_FRAMES:
+                self._early_frames.append(frames)
+            else:
+                logger.warning("dropping a frame that arrived before engines registered")
+
+    def _try_register(self, identity: bytes, payload: bytes) -> bool:
+        """Register ``identity`` if ``payload`` is a registration; False if it is not one."""
+        if payload == b"":
+            match = _MEGATRON_IDENTITY.match(identity)
+            rank = int(match.group(1)) if match else None
+            return self._add_engine(identity, rank, ours=False)
+        if _peek_header(payload) != Headers.REGISTER:
+            return False
+        try:
+            _, info = _heartbeat_decoder.decode(payload)
+            rank = info.get("data_parallel_rank")
+            if rank is not None and (type(rank) is not int or rank < 0):
+                raise ValueError("data_parallel_rank must be a non-negative integer")
+        except (msgspec.MsgspecError, ValueError) as exc:
+            logger.warning("bad registration from %r: %s", identity, exc)
+            self._send_error(identity, None, ErrorCode.MALFORMED, f"bad REGISTER: {exc}")
+            return True
+        return self._add_engine(identity, rank, ours=True)
+
+    def _add_engine(self, identity: bytes, rank: int | None, ours: bool) -> bool:
+        if identity in self.engines:
+            logger.warning("engine %r registered twice; ignoring the second registration", identity)
+            return True
+        if any(rank is not None and e.data_parallel_rank == rank for e in self.engines.values()):
+            logger.warning("two engines claim data-parallel rank %s", rank)
+        self.engines[identity] = _Engine(identity, rank, ours, len(self.engines))
+        logger.info("engine %r registered (dp rank %s)", identity, rank)
+        return True
+
+    # ------------------------------------------------------------------ public API
+
+    def get_next_data_parallel_rank(self) -> bytes:
+        """The ZMQ identity of the engine that gets the next request (the routing policy's pick)."""
+        return self.routing_policy.choose()
+
+    def start(self) -> None:
+        """Serve until every engine acknowledged STOP. Drains every ready frame per wake-up."""
+        sock = self.router_socket
+        recv = sock.recv_multipart
+        handle = self._handle
+        self._running = True
+        early, self._early_frames = self._early_frames, []
+        for frames in early:
+            handle(frames)
+        self._flush()
+        while self._running:
+            handle(recv())
+            try:
+                while self._running:
+                    handle(recv(zmq.NOBLOCK))
+            except zmq.Again:
+                pass
+            if self._pending:
+                self._flush()
+
+    def stop(self) -> None:
+        """Close the socket and the ZMQ context."""
+        self._running = False
+        self.router_socket.close()
+        self.context.term()
+
+    def detokenize(self, finished_request_record: dict[str, Any]) -> None:
+        """Fill ``generated_text`` (and ``prompt`` where it is None) of a record, in place."""
+        self._detokenize_records([finished_request_record])
+
+    @classmethod
+    def entrypoint(
+        cls,
+        pipe_connection: Connection,
+        ready_event: Any,
+        data_parallel_size: int,
+        tokenizer: Any,
+        inference_coordinator_port: int | None = None,
+        deterministic_mode: bool = False,
+        **options: Any,
+    ) -> None:
+        """Build, signal ``ready_event`` and serve: the target of a spawned process."""
+        if options.get("log_level") is not None:
+            logging.basicConfig(level=options["log_level"])
+        coordinator = cls(
+            pipe_connection,
+            data_parallel_size,
+            tokenizer,
+            inference_coordinator_port,
+            deterministic_mode,
+            **options,
+        )
+        ready_event.set()
+        try:
+            coordinator.start()
+        except KeyboardInterrupt:
+            logger.info("coordinator interrupted")
+        coordinator.stop()
+        logger.info("coordinator shut down")
+
+    # ------------------------------------------------------------------ dispatch
+
+    def _handle(self, frames: list[bytes]) -> None:
+        """Act on one ROUTER message; every failure is contained here."""
+        if len(frames) != 2:
+            identity = frames[0]
+            logger.warning("message of %d frames from %r (expected 1)", len(frames) - 1, identity)
+            self._send_error(identity, None, ErrorCode.MALFORMED, "a message must be one frame")
+            return
+        identity, payload = frames
+        header = _peek_header(payload)
+        try:
+            engine = self.engines.get(identity)
+            if engine is not None:
+                self._handle_engine(engine, header, payload)
+            elif identity in self.clients:
+                self._handle_client(identity, header, payload)
+            else:
+                self._handle_stranger(identity, header, payload)
+        except ProtocolError as exc:
+            logger.warning("rejected a message from %r: %s", identity, exc)
+            self._send_error(identity, _client_request_id_of(payload), exc.code, str(exc))
+        except Exception:  # never let one message stop the coordinator
+            logger.exception("internal error handling a message from %r", identity)
+            self._send_error(identity, None, ErrorCode.MALFORMED, "internal error")
+
+    def _handle_client(self, identity: bytes, header: int, payload: bytes) -> None:
+        if header == 3:
+            self._on_submit(identity, payload)
+        elif header in _CLIENT_CONTROL:
+            self._check_length(payload, 1)
+            self._flush()
+            self._on_control(Headers(header))
+        elif header == 1:
+            self._on_connect(identity, payload)
+        elif header == Headers.ABORT:
+            self._flush()
+            self._on_abort(identity, payload)
+        elif header == -1:
+            raise _describe(payload)
+        elif header in Headers._value2member_map_:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_HEADER, f"{Headers(header).name} is not a client message"
+            )
+        else:
+            raise ProtocolError(ErrorCode.UNKNOWN_HEADER, f"unknown header {header}")
+
+    def _handle_engine(self, engine: _Engine, header: int, payload: bytes) -> None:
+        if header == 4:
+            self._on_engine_reply(engine, payload)
+        elif header == Headers.PARTIAL_REPLY:
+            self._on_partial_reply(engine, payload)
+        elif header == 6 or header == 11:
+            self._check_length(payload, 1)
+            self._on_ack(engine, Headers(header))
+        elif header == Headers.ERROR:
+            self._on_engine_error(engine, payload)
+        elif header == Headers.HEARTBEAT:
+            _, engine.load = self._decode(_heartbeat_decoder, payload)
+        elif payload == b"" or header == Headers.REGISTER:
+            logger.warning("engine %r registered again; ignored", engine.identity)
+        elif header == -1:
+            raise _describe(payload)
+        else:
+            raise ProtocolError(
+                ErrorCode.UNKNOWN_HEADER, f"header {header} is not an engine message"
+            )
+
+    def _handle_stranger(self, identity: bytes, header: int, payload: bytes) -> None:
+        if header == 1:
+            self._on_connect(identity, payload)
+        elif payload == b"" or header == Headers.REGISTER:
+            logger.warning("late engine registration from %r ignored (all ranks present)", identity)
+        else:
+            logger.warning("message from %r, which never sent CONNECT", identity)
+            if header == -1:
+                raise _describe(payload)
+            raise ProtocolError(ErrorCode.NOT_CONNECTED, "send CONNECT before anything else")
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
+        try:
+            return decoder.decode(payload)
+        except msgspec.MsgspecError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad message: {exc}") from None
+
+    @staticmethod
+    def _check_length(payload: bytes, fields: int) -> None:
+        """Header-only messages are exactly one element (fixarray of length ``fields``)."""
+        if payload[0] != 0x90 + fields or len(payload) != 2:
+            raise ProtocolError(ErrorCode.MALFORMED, "this message takes no fields")
+
+    def _send(self, identity: bytes, payload: bytes) -> bool:
+        """Send one message; False (and logged) if the peer is gone."""
+        try:
+            self.router_socket.send_multipart((identity, payload))
+            return True
+        except zmq.ZMQError as exc:
+            if exc.errno != errno.EHOSTUNREACH:
+                raise
+            logger.info("peer %r is gone; dropped a message for it", identity)
+            return False
+
+    def _speaks_ours(self, identity: bytes) -> bool:
+        engine = self.engines.get(identity)
+        if engine is not None:
+            return engine.ours
+        return self.clients.get(identity, True)  # strangers never said CONNECT
+
+    def _send_error(self, identity: bytes, client_request_id: Any, code: ErrorCode, text: str):
+        """ERROR to ``identity`` if it speaks our protocol; Megatron peers only get the log."""
+        if self._speaks_ours(identity):
+            self._send(identity, _encode([int(Headers.ERROR), client_request_id, code.value, text]))
+
+    def _free(self, request_id: int) -> tuple[bytes, Any] | None:
+        """Forget a request in every map; returns (client identity, client_request_id)."""
+        client = self.request_id_to_client_id.pop(request_id, None)
+        if client is None:
+            return None
+        client_request_id = self.request_id_to_client_request_id.pop(request_id)
+        engine = self._request_engine.pop(request_id)
+        del self._inflight[(client, client_request_id)]
+        self._prompt_text.pop(request_id, None)
+        self._streams.pop(request_id, None)
+        if self._tracks_load:
+            self.routing_policy.on_finish(engine, request_id)
+        return client, client_request_id
+
+    # ------------------------------------------------------------------ client messages
+
+    def _on_connect(self, identity: bytes, payload: bytes) -> None:
+        message = self._decode(_any_decoder, payload)
+        if len(message) == 1:
+            ours = False
+        elif (
+            len(message) == 2
+            and isinstance(message[1], dict)
+            and type(message[1].get("protocol")) is int
+        ):
+            ours = True
+        else:
+            self.clients.setdefault(identity, False)  # never risk a header >= 100
+            raise ProtocolError(ErrorCode.MALFORMED, 'CONNECT takes no fields or {"protocol": n}')
+        if identity in self.clients:
+            logger.info("client %r connected again", identity)
+        self.clients[identity] = ours
+        self._send(identity, _HEADER_ONLY[Headers.CONNECT_ACK])
+
+    def _sampling_params(self, raw: msgspec.Raw) -> tuple[msgspec.Raw, bool]:
+        """Validated sampling params as msgpack and whether they stream, cached by their bytes.
+
+        Clients repeat the same parameters, so validation runs once per distinct value."""
+        key = bytes(raw)
+        cached = self._sampling_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            data = _any_decoder.decode(key)
+        except msgspec.DecodeError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad sampling params: {exc}") from None
+        clean_dict = validate_sampling_params(data)
+        clean = (msgspec.Raw(_encode(clean_dict)), clean_dict.get("streaming_interval", 0) > 0)
+        if len(self._sampling_cache) >= _SAMPLING_CACHE_SIZE:
+            self._sampling_cache.clear()
+        self._sampling_cache[key] = clean
+        return clean
+
+    def _on_submit(self, client: bytes, payload: bytes) -> None:
+        try:
+            _, client_request_id, prompt_raw, sampling_raw = _submit_decoder.decode(payload)
+        except msgspec.MsgspecError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad SUBMIT_REQUEST: {exc}") from None
+        key = (client, client_request_id)
+        if key in self._inflight:
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_REQUEST_ID,
+                f"request id {client_request_id!r} is already in flight",
+            )
+        try:
+            prompt = _prompt_decoder.decode(prompt_raw)
+        except msgspec.MsgspecError as exc:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"prompt must be a string or a list of non-negative token ids: {exc}",
+            ) from None
+        if not prompt:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
+        sampling, streaming = self._sampling_params(sampling_raw)
+
+        request_id = self.next_request_id
+        self.next_request_id = request_id + 1
+        engine = self.routing_policy.choose()
+        self.request_id_to_client_id[request_id] = client
+        self.request_id_to_client_request_id[request_id] = client_request_id
+        self._request_engine[request_id] = engine
+        self._inflight[key] = request_id
+        if prompt.__class__ is str:
+            self._prompt_text[request_id] = prompt
+            self._pending.append([engine, request_id, None, sampling, prompt])
+        else:
+            self._pending.append([engine, request_id, prompt_raw, sampling, None])
+        if streaming:
+            self._streams[request_id] = _Stream()
+        if self._tracks_load:
+            self.routing_policy.on_submit(engine, request_id)
+
+    def _flush(self) -> None:
+        """Send this wake-up's submits in order; text prompts are tokenized in one batch call."""
+        pending = self._pending
+        if not pending:
+            return
+        self._pending = []
+        texts = [item for item in pending if item[2] is None]
+        if texts:
+            self._tokenize(texts)
+        send = self._send
+        submit = int(Headers.SUBMIT_REQUEST)
+        for engine, request_id, prompt, sampling, _ in pending:
+            if prompt is None:
+                continue  # tokenization failed; the client already has its error
+            if not send(engine, _encode((submit, request_id, prompt, sampling))):
+                self._fail(request_id, ErrorCode.ENGINE_FAILED, "the engine is gone")
+
+    def _tokenize(self, items: list[list[Any]]) -> None:
+        """Tokenize the text prompts of ``items`` in place (one call; per item on failure)."""
+        texts = [item[4] for item in items]
+        try:
+            token_lists = tokenize_batch(self.tokenizer, texts)
+        except Exception:
+            token_lists = None
+        for index, item in enumerate(items):
+            try:
+                tokens = (
+                    token_lists[index]
+                    if token_lists is not None
+                    else self.tokenizer.tokenize(item[4])
+                )
+                if not tokens:
+                    raise ValueError("the prompt tokenized to nothing")
+                item[2] = list(tokens)
+            except Exception as exc:
+                self._fail(item[1], ErrorCode.INVALID_REQUEST, f"cannot tokenize the prompt: {exc}")
+
+    def _fail(self, request_id: int, code: ErrorCode, text: str) -> None:
+        """End a request with an ERROR to its client and free its state."""
+        ended = self._free(request_id)
+        if ended is not None:
+            logger.warning("request %d failed: %s", request_id, text)
+            self._send_error(ended[0], ended[1], code, text)
+
+    def _on_control(self, header: Headers) -> None:
+        """Relay PAUSE/UNPAUSE/SUSPEND/RESUME/STOP to every engine."""
+        message = _HEADER_ONLY[header]
+        for engine in self.identities_of_data_parallel_ranks:
+            self._send(engine, message)
+        if header == Headers.UNPAUSE:
+            self._pause_acks.clear()
+
+    def _on_abort(self, client: bytes, payload: bytes) -> None:
+        _, client_request_id = self._decode(_client_id_decoder, payload)
+        request_id = self._inflight.get((client, client_request_id))
+        if request_id is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"no request {client_request_id!r} is in flight"
+            )
+        self._send(self._request_engine[request_id], _encode([int(Headers.ABORT), request_id]))
+
+    # ------------------------------------------------------------------ engine messages
+
+    def _on_ack(self, engine: _Engine, header: Headers) -> None:
+        """Count PAUSE_ACK/STOP_ACK; once every engine acked, tell every client and engine."""
+        acks = self._pause_acks if header == Headers.PAUSE_ACK else self._stop_acks
+        if engine.identity in acks:
+            logger.warning("engine %r acked %s twice", engine.identity, header.name)
+            return
+        acks.add(engine.identity)
+        if len(acks) < self.data_parallel_size:
+            return
+        message = _HEADER_ONLY[header]
+        for client in list(self.clients):
+            if not self._send(client, message):
+                del self.clients[client]
+        for identity in self.identities_of_data_parallel_ranks:
+            self._send(identity, message)
+        if header == Headers.STOP_ACK:
+            self._running = False
+
+    def _on_engine_reply(self, engine: _Engine, payload: bytes) -> None:
+        _, records = self._decode(_reply_decoder, payload)
+        routed = []
+        for record in records:
+            try:
+                requests = record["requests"]
+                request_id = requests[0]["request_id"]
+            except (KeyError, IndexError, TypeError):
+                logger.warning("engine %r sent a record without requests[0].request_id", engine)
+                continue
+            if self._request_engine.get(request_id) != engine.identity:
+                logger.warning(
+                    "engine %r replied for request %r, which it does not hold; dropped",
+                    engine.identity,
+                    request_id,
+                )
+                continue
+            routed.append((request_id, record))
+        if not routed:
+            return
+        failed = self._detokenize_records([r for _, r in routed], strict=False)
+        reply = int(Headers.ENGINE_REPLY)
+        for index, (request_id, record) in enumerate(routed):
+            if index in failed:
+                self._fail(request_id, ErrorCode.ENGINE_FAILED, failed[index])
+                continue
+            client, client_request_id = self._free(request_id)
+            self._send(client, _encode([reply, client_request_id, record]))
+
+    def _detokenize_records(self, records: list[dict], strict: bool = True) -> dict[int, str]:
+        """Fill generated_text and missing prompts of every request of ``records`` in one call.
+
+        Returns {record index: reason} for records that could not be detokenized (with
+        ``strict`` the first such reason raises ProtocolError instead).
+        """
+        jobs: list[tuple[int, dict, str]] = []
+        token_lists: list[list[int]] = []
+        failed: dict[int, str] = {}
+        prompt_text = self._prompt_text
+        for index, record in enumerate(records):
+            try:
+                for request in record["requests"]:
+                    generated = _tokens_of(request["generated_tokens"])
+                    if request.get("prompt") is None:
+                        text = prompt_text.get(request.get("request_id"))
+                        if text is not None:
+                            request["prompt"] = text
+                        else:
+                            jobs.append((index, request, "prompt"))
+                            token_lists.append(_tokens_of(request["prompt_tokens"]))
+                    jobs.append((index, request, "generated_text"))
+                    token_lists.append(generated)
+            except (KeyError, TypeError, ProtocolError) as exc:
+                failed[index] = f"malformed engine reply: {exc!r}"
+        texts = self._run_detokenizer(token_lists)
+        for (index, request, field), text in zip(jobs, texts, strict=True):
+            if isinstance(text, Exception):
+                failed.setdefault(index, f"cannot detokenize: {text}")
+            else:
+                request[field] = text
+        if strict and failed:
+            raise ProtocolError(ErrorCode.MALFORMED, next(iter(failed.values())))
+        return failed
+
+    def _run_detokenizer(self, token_lists: list[list[int]]) -> list[Any]:
+        """Batch-detokenize; on failure retry one by one so one bad list fails only itself."""
+        if not token_lists:
+            return []
+        try:
+            return list(self._detokenize_batch(token_lists))
+        except Exception:
+            results: list[Any] = []
+            for tokens in token_lists:
+                try:
+                    results.append(self.tokenizer.detokenize(tokens))
+                except Exception as exc:
+                    results.append(exc)
+            return results
+
+    def _on_engine_error(self, engine: _Engine, payload: bytes) -> None:
+        _, request_id, code, text = self._decode(_engine_error_decoder, payload)
+        if self._request_engine.get(request_id) != engine.identity:
+            logger.warning("engine %r: ERROR for request %r it does not hold", engine, request_id)
+            return
+        try:
+            error_code = ErrorCode(code)
+        except ValueError:
+            error_code = ErrorCode.ENGINE_FAILED
+        self._fail(request_id, error_code, text)
+
+    def _on_partial_reply(self, engine: _Engine, payload: bytes) -> None:
+        _, items = self._decode(_partial_decoder, payload)
+        header = int(Headers.PARTIAL_REPLY)
+        detokenize = self.tokenizer.detokenize
+        for request_id, tokens in items:
+            stream = self._streams.get(request_id)
+            if stream is None or self._request_engine.get(request_id) != engine.identity:
+                logger.warning("partial reply for request %r not streaming here", request_id)
+                continue
+            client = self.request_id_to_client_id[request_id]
+            try:
+                text = stream.push(detokenize, tokens)
+            except Exception as exc:
+                self._fail(request_id, ErrorCode.ENGINE_FAILED, f"cannot detokenize: {exc}")
+                continue
+            if self.clients.get(client):  # only our clients understand PARTIAL_REPLY
+                client_request_id = self.request_id_to_client_request_id[request_id]
+                self._send(client, _encode([header, client_request_id, tokens, text]))

@@ -1,0 +1,219 @@
+"""An instant engine for tests and benchmarks: a real process that speaks the engine protocol.
+
+It registers (ours: ``[REGISTER, {...}]``; ``--megatron``: one empty frame from identity
+``mp-coord-<rank>``, as Megatron-core 0.16's engines do), then on each wake-up drains every
+ready message and answers all drained SUBMIT_REQUESTs with ONE ENGINE_REPLY. The "generation"
+echoes the prompt: ``generated_tokens[i] = prompt_tokens[i % len(prompt_tokens)]`` for
+``num_tokens_to_generate`` tokens, so tests can predict every token and text.
+
+PAUSE is acked and holds new requests until UNPAUSE; STOP is acked and the process exits after
+the coordinator's STOP_ACK. Requests with ``streaming_interval`` > 0 get one PARTIAL_REPLY per
+generated token before their final record. ``ByteTokenizer`` (UTF-8 bytes as token ids) is a
+picklable tokenizer for coordinators spawned in tests and benchmarks.
+
+Run: ``python -m megatron_coord.fake_engine tcp://127.0.0.1:PORT --rank 0 [--megatron]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from typing import Any
+
+import msgspec
+import zmq
+
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode = msgspec.msgpack.Decoder().decode
+
+# DynamicInferenceRequest's fields in Megatron-core 0.16 (its client rebuilds the record with
+# cls(**obj), so a Megatron-style record must carry exactly these keys).
+_MEGATRON_REQUEST_FIELDS = [
+    "request_id",
+    "prompt",
+    "sampling_params",
+    "inference_parameters",
+    "prompt_tokens",
+    "arrival_time",
+    "status",
+    "encoder_prompt",
+    "generated_text",
+    "segments",
+    "generated_segments",
+    "generated_sequence_lengths",
+    "generated_tokens",
+    "prompt_log_probs",
+    "generated_log_probs",
+    "prompt_top_n_logprobs",
+    "generated_top_n_logprobs",
+    "generated_length",
+    "tpot",
+    "remaining_prompt_tokens",
+    "latency",
+    "finished_chunk_token_count",
+    "stop_word_ids",
+    "events",
+]
+_EMPTY_MEGATRON_REQUEST = dict.fromkeys(_MEGATRON_REQUEST_FIELDS)
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocabulary 256): picklable, instant, and multi-byte aware."""
+
+    vocab_size = 256
+    eod = 0
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
+        return [list(text.encode("utf-8")) for text in texts]
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        return bytes(token_ids).decode("utf-8", errors="replace")
+
+
+def _generate(prompt_tokens: list[int], count: int) -> list[int]:
+    n = len(prompt_tokens)
+    return [prompt_tokens[i % n] for i in range(count)] if n else []
+
+
+class FakeEngine:
+    """One data-parallel rank that answers instantly (see the module docstring)."""
+
+    def __init__(
+        self,
+        address: str,
+        data_parallel_rank: int,
+        megatron_style: bool = False,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+    ) -> None:
+        self.rank = data_parallel_rank
+        self.megatron_style = megatron_style
+        self.context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        self.socket.setsockopt(zmq.LINGER, 1000)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
+        self.socket.setsockopt(zmq.RCVHWM, 0)
+        if megatron_style:
+            self.socket.setsockopt(zmq.IDENTITY, f"mp-coord-{data_parallel_rank}".encode())
+        self.socket.connect(address)
+        self.paused = False
+        self.stopping = False
+        self.held: list[list[Any]] = []  # submits that arrived while paused
+        self.served = 0
+
+    def register(self) -> None:
+        if self.megatron_style:
+            self.socket.send(b"")
+        else:
+            info = {"data_parallel_rank": self.rank, "protocol": PROTOCOL_VERSION}
+            self.socket.send(_encode([int(Headers.REGISTER), info]))
+
+    def record(self, request_id: int, prompt: Any, sampling: dict[str, Any]) -> dict[str, Any]:
+        """The finished record of one request, shaped like Megatron's serialize()."""
+        tokens = list(prompt.encode("utf-8")) if isinstance(prompt, str) else prompt
+        generated = _generate(tokens, sampling.get("num_tokens_to_generate", 30))
+        request = dict(_EMPTY_MEGATRON_REQUEST)
+        request.update(
+            request_id=request_id,
+            sampling_params=sampling,
+            prompt_tokens=["tensor", tokens],
+            status="COMPLETED",
+            generated_tokens=generated,
+            generated_length=len(generated),
+            finished_chunk_token_count=0,
+            events=[],
+        )
+        if not self.megatron_style:
+            request["data_parallel_rank"] = self.rank  # extra keys must pass through
+            request["finish_reason"] = "length"
+        return {"requests": [request], "latency": None}
+
+    def answer(self, submits: list[list[Any]]) -> None:
+        """Stream tokens where asked, then send every finished record in one ENGINE_REPLY."""
+        streaming = [s for s in submits if s[2].get("streaming_interval", 0) > 0]
+        records = [self.record(*s) for s in submits]
+        if streaming:
+            by_id = {r["requests"][0]["request_id"]: r["requests"][0] for r in records}
+            longest = max(len(by_id[s[0]]["generated_tokens"]) for s in streaming)
+            for step in range(longest):
+                items = [
+                    [s[0], [by_id[s[0]]["generated_tokens"][step]]]
+                    for s in streaming
+                    if step < len(by_id[s[0]]["generated_tokens"])
+                ]
+                self.socket.send(_encode([int(Headers.PARTIAL_REPLY), items]))
+        self.socket.send(_encode([int(Headers.ENGINE_REPLY), records]))
+        self.served += len(records)
+
+    def handle(self, message: list[Any], submits: list[list[Any]]) -> bool:
+        """Act on one message; False once the coordinator confirmed STOP."""
+        header = message[0]
+        if header == Headers.SUBMIT_REQUEST:
+            (self.held if self.paused else submits).append(message[1:4])
+        elif header == Headers.PAUSE:
+            self.paused = True
+            self.socket.send(_encode([int(Headers.PAUSE_ACK)]))
+        elif header == Headers.UNPAUSE:
+            self.paused = False
+            submits.extend(self.held)
+            self.held = []
+        elif header == Headers.STOP:
+            self.socket.send(_encode([int(Headers.STOP_ACK)]))
+        elif header == Headers.STOP_ACK:
+            return False
+        elif header == Headers.ABORT:
+            for index, held in enumerate(self.held):
+                if held[0] == message[1]:
+                    del self.held[index]
+                    record = self.record(*held)
+                    record["requests"][0]["status"] = "ABORTED"
+                    self.socket.send(_encode([int(Headers.ENGINE_REPLY), [record]]))
+        return True
+
+    def serve(self) -> None:
+        """Register, then answer until STOP_ACK."""
+        self.register()
+        sock = self.socket
+        running = True
+        while running:
+            messages = [sock.recv()]
+            try:
+                while True:
+                    messages.append(sock.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                pass
+            submits: list[list[Any]] = []
+            for raw in messages:
+                if not self.handle(_decode(raw), submits):
+                    running = False
+            if submits:
+                self.answer(submits)
+        sock.close()
+        self.context.term()
+
+
+def spawn(address: str, rank: int, megatron_style: bool = False) -> subprocess.Popen:
+    """Start one fake engine in its own process (honest measurements, real sockets)."""
+    command = [sys.executable, "-m", "megatron_coord.fake_engine", address, "--rank", str(rank)]
+    if megatron_style:
+        command.append("--megatron")
+    return subprocess.Popen(command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("address")
+    parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument("--megatron", action="store_true", help="register like Megatron 0.16")
+    args = parser.parse_args(argv)
+    FakeEngine(args.address, args.rank, megatron_style=args.megatron).serve()
+
+
+if __name__ == "__main__":
+    main()
