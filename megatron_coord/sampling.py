@@ -3,7 +3,7 @@
 Every rank of a TP group holds the same full-vocabulary logits, and every request carries a seed
 that the TP-coordinator fixed before the broadcast, so all ranks of a replica draw the same
 token without talking to each other. Random numbers come from a per-request CPU
-``torch.Generator`` (one uniform draw per token), so a request gives the same tokens on CPU and
+``torch.Generator`` (a fixed number of draws per token), so a request gives the same tokens on CPU and
 GPU, in any batch, on any replica.
 """
 
@@ -75,19 +75,19 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 
 def sample_row(logits: torch.Tensor, state: SamplingState) -> int:
-    """Draw one token from a 1-D float32 logits row according to ``state``."""
+    """Draw one token from a 1-D float32 logits row according to ``state``.
+
+    Gumbel-max: the argmax of the filtered, temperature-scaled logits minus the log of one
+    Exp(1) draw per vocabulary entry. Unlike inverting a cumulative sum over 50k entries, the
+    winner only changes when two perturbed scores tie within rounding, so logits that differ by
+    float noise (another batch shape, another replica) still give the same token.
+    """
     if state.greedy:
         return int(torch.argmax(logits))
     scaled = filter_logits(logits / state.temperature, state.top_k, state.top_p)
-    probs = torch.softmax(scaled, dim=-1)
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand((), generator=state.generator).item() * float(cdf[-1])
-    index = int(torch.searchsorted(cdf, torch.tensor([u], device=cdf.device, dtype=cdf.dtype)))
-    index = min(index, logits.numel() - 1)
-    # Rounding can land the draw on a masked token with zero mass; step back to a live one.
-    while probs[index] == 0 and index > 0:
-        index -= 1
-    return index
+    noise = torch.empty(logits.shape, dtype=torch.float32).exponential_(generator=state.generator)
+    noise = noise.clamp_min_(1e-30).log_().to(logits.device)
+    return int(torch.argmax(scaled - noise))
 
 
 def sample(

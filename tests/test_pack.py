@@ -63,7 +63,10 @@ def random_batch(rng: random.Random):
     tokens = [[rng.randrange(0, 2**40) for _ in range(rng.choice([0, 1, 7, 300]))] for _ in ids]
     specials = [math.inf, -math.inf, -0.0, 5e-324, 1.7976931348623157e308]
     params = [
-        [rng.choice([rng.uniform(-1e9, 1e9), rng.choice(specials)]) for _ in range(rng.choice([0, 11]))]
+        [
+            rng.choice([rng.uniform(-1e9, 1e9), rng.choice(specials)])
+            for _ in range(rng.choice([0, 11]))
+        ]
         for _ in ids
     ]
     return signals, ids, tokens, params
@@ -121,8 +124,16 @@ def test_step_inputs_round_trip_sampling_params():
     assert out.signals == [5, 104, 77]
     (req,) = out.requests
     assert (req.request_id, req.prompt_tokens, req.seed) == (77, [1, 2, 3], seed)
-    for name in ("temperature", "top_k", "top_p", "num_tokens_to_generate", "termination_id",
-                 "num_tokens_total", "return_log_probs", "streaming_interval"):
+    for name in (
+        "temperature",
+        "top_k",
+        "top_p",
+        "num_tokens_to_generate",
+        "termination_id",
+        "num_tokens_total",
+        "return_log_probs",
+        "streaming_interval",
+    ):
         assert getattr(req.params, name) == getattr(params, name), name
 
 

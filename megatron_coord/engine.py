@@ -1,0 +1,274 @@
+"""A continuous-batching inference engine over one (possibly tensor-parallel) model replica.
+
+Each ``step()`` admits waiting requests into free KV-cache slots (up to ``max_batch_size``),
+decodes one token for every request already running and prefills the newly admitted ones (which
+yields their first token). Requests leave when they hit their termination id, their token
+budget or the maximum sequence length, and come back as Megatron-shaped records.
+
+The engine is pure computation: it never talks ZMQ. Every rank of a TP group runs an identical
+engine and feeds it identical inputs (see tp_broadcast), so they all take the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .sampling import SamplingState, sample
+from .tp_broadcast import NewRequest
+
+
+@dataclass
+class RunningRequest:
+    """A request inside the engine: its sampling state, KV slot and output so far."""
+
+    new: NewRequest
+    sampler: SamplingState
+    max_new_tokens: int
+    termination_ids: frozenset[int]
+    slot: int | None = None
+    generated: list[int] = field(default_factory=list)
+    log_probs: list[float] | None = None
+    prompt_log_probs: list[float] | None = None
+    streamed: int = 0  # generated tokens already sent as partial replies
+    steps_since_stream: int = 0
+
+    @property
+    def request_id(self) -> int:
+        return self.new.request_id
+
+    @property
+    def length(self) -> int:
+        return len(self.new.prompt_tokens) + len(self.generated)
+
+
+@dataclass
+class StepResult:
+    """What one step produced: finished records and streaming chunks ([request_id, tokens])."""
+
+    finished: list[dict[str, Any]] = field(default_factory=list)
+    partial: list[list[Any]] = field(default_factory=list)
+    tokens: int = 0  # tokens generated in this step
+
+
+class InferenceEngine:
+    """Continuous batching with a KV cache over a LlamaModel-like ``model``.
+
+    ``model`` follows the model contract: ``config`` (vocab_size, max_position_embeddings,
+    eos_token_id), ``allocate_kv_cache(batch, seq)`` and
+    ``forward(tokens, start_positions, slots, kv_cache, all_logits=False)``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        max_batch_size: int = 8,
+        max_seq_len: int | None = None,
+        termination_id: int | None = None,
+        data_parallel_rank: int = 0,
+    ) -> None:
+        config = model.config
+        limit = config.max_position_embeddings
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+        if max_seq_len is not None and not 1 <= max_seq_len <= limit:
+            raise ValueError(f"max_seq_len must be in [1, {limit}]")
+        self.model = model
+        self.vocab_size = config.vocab_size
+        self.max_batch_size = max_batch_size
+        self.max_seq_len = max_seq_len or limit
+        default = termination_id if termination_id is not None else config.eos_token_id
+        if default is None:
+            default = []
+        self.default_termination_ids = frozenset(
+            default if isinstance(default, list) else [default]
+        )
+        self.data_parallel_rank = data_parallel_rank
+        self.device = next(model.parameters()).device
+        self.kv_cache = model.allocate_kv_cache(max_batch_size, self.max_seq_len)
+        self.free_slots = list(range(max_batch_size - 1, -1, -1))
+        self.waiting: deque[RunningRequest] = deque()
+        self.active: dict[int, RunningRequest] = {}
+        self._known: set[int] = set()
+        self._done: list[dict[str, Any]] = []  # finished outside a step (aborts, zero budgets)
+
+    # ----------------------------------------------------------------- admission
+    def check_request(self, prompt_tokens: Any, max_new_tokens: int = 1) -> str | None:
+        """Why this prompt cannot be served (a message), or None if it can."""
+        if not isinstance(prompt_tokens, list) or not prompt_tokens:
+            return "prompt_tokens must be a non-empty list of token ids"
+        if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt_tokens):
+            return f"prompt token ids must be integers in [0, {self.vocab_size})"
+        needed = len(prompt_tokens) + (1 if max_new_tokens > 0 else 0)
+        if needed > self.max_seq_len:
+            return (
+                f"prompt of {len(prompt_tokens)} tokens leaves no room to generate within "
+                f"the maximum sequence length {self.max_seq_len}"
+            )
+        return None
+
+    @staticmethod
+    def token_budget(new: NewRequest) -> int:
+        """How many tokens a request may generate (num_tokens_total wins when given)."""
+        p = new.params
+        if p.num_tokens_total is not None:
+            return max(0, p.num_tokens_total - len(new.prompt_tokens))
+        return max(0, p.num_tokens_to_generate)
+
+    def add_request(self, new: NewRequest) -> None:
+        """Queue a request; raises ValueError if it cannot be served or its id is in use."""
+        budget = self.token_budget(new)
+        problem = self.check_request(new.prompt_tokens, budget)
+        if problem is None and new.request_id in self._known:
+            problem = f"request id {new.request_id} is already in the engine"
+        if problem is not None:
+            raise ValueError(problem)
+        p = new.params
+        stops = self.default_termination_ids
+        if p.termination_id is not None:
+            stops = frozenset([p.termination_id])
+        running = RunningRequest(
+            new=new,
+            sampler=SamplingState(p.temperature, p.top_k, p.top_p, new.seed),
+            max_new_tokens=budget,
+            termination_ids=stops,
+            log_probs=[] if p.return_log_probs else None,
+        )
+        self._known.add(new.request_id)
+        if budget == 0:
+            self._finish(running, "length", self._done)
+        else:
+            self.waiting.append(running)
+
+    def abort(self, request_id: int) -> bool:
+        """Drop a waiting or running request; its ABORTED record comes out of the next step."""
+        for running in self.waiting:
+            if running.request_id == request_id:
+                self.waiting.remove(running)
+                self._finish(running, "abort", self._done)
+                return True
+        running = self.active.get(request_id)
+        if running is None:
+            return False
+        self._finish(running, "abort", self._done)
+        return True
+
+    # ----------------------------------------------------------------- state
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active or self._done)
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.active)
+
+    def _admit(self) -> list[RunningRequest]:
+        admitted = []
+        while self.waiting and self.free_slots:
+            running = self.waiting.popleft()
+            running.slot = self.free_slots.pop()
+            self.active[running.request_id] = running
+            admitted.append(running)
+        return admitted
+
+    def _finish(self, running: RunningRequest, reason: str, out: list[dict[str, Any]]) -> None:
+        if running.slot is not None:
+            self.free_slots.append(running.slot)
+            running.slot = None
+        self.active.pop(running.request_id, None)
+        self._known.discard(running.request_id)
+        out.append(self._record(running, reason))
+
+    def _record(self, running: RunningRequest, reason: str) -> dict[str, Any]:
+        request = {
+            "request_id": running.request_id,
+            "prompt": None,
+            "prompt_tokens": list(running.new.prompt_tokens),
+            "generated_tokens": list(running.generated),
+            "generated_length": len(running.generated),
+            "generated_log_probs": running.log_probs,
+            "prompt_log_probs": running.prompt_log_probs,
+            "status": "ABORTED" if reason == "abort" else "COMPLETED",
+            "finish_reason": reason,
+            "data_parallel_rank": self.data_parallel_rank,
+        }
+        return {"requests": [request]}
+
+    # ----------------------------------------------------------------- stepping
+    def step(self) -> StepResult:
+        """Decode one token for each running request and prefill newly admitted ones."""
+        result = StepResult(finished=self._done)
+        self._done = []
+        decoding = list(self.active.values())
+        admitted = self._admit()
+        if decoding:
+            self._decode(decoding)
+        for group in self._prefill_groups(admitted):
+            self._prefill(group)
+        for running in decoding + admitted:
+            result.tokens += 1
+            self._after_token(running, result)
+        return result
+
+    def _decode(self, batch: list[RunningRequest]) -> None:
+        tokens = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
+        starts = torch.tensor([r.length - 1 for r in batch], device=self.device)
+        slots = torch.tensor([r.slot for r in batch], device=self.device)
+        logits = self.model.forward(tokens, starts, slots, self.kv_cache)
+        self._take_tokens(batch, logits)
+
+    @staticmethod
+    def _wants_prompt_log_probs(running: RunningRequest) -> bool:
+        p = running.new.params
+        return p.return_log_probs and not p.skip_prompt_log_probs
+
+    def _prefill_groups(self, admitted: list[RunningRequest]) -> list[list[RunningRequest]]:
+        """Requests with equal prompt length (and log-prob needs) share one forward call."""
+        groups: dict[tuple[int, bool], list[RunningRequest]] = {}
+        for running in admitted:
+            key = (len(running.new.prompt_tokens), self._wants_prompt_log_probs(running))
+            groups.setdefault(key, []).append(running)
+        return list(groups.values())
+
+    def _prefill(self, batch: list[RunningRequest]) -> None:
+        prompts = torch.tensor([r.new.prompt_tokens for r in batch], device=self.device)
+        starts = torch.zeros(len(batch), dtype=torch.long, device=self.device)
+        slots = torch.tensor([r.slot for r in batch], device=self.device)
+        all_logits = self._wants_prompt_log_probs(batch[0])
+        logits = self.model.forward(prompts, starts, slots, self.kv_cache, all_logits=all_logits)
+        if all_logits:
+            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            chosen = lp.gather(2, prompts[:, 1:, None])[..., 0]
+            for running, row in zip(batch, chosen.tolist()):
+                running.prompt_log_probs = row
+            logits = logits[:, -1]
+        self._take_tokens(batch, logits)
+
+    def _take_tokens(self, batch: list[RunningRequest], logits: torch.Tensor) -> None:
+        tokens, log_probs = sample(
+            logits, [r.sampler for r in batch], [r.log_probs is not None for r in batch]
+        )
+        for running, token, log_prob in zip(batch, tokens, log_probs):
+            running.generated.append(token)
+            if running.log_probs is not None:
+                running.log_probs.append(log_prob)
+
+    def _after_token(self, running: RunningRequest, result: StepResult) -> None:
+        reason = None
+        if running.generated[-1] in running.termination_ids:
+            reason = "stop"
+        elif len(running.generated) >= running.max_new_tokens or running.length >= self.max_seq_len:
+            reason = "length"
+        if reason is not None:
+            self._finish(running, reason, result.finished)
+            return
+        interval = running.new.params.streaming_interval
+        if interval > 0:
+            running.steps_since_stream += 1
+            if running.steps_since_stream >= interval:
+                result.partial.append([running.request_id, running.generated[running.streamed :]])
+                running.streamed = len(running.generated)
+                running.steps_since_stream = 0
