@@ -114,6 +114,15 @@ class _Reader:
         return sl[:, lo:hi]
 
 
+def _shares_embedding(config: ModelConfig, reader: _Reader) -> bool:
+    """True when the output layer is the embedding (tied and no separate lm_head saved)."""
+    if reader.has("lm_head.weight"):
+        return False
+    if not config.tie_word_embeddings:
+        raise KeyError("checkpoint lacks lm_head.weight and tie_word_embeddings is false")
+    return True
+
+
 def _shard_sources(
     config: ModelConfig, lay: TPLayout, reader: _Reader
 ) -> dict[str, Callable[[], torch.Tensor]]:
@@ -144,12 +153,8 @@ def _shard_sources(
         return load
 
     sources["embed_tokens"] = vocab("model.embed_tokens.weight")
-    if reader.has("lm_head.weight"):
+    if not _shares_embedding(config, reader):
         sources["lm_head"] = vocab("lm_head.weight")
-    elif c.tie_word_embeddings:
-        sources["lm_head"] = vocab("model.embed_tokens.weight")
-    else:
-        raise KeyError("checkpoint lacks lm_head.weight and tie_word_embeddings is false")
     sources["norm.weight"] = lambda: reader.read("model.norm.weight", (hidden,))
 
     q0, k0 = lay.rank * lay.heads * hd, lay.rank * lay.kv_heads * hd
@@ -185,9 +190,11 @@ def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float
     """Build the model for this rank and fill it with its shard of the checkpoint at ``path``."""
     config = read_config(path)
     model = LlamaModel(config, state, dtype=dtype)
-    params = dict(model.named_parameters())
     with ExitStack() as stack:
         reader = _Reader(_weight_files(path), stack)
+        if _shares_embedding(config, reader):
+            model.lm_head = model.embed_tokens  # one tensor, not two copies of the vocab
+        params = dict(model.named_parameters())
         sources = _shard_sources(config, model.layout, reader)
         if set(sources) != set(params):
             raise RuntimeError(
@@ -231,6 +238,7 @@ def default_checkpoint_dir() -> str:
     tmp = tempfile.mkdtemp(prefix=".tmp-default-llama-", dir=root)
     try:
         write_default_checkpoint(tmp)
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
         try:
             os.rename(tmp, final)
         except OSError:
