@@ -30,7 +30,7 @@ from __future__ import annotations
 import errno
 import logging
 import re
-from collections import deque
+from collections import Counter, deque
 from multiprocessing.connection import Connection
 from typing import Annotated, Any
 
@@ -133,7 +133,7 @@ def _batch_detokenizer(tokenizer: Any):
 class _Engine:
     """What the coordinator knows about one registered engine (TP-coordinator)."""
 
-    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load")
+    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load", "alive")
 
     def __init__(self, identity: bytes, rank: int | None, ours: bool, arrival: int) -> None:
         self.identity = identity
@@ -141,6 +141,7 @@ class _Engine:
         self.ours = ours
         self.arrival = arrival
         self.load: dict[str, Any] | None = None  # last HEARTBEAT report
+        self.alive = True  # registered and not known to have failed (reported by STATS)
 
 
 class _Stream:
@@ -414,6 +415,10 @@ class DataParallelInferenceCoordinator:
         elif header == Headers.ABORT:
             self._flush()
             self._on_abort(identity, payload)
+        elif header == Headers.STATS:
+            self._check_length(payload, 1)
+            self._flush()
+            self._on_stats(identity)
         elif header == -1:
             raise _describe(payload)
         elif header in Headers._value2member_map_:
@@ -644,6 +649,27 @@ class DataParallelInferenceCoordinator:
                 ErrorCode.INVALID_REQUEST, f"no request {client_request_id!r} is in flight"
             )
         self._send(self._request_engine[request_id], _encode([int(Headers.ABORT), request_id]))
+
+    def _on_stats(self, client: bytes) -> None:
+        """Answer STATS (health checks, metrics): each replica's liveness and outstanding load."""
+        if not self.clients.get(client):
+            raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "STATS needs our protocol (CONNECT)")
+        outstanding = Counter(self._request_engine.values())
+        engines = [
+            {
+                "data_parallel_rank": engine.data_parallel_rank,
+                "alive": engine.alive,
+                "outstanding_requests": outstanding[engine.identity],
+                "load": engine.load,
+            }
+            for engine in (self.engines[i] for i in self.identities_of_data_parallel_ranks)
+        ]
+        stats = {
+            "engines": engines,
+            "requests_in_flight": len(self._request_engine),
+            "clients": len(self.clients),
+        }
+        self._send(client, _encode([int(Headers.STATS), stats]))
 
     # ------------------------------------------------------------------ engine messages
 
