@@ -1,0 +1,248 @@
+"""One generation (one OpenAI "choice") through the coordinator, as the HTTP server needs it.
+
+This is the seam between the HTTP front end and ``InferenceClient``: it turns the client's
+futures, partial replies and ``RequestError``s into plain events (``Delta`` text, a final
+``ChoiceResult``) and ``GenerationError``s, applies OpenAI ``stop`` strings, and aborts the engine
+request whenever the caller stops listening (cancellation, a stop string, a disconnect), so no
+replica keeps generating for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .client import InferenceClient, RequestError
+from .openai_protocol import StopMatcher
+from .sampling_params import SamplingParams
+
+
+class GenerationError(Exception):
+    """A request the coordinator or engine refused or failed; ``code`` is a protocol ErrorCode
+    value (``overloaded``, ``no_engine``, ``invalid_request``, ...)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class Delta:
+    """New text of a streaming generation: ``tokens`` new tokens of engine request
+    ``request_id`` (the client's id, for aborting)."""
+
+    text: str
+    tokens: int
+    request_id: int | None = None
+
+
+@dataclass
+class ChoiceResult:
+    """A finished generation: its text (after stop strings) and token counts."""
+
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+
+
+class CoordinatorBackend:
+    """Runs generations through one ``InferenceClient`` connected to the coordinator.
+
+    ``eod_text``, when known (the tokenizer's end-of-text token as text), is cut from the end of
+    generated text: OpenAI's answers never contain the end-of-text marker.
+    """
+
+    def __init__(self, address: str, eod_text: str | None = None) -> None:
+        self.address = address
+        self.eod_text = eod_text or None
+        self.client: InferenceClient | None = None
+
+    async def start(self) -> None:
+        self.client = InferenceClient(self.address)
+        await self.client.start()
+
+    def stop(self) -> None:
+        if self.client is not None:
+            self.client.stop()
+            self.client = None
+
+    def _client(self) -> InferenceClient:
+        if self.client is None:
+            raise GenerationError("shutting_down", "the server is not connected to a coordinator")
+        return self.client
+
+    async def generate(self, prompt: str | list[int], params: SamplingParams) -> ChoiceResult:
+        """Run one request to completion (no partial results)."""
+        client = self._client()
+        future = client.add_request(prompt, params)
+        future.add_done_callback(_retrieve)
+        try:
+            record = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            _abort(client, future)
+            raise
+        except RequestError as exc:
+            raise GenerationError(exc.code, exc.message) from None
+        return self._result(record, params)
+
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams
+    ) -> AsyncIterator[Delta | ChoiceResult]:
+        """Yield ``Delta``s as tokens arrive, then the ``ChoiceResult``. Closing the iterator
+        before the result aborts the request."""
+        client = self._client()
+        params.streaming_interval = max(params.streaming_interval, 1)
+        parts = client.add_request_streaming(prompt, params)
+        # The request is submitted synchronously on the first __anext__ below, with no await in
+        # between, so it takes the client's next id: known now, so even a request cancelled
+        # before its first token can be aborted.
+        request_id = client.next_request_id
+        finished = False
+        sent_text = ""
+        try:
+            async for item in parts:
+                if _is_final(item):
+                    finished = True
+                    result = self._result(item, params)
+                    if result.text.startswith(sent_text) and len(result.text) > len(sent_text):
+                        yield Delta(result.text[len(sent_text) :], 0, request_id)
+                    yield result
+                    return
+                text, tokens = _partial(item)
+                sent_text += text
+                yield Delta(text, tokens, request_id)
+        except RequestError as exc:
+            finished = True
+            raise GenerationError(exc.code, exc.message) from None
+        finally:
+            if not finished:
+                self.abort(request_id)
+            await parts.aclose()
+
+    def abort(self, request_id: int) -> None:
+        """Ask the engine to stop generating ``request_id`` (best effort)."""
+        if self.client is not None:
+            _abort(self.client, request_id)
+
+    def _result(self, record: Any, params: SamplingParams) -> ChoiceResult:
+        view = record_view(record)
+        text = view["text"]
+        if self.eod_text and text.endswith(self.eod_text):
+            text = text[: -len(self.eod_text)]
+        reason = view["finish_reason"]
+        if reason not in ("stop", "length"):
+            generated = view["completion_tokens"]
+            reason = "length" if generated >= params.num_tokens_to_generate else "stop"
+        return ChoiceResult(text, view["prompt_tokens"], view["completion_tokens"], reason)
+
+
+async def run_choice(
+    backend: CoordinatorBackend,
+    prompt: str | list[int],
+    params: SamplingParams,
+    stops: list[str],
+    emit: Callable[[str], None] | None = None,
+    on_first_token: Callable[[], None] | None = None,
+) -> ChoiceResult:
+    """One choice: streamed (``emit`` gets each piece of text) or not, with stop strings.
+
+    Without streaming and stop strings this is one plain request. Otherwise the generation
+    streams and its text passes through the stop matcher; a matched stop string aborts the
+    engine request at once (instead of generating up to ``max_tokens`` for nothing), and the
+    aborted request's final record still supplies the token counts for ``usage``.
+    """
+    if emit is None and not stops:
+        return await backend.generate(prompt, params)
+    matcher = StopMatcher(stops)
+    pieces: list[str] = []
+    waiting_for_first = on_first_token is not None
+    tokens = 0
+    stream = backend.stream(prompt, params)
+    try:
+        async for event in stream:
+            if isinstance(event, ChoiceResult):
+                if waiting_for_first and event.completion_tokens:
+                    on_first_token()
+                _send(matcher.flush(), pieces, emit)
+                reason = "stop" if matcher.stopped else event.finish_reason
+                return ChoiceResult(
+                    "".join(pieces), event.prompt_tokens, event.completion_tokens, reason
+                )
+            if waiting_for_first and event.tokens:
+                on_first_token()
+                waiting_for_first = False
+            tokens += event.tokens
+            if matcher.stopped:
+                continue  # aborted: waiting for the final record (usage)
+            _send(matcher.feed(event.text), pieces, emit)
+            if matcher.stopped and event.request_id is not None:
+                backend.abort(event.request_id)
+    except GenerationError:
+        if not matcher.stopped:
+            raise
+    finally:
+        await stream.aclose()
+    # Stopped, and the abort raced the end of the request: count what we saw.
+    prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
+    return ChoiceResult("".join(pieces), prompt_tokens, tokens, "stop")
+
+
+def _retrieve(future: asyncio.Future) -> None:
+    """Mark a shielded future's exception as seen (its awaiter may have been cancelled)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _send(text: str, pieces: list[str], emit: Callable[[str], None] | None) -> None:
+    if text:
+        pieces.append(text)
+        if emit is not None:
+            emit(text)
+
+
+def _abort(client: InferenceClient, handle: Any) -> None:
+    with contextlib.suppress(Exception):  # the request may be gone: aborting is best effort
+        client.abort_request(handle)
+
+
+def record_view(record: Any) -> dict[str, Any]:
+    """Text, token counts and finish reason of a finished record.
+
+    Records are Megatron's serialized ``DynamicInferenceRequestRecord``: ``{"requests": [...]}``
+    where a request evicted and resumed appears as several entries; the generation is their
+    concatenation. ``prompt_tokens`` may come as Megatron's ``["tensor", ids]``.
+    """
+    requests = _field(record, "requests")
+    if not isinstance(requests, list) or not requests:
+        requests = [record]  # a bare request dict
+    first, last = requests[0], requests[-1]
+    prompt = _field(first, "prompt_tokens") or []
+    if len(prompt) == 2 and prompt[0] == "tensor" and isinstance(prompt[1], list):
+        prompt = prompt[1]
+    return {
+        "text": "".join(_field(r, "generated_text") or "" for r in requests),
+        "prompt_tokens": len(prompt),
+        "completion_tokens": sum(len(_field(r, "generated_tokens") or []) for r in requests),
+        "finish_reason": _field(last, "finish_reason"),
+        "status": _field(last, "status"),
+    }
+
+
+def _field(record: Any, name: str) -> Any:
+    if isinstance(record, dict):
+        return record.get(name)
+    return getattr(record, name, None)
+
+
+def _is_final(item: Any) -> bool:
+    """Partial results are ``{"request_id", "tokens", "text"}``; final records have requests."""
+    return _field(item, "requests") is not None or _field(item, "generated_tokens") is not None
+
+
+def _partial(item: Any) -> tuple[str, int]:
+    return _field(item, "text") or "", len(_field(item, "tokens") or [])

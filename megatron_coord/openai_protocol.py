@@ -1,0 +1,304 @@
+"""The OpenAI API's shapes: request validation, sampling-parameter mapping, response bodies.
+
+Kept apart from the HTTP plumbing (``http_server``) so the mapping from OpenAI's fields to
+Megatron's ``SamplingParams`` can be read -- and tested -- in one place. Request models forbid
+unknown fields, as OpenAI's API does: a misspelt parameter is an error, not silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+
+from .sampling_params import SamplingParams
+
+MAX_STOP_SEQUENCES = 4
+MAX_CHOICES = 16  # n: each choice is one engine request
+MAX_PROMPTS = 64  # a batch of prompts in one /v1/completions call
+
+TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
+Prompt = StrictStr | TokenIds | list[StrictStr] | list[TokenIds]
+
+
+class OpenAIError(Exception):
+    """An error to send back in OpenAI's shape, with its HTTP status."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        err_type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        """``{"error": {"message", "type", "param", "code"}}``, as OpenAI sends it."""
+        return error_body(self.message, self.err_type, self.param, self.code)
+
+
+def error_body(
+    message: str, err_type: str, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _SamplingFields(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
+    top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    # Not in OpenAI's API, but vLLM and SGLang accept it (openai client: extra_body).
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
+    seed: StrictInt | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
+    logit_bias: dict[str, float] | None = None
+    user: StrictStr | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
+        if any(s == "" for s in stops):
+            raise ValueError("stop sequences must not be empty")
+        return stops
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, value: int | None) -> int | None:
+        if value is not None and not -(2**63) <= value < 2**63:
+            raise ValueError("seed must fit in a signed 64-bit integer")
+        return value
+
+    def check_supported(self) -> None:
+        """Refuse valid OpenAI parameters this server does not implement (rather than ignore)."""
+        if self.presence_penalty or self.frequency_penalty:
+            raise OpenAIError(
+                400, "presence and frequency penalties are not supported", param="presence_penalty"
+            )
+        if self.logit_bias:
+            raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+        if self.stream_options is not None and not self.stream:
+            raise OpenAIError(
+                400, "stream_options is only allowed when stream is true", param="stream_options"
+            )
+
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class CompletionRequest(_SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Prompt
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16  # OpenAI's default
+    echo: bool = False
+    logprobs: StrictInt | None = None
+    best_of: StrictInt | None = None
+    suffix: StrictStr | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.echo:
+            raise OpenAIError(400, "echo is not supported", param="echo")
+        if self.logprobs is not None:
+            raise OpenAIError(400, "logprobs is not supported", param="logprobs")
+        if self.best_of is not None and self.best_of != self.n:
+            raise OpenAIError(400, "best_of is not supported", param="best_of")
+        if self.suffix:
+            raise OpenAIError(400, "suffix is not supported", param="suffix")
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s) as a list: one entry per prompt of a batch."""
+        p = self.prompt
+        if isinstance(p, str):
+            prompts: list[str | list[int]] = [p]
+        elif p and all(isinstance(x, int) for x in p):
+            prompts = [list(p)]
+        else:
+            prompts = list(p)
+        if not prompts:
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise OpenAIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
+        if any(len(x) == 0 for x in prompts):
+            raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        return prompts
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    type: Literal["text"]
+    text: StrictStr
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[TextPart] | None = None
+    name: StrictStr | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+
+    def check_supported(self) -> None:
+        super().check_supported()
+        if self.logprobs or self.top_logprobs is not None:
+            raise OpenAIError(400, "logprobs is not supported", param="logprobs")
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise OpenAIError(400, "tools are not supported", param="tools")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise OpenAIError(
+                400, "only the text response_format is supported", param="response_format"
+            )
+
+    def message_dicts(self) -> list[dict[str, str]]:
+        return [{"role": m.role, "content": m.text()} for m in self.messages]
+
+    def max_new_tokens(self, default: int) -> int:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens if self.max_tokens is not None else default
+
+
+def to_sampling_params(
+    req: _SamplingFields, max_new_tokens: int, choice_index: int, termination_id: int | None
+) -> SamplingParams:
+    """Megatron sampling parameters for one choice of ``req``.
+
+    OpenAI's ``temperature=0`` (or ``top_p=0``) means greedy, which Megatron spells ``top_k=1``;
+    OpenAI's ``top_p=1`` means "no nucleus filtering", which Megatron spells ``top_p=0``. With
+    ``n > 1`` and a seed, choice ``i`` uses ``seed + i`` so the choices differ yet stay
+    reproducible.
+    """
+    greedy = req.temperature == 0.0 or req.top_p == 0.0 or req.top_k == 1
+    top_k = 1 if greedy else max(req.top_k or 0, 0)
+    params = SamplingParams(
+        temperature=1.0 if greedy else req.temperature,
+        top_k=top_k,
+        top_p=0.0 if greedy or req.top_p >= 1.0 else req.top_p,
+        num_tokens_to_generate=max_new_tokens,
+        termination_id=termination_id,
+    )
+    if req.seed is not None:
+        params.seed = (req.seed + choice_index + 2**63) % 2**64 - 2**63
+    return params
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+    return {
+        "index": index,
+        "message": {"role": "assistant", "content": text},
+        "logprobs": None,
+        "finish_reason": finish_reason,
+    }
+
+
+def chat_delta_choice(
+    index: int, delta: dict[str, str], finish_reason: str | None
+) -> dict[str, Any]:
+    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+
+
+class StopMatcher:
+    """Applies OpenAI ``stop`` strings to text arriving piece by piece.
+
+    ``feed`` returns the text that can be sent now: everything up to a stop string (which is
+    not sent), holding back a tail that could still be the start of one. ``stopped`` says a
+    stop string was found; ``flush`` returns what was held back once generation ends.
+    """
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buffer = self.pending + text
+        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self.pending = ""
+            return buffer[:cut]
+        hold = self._held_tail(buffer)
+        self.pending = buffer[len(buffer) - hold :]
+        return buffer[: len(buffer) - hold]
+
+    def flush(self) -> str:
+        out, self.pending = ("" if self.stopped else self.pending), ""
+        return out
+
+    def _held_tail(self, buffer: str) -> int:
+        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
+        best = 0
+        for stop in self.stops:
+            for length in range(min(len(stop) - 1, len(buffer)), best, -1):
+                if buffer.endswith(stop[:length]):
+                    best = length
+                    break
+        return best
