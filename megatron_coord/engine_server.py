@@ -1,0 +1,272 @@
+"""The per-replica serving loop: coordinator socket -> TP broadcast -> engine step -> replies.
+
+Every rank of a replica runs ``EngineServer.run``. Each iteration:
+
+1. The TP-coordinator (TP rank 0) drains its DEALER without blocking while the engine has work.
+   When the replica is idle (nothing to run, or paused/suspended/stopping) it instead blocks on
+   the socket with a timeout (zmq poll; a signal wakes it at once), so it neither spins nor
+   sleeps a fixed time, and it still broadcasts after the timeout, so followers waiting in the
+   collective never reach the collective timeout.
+2. It validates what it drained (bad requests get an ERROR reply and never reach the group) and
+   broadcasts the step's requests and signals to its TP group (tp_broadcast).
+3. Every rank applies the same inputs, steps the same engine, and the TP-coordinator sends the
+   finished records and streaming chunks back.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from typing import Any
+
+import zmq
+
+from .engine import InferenceEngine, StepResult
+from .parallel_state import ParallelState
+from .protocol import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    PROTOCOL_VERSION,
+    ErrorCode,
+    Headers,
+    ProtocolError,
+    decode,
+    encode,
+)
+from .sampling import choose_seed
+from .sampling_params import SamplingParams
+from .tp_broadcast import ABORT_SIGNAL, SHUTDOWN_SIGNAL, NewRequest, StepInputs, TPBroadcaster
+
+log = logging.getLogger(__name__)
+
+_FORWARDED_SIGNALS = {
+    Headers.PAUSE,
+    Headers.UNPAUSE,
+    Headers.SUSPEND,
+    Headers.RESUME,
+    Headers.STOP,
+    Headers.PAUSE_ACK,
+    Headers.STOP_ACK,
+}
+
+
+def engine_identity(data_parallel_rank: int) -> bytes:
+    """The DEALER identity of a replica's TP-coordinator."""
+    return b"mp-coord-%d" % data_parallel_rank
+
+
+class EngineServer:
+    """Runs one replica's engine against the coordinator until STOP or a shutdown signal."""
+
+    def __init__(
+        self,
+        engine: InferenceEngine,
+        state: ParallelState,
+        coordinator_address: str | None,
+        deterministic_mode: bool = False,
+        idle_timeout_s: float = 1.0,
+    ) -> None:
+        self.engine = engine
+        self.state = state
+        self.deterministic_mode = deterministic_mode
+        self.idle_timeout_ms = max(1, int(idle_timeout_s * 1000))
+        self.broadcaster = TPBroadcaster(state)
+        self.paused = False
+        self.suspended = False
+        self.stop_received = False
+        self.done = False
+        self.shutdown_requested = False
+        self.steps = 0
+        self.socket: zmq.Socket | None = None
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        if state.is_tp_coordinator:
+            if coordinator_address is None:
+                raise ValueError("the TP-coordinator needs the coordinator's address")
+            self._connect(coordinator_address)
+
+    # ----------------------------------------------------------------- sockets
+    def _connect(self, address: str) -> None:
+        self.context = zmq.Context()
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, engine_identity(self.state.dp_rank))
+        sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(address)
+        self.socket = sock
+        self.poller = zmq.Poller()
+        self.poller.register(sock, zmq.POLLIN)
+        self._send(
+            [
+                Headers.REGISTER,
+                {"data_parallel_rank": self.state.dp_rank, "protocol": PROTOCOL_VERSION},
+            ]
+        )
+
+    def _send(self, message: list[Any]) -> None:
+        assert self.socket is not None
+        self.socket.send(encode(message))
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT/SIGTERM ask for a clean shutdown; a wake-up socket interrupts the idle poll."""
+        if self.state.is_tp_coordinator:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+            signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+            self.poller.register(self._wake_r, zmq.POLLIN)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        log.info("rank %d: signal %d, shutting down", self.state.rank, signum)
+        self.shutdown_requested = True
+
+    def request_shutdown(self) -> None:
+        """Ask the loop to end at its next step (safe from another thread)."""
+        self.shutdown_requested = True
+
+    def close(self) -> None:
+        if self._wake_w is not None:
+            signal.set_wakeup_fd(-1)
+            self._wake_w.close()
+            self._wake_r.close()
+            self._wake_w = self._wake_r = None
+        if self.socket is not None:
+            self.socket.close()
+            self.context.term()
+            self.socket = None
+
+    # ----------------------------------------------------------------- loop
+    @property
+    def runnable(self) -> bool:
+        """Whether the next step has computation to do."""
+        halted = self.paused or self.suspended or self.stop_received
+        return self.engine.has_work and not halted
+
+    def run(self) -> None:
+        """Serve until STOP_ACK (after STOP) or a shutdown request; collective over the group."""
+        while not self.done:
+            self.run_once()
+
+    def run_once(self) -> StepResult | None:
+        """One iteration: gather (TP rank 0), broadcast, apply, step, reply."""
+        inputs = self._collect() if self.state.is_tp_coordinator else None
+        inputs = self.broadcaster.exchange(inputs)
+        self._apply(inputs)
+        if self.done or not self.runnable:
+            return None
+        result = self.engine.step()
+        self.steps += 1
+        if self.socket is not None:
+            self._reply(result)
+        return result
+
+    def _collect(self) -> StepInputs:
+        inputs = StepInputs()
+        timeout = 0 if (self.runnable or self.shutdown_requested) else self.idle_timeout_ms
+        events = dict(self.poller.poll(timeout))
+        if self._wake_r is not None and self._wake_r in events:
+            try:
+                while self._wake_r.recv(64):
+                    pass
+            except BlockingIOError:
+                pass
+        if self.socket in events:
+            while True:
+                try:
+                    frame = self.socket.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._parse(frame, inputs)
+        if self.shutdown_requested:
+            inputs.signals.append(SHUTDOWN_SIGNAL)
+        return inputs
+
+    def _parse(self, frame: bytes, inputs: StepInputs) -> None:
+        try:
+            message = decode(frame)
+        except ProtocolError as exc:
+            log.warning("engine %d: dropped a bad frame: %s", self.state.dp_rank, exc)
+            return
+        header = message[0]
+        if header == Headers.SUBMIT_REQUEST:
+            self._parse_request(message, inputs)
+        elif header == Headers.ABORT and len(message) == 2 and type(message[1]) is int:
+            inputs.signals += [ABORT_SIGNAL, message[1]]
+        elif header in _FORWARDED_SIGNALS:
+            inputs.signals.append(int(header))
+        else:
+            log.warning("engine %d: ignored message %r", self.state.dp_rank, header)
+
+    def _parse_request(self, message: list[Any], inputs: StepInputs) -> None:
+        if len(message) != 4 or type(message[1]) is not int:
+            log.warning("engine %d: malformed SUBMIT_REQUEST", self.state.dp_rank)
+            if len(message) > 1 and type(message[1]) is int:
+                self._send_error(message[1], ErrorCode.MALFORMED, "SUBMIT_REQUEST needs 3 fields")
+            return
+        request_id, prompt, raw_params = message[1:]
+        try:
+            params = SamplingParams.deserialize(raw_params)
+        except ProtocolError as exc:
+            self._send_error(request_id, exc.code, str(exc))
+            return
+        except TypeError as exc:
+            self._send_error(request_id, ErrorCode.INVALID_REQUEST, str(exc))
+            return
+        if not isinstance(prompt, list):
+            self._send_error(request_id, ErrorCode.INVALID_REQUEST, "prompt must be token ids")
+            return
+        new = NewRequest(request_id, prompt, params, 0)
+        problem = self.engine.check_request(prompt, InferenceEngine.token_budget(new))
+        if problem is not None:
+            self._send_error(request_id, ErrorCode.INVALID_REQUEST, problem)
+            return
+        new.seed = choose_seed(params.seed, prompt, self.deterministic_mode)
+        inputs.requests.append(new)
+
+    def _send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
+        self._send([Headers.ERROR, request_id, code.value, message])
+
+    def _apply(self, inputs: StepInputs) -> None:
+        """Apply one step's inputs; identical on every rank of the group."""
+        for new in inputs.requests:
+            try:
+                self.engine.add_request(new)
+            except ValueError as exc:
+                if self.socket is not None:
+                    self._send_error(new.request_id, ErrorCode.INVALID_REQUEST, str(exc))
+        signals = inputs.signals
+        i = 0
+        while i < len(signals):
+            sig = signals[i]
+            if sig == ABORT_SIGNAL and i + 1 < len(signals):
+                self.engine.abort(signals[i + 1])
+                i += 2
+                continue
+            self._apply_signal(sig)
+            i += 1
+
+    def _apply_signal(self, sig: int) -> None:
+        if sig == SHUTDOWN_SIGNAL or sig == Headers.STOP_ACK:
+            self.done = True
+        elif sig == Headers.PAUSE:
+            self.paused = True
+            if self.socket is not None:
+                self._send([Headers.PAUSE_ACK])
+        elif sig == Headers.UNPAUSE:
+            self.paused = False
+        elif sig == Headers.SUSPEND:
+            self.suspended = True
+        elif sig == Headers.RESUME:
+            self.suspended = False
+        elif sig == Headers.STOP:
+            self.stop_received = True
+            if self.socket is not None:
+                self._send([Headers.STOP_ACK])
+
+    def _reply(self, result: StepResult) -> None:
+        if result.partial:
+            self._send([Headers.PARTIAL_REPLY, result.partial])
+        if result.finished:
+            self._send([Headers.ENGINE_REPLY, result.finished])

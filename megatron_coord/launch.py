@@ -1,0 +1,368 @@
+"""torchrun wiring: parallel state, the coordinator process, one engine server per rank.
+
+Global rank 0 spawns the coordinator (``DataParallelInferenceCoordinator.entrypoint`` in a
+``multiprocessing`` 'spawn' process, a Pipe for its bound address, an Event for readiness) and
+shares the address with every rank through torch.distributed. Each rank loads its shard of the
+model; the TP-coordinator of each replica connects and registers. ``Replica.serve()`` runs the
+engine loop until STOP (from a client), SIGINT or SIGTERM, then tears everything down, the
+coordinator process included, so no process outlives the launch.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import signal
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from . import parallel_state
+from .engine import InferenceEngine
+from .engine_server import EngineServer
+from .parallel_state import ParallelState
+
+log = logging.getLogger(__name__)
+
+COORDINATOR_START_TIMEOUT_S = 120.0
+
+
+def _set_parent_death_signal() -> None:
+    """Linux: have the kernel SIGTERM this process if its parent (global rank 0) dies."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
+    except OSError:
+        pass
+
+
+def _coordinator_main(
+    pipe_connection: Any,
+    ready_event: Any,
+    parent_pid: int,
+    data_parallel_size: int,
+    tokenizer_path: str,
+    port: int | None,
+    deterministic_mode: bool,
+    options: dict[str, Any],
+) -> None:
+    """Target of the spawned coordinator process: load the tokenizer and serve."""
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return
+    # SIGTERM from rank 0 (or the parent-death signal) ends the process like Ctrl-C would.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    from .coordinator import DataParallelInferenceCoordinator
+    from .tokenizer import load_tokenizer
+
+    DataParallelInferenceCoordinator.entrypoint(
+        pipe_connection,
+        ready_event,
+        data_parallel_size,
+        load_tokenizer(tokenizer_path),
+        port,
+        deterministic_mode,
+        **options,
+    )
+
+
+def spawn_coordinator(
+    data_parallel_size: int,
+    tokenizer_path: str,
+    port: int | None = None,
+    deterministic_mode: bool = False,
+    options: dict[str, Any] | None = None,
+) -> tuple[multiprocessing.process.BaseProcess, str, Any]:
+    """Start the coordinator process; return (process, address, ready_event)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe(duplex=False)
+    ready = ctx.Event()
+    process = ctx.Process(
+        target=_coordinator_main,
+        args=(
+            child_end,
+            ready,
+            os.getpid(),
+            data_parallel_size,
+            tokenizer_path,
+            port,
+            deterministic_mode,
+            dict(options or {}),
+        ),
+        name="megatron-coord-coordinator",
+        daemon=True,
+    )
+    process.start()
+    child_end.close()
+    if not parent_end.poll(COORDINATOR_START_TIMEOUT_S):
+        process.terminate()
+        raise RuntimeError("the coordinator did not report its address in time")
+    try:
+        address = parent_end.recv()
+    except EOFError:
+        process.join(5)
+        raise RuntimeError(
+            f"the coordinator process exited before binding (exit code {process.exitcode})"
+        ) from None
+    parent_end.close()
+    return process, address, ready
+
+
+def stop_process(process: multiprocessing.process.BaseProcess, grace_s: float = 10.0) -> None:
+    """Join a child; SIGTERM it after ``grace_s``, SIGKILL if that does not end it."""
+    process.join(grace_s)
+    if process.is_alive():
+        process.terminate()
+        process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+
+
+@dataclass
+class ReplicaOptions:
+    """What a launch script decides: model, parallelism, batching, coordinator settings."""
+
+    model: str | None = None
+    tensor_parallel_size: int = 1
+    max_batch_size: int = 8
+    max_seq_len: int | None = None
+    port: int | None = None
+    deterministic_mode: bool = False
+    dtype: torch.dtype = torch.float32
+    idle_timeout_s: float = 1.0
+    coordinator_options: dict[str, Any] = field(default_factory=dict)
+
+
+class Replica:
+    """This rank's part of a launch: state, model, engine, server, and (rank 0) the coordinator."""
+
+    def __init__(self, options: ReplicaOptions) -> None:
+        from .checkpoint import default_checkpoint_dir, load_model
+
+        self.options = options
+        self.state: ParallelState = parallel_state.initialize(options.tensor_parallel_size)
+        self.model_path = options.model or default_checkpoint_dir()
+        self.coordinator: multiprocessing.process.BaseProcess | None = None
+        self.ready_event: Any = None
+        self.address = self._share_coordinator_address()
+        model = load_model(self.model_path, self.state, dtype=options.dtype)
+        self.engine = InferenceEngine(
+            model,
+            max_batch_size=options.max_batch_size,
+            max_seq_len=options.max_seq_len,
+            data_parallel_rank=self.state.dp_rank,
+        )
+        self.server = EngineServer(
+            self.engine,
+            self.state,
+            self.address if self.state.is_tp_coordinator else None,
+            deterministic_mode=options.deterministic_mode,
+            idle_timeout_s=options.idle_timeout_s,
+        )
+
+    def _share_coordinator_address(self) -> str:
+        """Rank 0 spawns the coordinator; every rank learns its address."""
+        box: list[Any] = [None]
+        if self.state.rank == 0:
+            try:
+                self.coordinator, box[0], self.ready_event = spawn_coordinator(
+                    self.state.data_parallel_size,
+                    self.model_path,
+                    self.options.port,
+                    self.options.deterministic_mode,
+                    self.options.coordinator_options,
+                )
+            except Exception as exc:
+                box[0] = exc  # tell the other ranks instead of leaving them in the collective
+        dist.broadcast_object_list(box, src=0)
+        if isinstance(box[0], Exception):
+            raise RuntimeError(f"rank 0 could not start the coordinator: {box[0]}")
+        return box[0]
+
+    @property
+    def is_global_rank0(self) -> bool:
+        return self.state.rank == 0
+
+    def serve(self) -> None:
+        """Run the engine loop until STOP/SIGINT/SIGTERM, then shut everything down."""
+        self.server.install_signal_handlers()
+        try:
+            self.server.run()
+        finally:
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Close sockets, end the coordinator process (rank 0), leave the process group."""
+        self.server.close()
+        if self.coordinator is not None:
+            # After a STOP round trip it exits by itself; after a signal it gets SIGTERM.
+            grace = 10.0 if self.server.stop_received else 0.5
+            stop_process(self.coordinator, grace)
+            self.coordinator = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- launch scripts
+
+
+def add_replica_arguments(parser: Any) -> None:
+    """The model and parallelism options shared by launch/generate.py and launch/serve.py."""
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="Hugging Face Llama checkpoint directory (config.json, *.safetensors, tokenizer). "
+        "Default: the embedded small seeded-random Llama with the GPT-2 tokenizer, written once "
+        "to $MEGATRON_COORD_CACHE or ~/.cache/megatron_coord.",
+    )
+    parser.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=1,
+        help="ranks per model replica (contiguous ranks form a TP group); the world size must "
+        "be a multiple of it, and world / T replicas serve in data parallel (default 1)",
+    )
+    parser.add_argument(
+        "--max-batch-size", type=int, default=8, help="requests decoded together per replica"
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=None,
+        help="prompt + generated tokens per request (default: the model's max positions)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="weight and activation dtype (default float32)",
+    )
+    parser.add_argument(
+        "--deterministic-mode",
+        action="store_true",
+        help="requests without a seed sample with one derived from their prompt, so the same "
+        "prompt gives the same tokens on every run and every replica",
+    )
+
+
+def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
+    """ReplicaOptions from parsed add_replica_arguments options."""
+    return ReplicaOptions(
+        model=args.model,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_batch_size=args.max_batch_size,
+        max_seq_len=args.max_seq_len,
+        port=port,
+        deterministic_mode=args.deterministic_mode,
+        dtype=getattr(torch, args.dtype),
+    )
+
+
+def read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str]:
+    """``--prompt`` values, then the file's: a JSON list of strings, or one prompt per line."""
+    import json
+
+    out = list(prompts or [])
+    if prompts_file:
+        with open(prompts_file, encoding="utf-8") as f:
+            text = f.read()
+        if text.lstrip().startswith("["):
+            loaded = json.loads(text)
+            if not all(isinstance(p, str) for p in loaded):
+                raise ValueError(f"{prompts_file}: a JSON prompts file must be a list of strings")
+            out += loaded
+        else:
+            out += [line for line in text.splitlines() if line.strip()]
+    if not out:
+        raise ValueError("no prompts: pass --prompt TEXT and/or --prompts-file FILE")
+    return out
+
+
+async def _generate_async(
+    address: str, prompts: list[str], params: Any, progress: bool
+) -> list[dict[str, Any]]:
+    import asyncio
+
+    from tqdm import tqdm
+
+    from .client import InferenceClient
+
+    client = InferenceClient(address)
+    await client.start()
+    try:
+        futures = [client.add_request(prompt, params) for prompt in prompts]
+        with tqdm(total=len(futures), disable=not progress, unit="prompt") as bar:
+            for done in asyncio.as_completed(futures):
+                await done
+                bar.update()
+        return [future.result() for future in futures]
+    finally:
+        await client.stop_engines()
+        client.stop()
+
+
+def _completion(prompt: str, record: dict[str, Any]) -> dict[str, Any]:
+    request = record["requests"][0] if "requests" in record else record
+    out = {
+        "prompt": prompt,
+        "prompt_tokens": request["prompt_tokens"],
+        "generated_text": request.get("generated_text"),
+        "generated_tokens": request["generated_tokens"],
+        "data_parallel_rank": request.get("data_parallel_rank"),
+        "finish_reason": request.get("finish_reason"),
+    }
+    if request.get("generated_log_probs") is not None:
+        out["generated_log_probs"] = request["generated_log_probs"]
+    return out
+
+
+def run_generate(
+    options: ReplicaOptions,
+    prompts: list[str],
+    sampling_params: Any,
+    progress: bool = True,
+) -> list[dict[str, Any]] | None:
+    """Serve ``prompts`` through the coordinator; rank 0 returns completions in prompt order.
+
+    Rank 0 runs a client in a thread (the main thread runs its engine), submits every prompt,
+    gathers the results and sends STOP, which ends every rank's loop and the coordinator.
+    Other ranks return None.
+    """
+    import asyncio
+    import threading
+
+    replica = Replica(options)
+    results: dict[str, Any] = {}
+
+    def client_thread() -> None:
+        try:
+            if not replica.ready_event.wait(COORDINATOR_START_TIMEOUT_S):
+                raise RuntimeError("the coordinator never became ready")
+            records = asyncio.run(
+                _generate_async(replica.address, prompts, sampling_params, progress)
+            )
+            results["completions"] = [
+                _completion(p, r) for p, r in zip(prompts, records, strict=True)
+            ]
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            results["error"] = exc
+            replica.server.request_shutdown()
+
+    thread = None
+    if replica.is_global_rank0:
+        thread = threading.Thread(target=client_thread, name="generate-client", daemon=True)
+        thread.start()
+    replica.serve()
+    if thread is None:
+        return None
+    thread.join()
+    if "error" in results:
+        raise RuntimeError(f"generation failed: {results['error']!r}") from results["error"]
+    return results["completions"]
