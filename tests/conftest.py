@@ -21,6 +21,7 @@ class Deployment:
     address: str
     process: multiprocessing.Process
     engines: list[subprocess.Popen] = field(default_factory=list)
+    ready: Any = None  # set once every engine registered
 
     def wait_stopped(self, timeout: float = 30) -> None:
         """Wait for the coordinator and engines to exit on their own (after STOP)."""
@@ -52,16 +53,24 @@ def start_coordinator(
 
 @pytest.fixture
 def deploy() -> Iterator[Any]:
-    """Factory: deploy(n, megatron_style=False, **coordinator options) -> Deployment."""
+    """Factory: deploy(n, megatron_style=False, fake_engines=True, **options) -> Deployment.
+
+    With ``fake_engines=False`` the test registers its own engines (``Peer``s)."""
     deployments: list[Deployment] = []
 
-    def make(data_parallel_size: int = 2, megatron_style: bool = False, **kwargs: Any):
+    def make(
+        data_parallel_size: int = 2,
+        megatron_style: bool = False,
+        fake_engines: bool = True,
+        **kwargs: Any,
+    ) -> Deployment:
         address, process, ready = start_coordinator(data_parallel_size, **kwargs)
-        deployment = Deployment(address, process)
+        deployment = Deployment(address, process, ready=ready)
         deployments.append(deployment)
-        for rank in range(data_parallel_size):
-            deployment.engines.append(spawn(address, rank, megatron_style=megatron_style))
-        assert ready.wait(60), "engines did not register"
+        if fake_engines:
+            for rank in range(data_parallel_size):
+                deployment.engines.append(spawn(address, rank, megatron_style=megatron_style))
+            assert ready.wait(60), "engines did not register"
         return deployment
 
     yield make
@@ -73,3 +82,81 @@ def deploy() -> Iterator[Any]:
         if deployment.process.is_alive():
             deployment.process.kill()
         deployment.process.join()
+
+
+class Peer:
+    """A raw DEALER on loopback, for driving the coordinator frame by frame (client or engine)."""
+
+    def __init__(self, address: str, identity: bytes | None = None, timeout_ms: int = 20000):
+        import zmq
+
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
+        if identity is not None:
+            self.sock.setsockopt(zmq.IDENTITY, identity)
+        self.sock.connect(address)
+
+    def send(self, *message: Any) -> None:
+        from megatron_coord.protocol import encode
+
+        self.sock.send(encode(list(message)))
+
+    def send_raw(self, *frames: bytes) -> None:
+        self.sock.send_multipart(list(frames))
+
+    def recv(self) -> list[Any]:
+        """The next message, decoded (raises zmq.Again after the timeout: the test fails)."""
+        import msgspec
+
+        return msgspec.msgpack.decode(self.sock.recv())
+
+    def poll(self, timeout_ms: int) -> bool:
+        return bool(self.sock.poll(timeout_ms))
+
+    def connect_ours(self) -> Peer:
+        self.send(1, {"protocol": 1})
+        assert self.recv() == [2]
+        return self
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.context.term()
+
+
+class ThreadedCoordinator:
+    """A coordinator serving in a thread of the test process, so tests can inspect its state."""
+
+    def __init__(self, data_parallel_size: int, tokenizer: Any = None, **options: Any) -> None:
+        import threading
+
+        parent, child = multiprocessing.Pipe()
+        self.coordinator: DataParallelInferenceCoordinator | None = None
+        self.error: BaseException | None = None
+        self.ready = threading.Event()
+        self.thread = threading.Thread(
+            target=self._run, args=(child, data_parallel_size, tokenizer, options), daemon=True
+        )
+        self.thread.start()
+        self.address = parent.recv()
+
+    def _run(self, pipe: Any, size: int, tokenizer: Any, options: dict[str, Any]) -> None:
+        try:
+            self.coordinator = DataParallelInferenceCoordinator(
+                pipe, size, tokenizer or ByteTokenizer(), **options
+            )
+            self.ready.set()
+            self.coordinator.start()
+        except BaseException as exc:  # surfaced by join()
+            self.error = exc
+
+    def join(self, timeout: float = 30) -> DataParallelInferenceCoordinator:
+        """Wait for the serve loop to end (after STOP); re-raise anything it raised."""
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "the coordinator did not stop"
+        if self.error is not None:
+            raise self.error
+        assert self.coordinator is not None
+        self.coordinator.stop()
+        return self.coordinator

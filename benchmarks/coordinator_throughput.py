@@ -1,0 +1,341 @@
+"""Coordinator throughput and latency: megatron_coord vs Megatron-core 0.16.1 vs a libzmq proxy.
+
+Every system gets the same fake engines (separate processes that answer each drained batch of
+requests in one ENGINE_REPLY) and the same load clients (separate processes, raw DEALER
+sockets, each keeping ``--window`` requests in flight). The libzmq proxy (``zmq.proxy`` between
+a ROUTER for clients and a DEALER for engines, no Python per message) is the ceiling. A second
+measurement sends one request at a time through our InferenceClient, coordinator and an
+instant engine (and through Megatron's client and coordinator when importable).
+
+Run: ``python benchmarks/coordinator_throughput.py [--duration 5]``. Prints JSON and writes it
+to benchmarks/results/coordinator_throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+from typing import Any
+
+import msgspec
+import zmq
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
+from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, spawn  # noqa: E402
+from megatron_coord.sampling_params import SamplingParams  # noqa: E402
+
+_encode = msgspec.msgpack.Encoder().encode
+_reply_decoder = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw])
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99 in milliseconds."""
+    if not samples:
+        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan")}
+    ordered = sorted(samples)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3  # noqa: E731
+    return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
+
+
+# ---------------------------------------------------------------------- load client
+
+
+def load_client(
+    address: str,
+    handshake: bool,
+    window: int,
+    prompt_tokens: int,
+    generate_tokens: int,
+    start: Any,
+    warmup: float,
+    duration: float,
+    results: Any,
+) -> None:
+    """Keep ``window`` requests in flight; report completions and latencies inside the window."""
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    if handshake:
+        sock.send(_encode([1]))
+        sock.recv()
+    rng = random.Random(os.getpid())
+    prompt = [rng.randrange(32, 127) for _ in range(prompt_tokens)]
+    params = SamplingParams(num_tokens_to_generate=generate_tokens, top_k=1).serialize()
+    params.pop("seed")
+    params.pop("streaming_interval")  # Megatron's engines know only Megatron's fields
+    tail = _encode(prompt) + _encode(params)  # the request body, encoded once
+    sent_at: dict[int, float] = {}
+    now = time.perf_counter
+
+    def submit(request_id: int) -> None:
+        sent_at[request_id] = now()
+        sock.send(b"\x94\x03" + _encode(request_id) + tail)
+
+    start.wait()
+    begin = now() + warmup
+    end = begin + duration
+    latencies: list[float] = []
+    next_id = 0
+    for _ in range(window):
+        submit(next_id)
+        next_id += 1
+    while sent_at:
+        frames = [sock.recv()]
+        try:
+            while True:
+                frames.append(sock.recv(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        for frame in frames:
+            header, request_id, _ = _reply_decoder.decode(frame)
+            t = now()
+            started = sent_at.pop(request_id)
+            if begin <= t < end:
+                latencies.append(t - started)
+            if t < end:
+                submit(next_id)
+                next_id += 1
+    results.put(latencies)
+    sock.close()
+    context.term()
+
+
+# ---------------------------------------------------------------------- systems
+
+
+def megatron_entrypoint(*args: Any) -> None:
+    """Megatron-core 0.16.1's own coordinator (imports torch; binds its host name)."""
+    from megatron.core.inference.data_parallel_inference_coordinator import (
+        DataParallelInferenceCoordinator as MegatronCoordinator,
+    )
+
+    MegatronCoordinator.entrypoint(*args)
+
+
+def proxy_entrypoint(pipe: Any, ready: Any, engines: int, tokenizer: Any) -> None:
+    """The ceiling: zmq.proxy between clients and engines, no Python per message."""
+    context = zmq.Context()
+    frontend = context.socket(zmq.ROUTER)
+    backend = context.socket(zmq.DEALER)
+    for sock in (frontend, backend):
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+    frontend.bind_to_random_port("tcp://127.0.0.1")
+    backend.bind_to_random_port("tcp://127.0.0.1")
+    pipe.send(
+        (
+            frontend.getsockopt_string(zmq.LAST_ENDPOINT),
+            backend.getsockopt_string(zmq.LAST_ENDPOINT),
+        )
+    )
+    ready.set()
+    zmq.proxy(frontend, backend)
+
+
+def proxy_engine(address: str) -> None:
+    """A fake engine behind the proxy: same records, replies straight to each client."""
+    engine = FakeEngine.__new__(FakeEngine)
+    engine.rank, engine.megatron_style = 0, True
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.SNDHWM, 0)
+    sock.setsockopt(zmq.RCVHWM, 0)
+    sock.connect(address)
+    decode = msgspec.msgpack.Decoder().decode
+    tokenizer = ByteTokenizer()
+    while True:
+        batch = [sock.recv_multipart()]
+        try:
+            while True:
+                batch.append(sock.recv_multipart(zmq.NOBLOCK))
+        except zmq.Again:
+            pass
+        for client, payload in batch:
+            _, client_request_id, prompt, params = decode(payload)
+            record = engine.record(client_request_id, prompt, params)
+            request = record["requests"][0]
+            request["generated_text"] = tokenizer.detokenize(request["generated_tokens"])
+            sock.send_multipart([client, _encode([4, client_request_id, record])])
+
+
+def start_system(name: str, engines: int) -> tuple[str, list[Any]]:
+    """Start one system's coordinator (or proxy) and engines; returns (client address, procs)."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    ready = ctx.Event()
+    target = {
+        "megatron_coord": DataParallelInferenceCoordinator.entrypoint,
+        "megatron_core_0.16.1": megatron_entrypoint,
+        "zmq_proxy": proxy_entrypoint,
+    }[name]
+    coordinator = ctx.Process(
+        target=target, args=(child, ready, engines, ByteTokenizer()), daemon=True
+    )
+    coordinator.start()
+    address = parent.recv()
+    procs: list[Any] = [coordinator]
+    if name == "zmq_proxy":
+        address, backend = address
+        for _ in range(engines):
+            procs.append(ctx.Process(target=proxy_engine, args=(backend,), daemon=True))
+            procs[-1].start()
+    else:
+        procs += [spawn(address, rank, megatron_style=True) for rank in range(engines)]
+    if not ready.wait(120):
+        raise RuntimeError(f"{name} did not become ready")
+    return address, procs
+
+
+def stop_procs(procs: list[Any]) -> None:
+    for proc in procs:
+        if isinstance(proc, subprocess.Popen):
+            proc.kill()
+            proc.wait()
+        else:
+            proc.kill()
+            proc.join()
+
+
+def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Requests/s and latency percentiles of one system under the windowed load."""
+    address, procs = start_system(name, args.engines)
+    ctx = multiprocessing.get_context("spawn")
+    start, results = ctx.Event(), ctx.Queue()
+    clients = [
+        ctx.Process(
+            target=load_client,
+            args=(
+                address,
+                name != "zmq_proxy",
+                args.window,
+                args.prompt_tokens,
+                args.generate_tokens,
+                start,
+                args.warmup,
+                args.duration,
+                results,
+            ),
+            daemon=True,
+        )
+        for _ in range(args.clients)
+    ]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(1.0)  # let the clients import and connect before the clock starts
+        start.set()
+        latencies: list[float] = []
+        for _ in clients:
+            latencies += results.get(timeout=args.warmup + args.duration + 120)
+        for client in clients:
+            client.join(30)
+    finally:
+        stop_procs(clients + procs)
+    return {"requests_per_s": len(latencies) / args.duration, **percentiles(latencies)}
+
+
+# ---------------------------------------------------------------------- one request at a time
+
+
+async def _sequential(client: Any, params: Any, prompt: list[int], count: int) -> list[float]:
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        await client.add_request(prompt, params)
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+def measure_single(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of one request at a time through a client, the coordinator and one engine."""
+    address, procs = start_system(name, 1)
+    prompt = list(range(32, 32 + 64)) * (args.prompt_tokens // 64 + 1)
+    prompt = prompt[: args.prompt_tokens]
+    try:
+        if name == "megatron_coord":
+            from megatron_coord.client import InferenceClient
+
+            params = SamplingParams(num_tokens_to_generate=args.generate_tokens, top_k=1)
+        else:
+            from megatron.core.inference.inference_client import InferenceClient
+            from megatron.core.inference.sampling_params import SamplingParams as MegatronParams
+
+            params = MegatronParams(num_tokens_to_generate=args.generate_tokens, top_k=1)
+
+        async def run() -> list[float]:
+            client = InferenceClient(address)
+            await client.start()
+            await _sequential(client, params, prompt, args.single_warmup)
+            latencies = await _sequential(client, params, prompt, args.single_requests)
+            client.stop()
+            return latencies
+
+        latencies = asyncio.run(run())
+    finally:
+        stop_procs(procs)
+    return {"requests": len(latencies), **percentiles(latencies)}
+
+
+def megatron_available() -> bool:
+    try:
+        import megatron.core.inference.data_parallel_inference_coordinator  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per system")
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--engines", type=int, default=4)
+    parser.add_argument("--clients", type=int, default=2)
+    parser.add_argument("--window", type=int, default=64, help="requests in flight per client")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--generate-tokens", type=int, default=8)
+    parser.add_argument("--single-requests", type=int, default=2000)
+    parser.add_argument("--single-warmup", type=int, default=200)
+    parser.add_argument("--skip-megatron", action="store_true")
+    parser.add_argument("--output", default=os.path.join(RESULTS, "coordinator_throughput.json"))
+    args = parser.parse_args()
+
+    systems = ["megatron_coord", "zmq_proxy"]
+    if not args.skip_megatron and megatron_available():
+        systems.insert(1, "megatron_core_0.16.1")
+    report: dict[str, Any] = {
+        "config": {k: v for k, v in vars(args).items() if k != "output"},
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+        "throughput": {name: measure_throughput(name, args) for name in systems},
+    }
+    single = {"megatron_coord": measure_single("megatron_coord", args)}
+    if "megatron_core_0.16.1" in systems:
+        single["megatron_core_0.16.1"] = measure_single("megatron_core_0.16.1", args)
+    report["single_request_latency"] = single
+    ours = report["throughput"]["megatron_coord"]["requests_per_s"]
+    if "megatron_core_0.16.1" in report["throughput"]:
+        theirs = report["throughput"]["megatron_core_0.16.1"]["requests_per_s"]
+        report["ratio_ours_over_megatron"] = ours / theirs
+    report["ratio_ours_over_proxy"] = ours / report["throughput"]["zmq_proxy"]["requests_per_s"]
+    text = json.dumps(report, indent=2)
+    print(text)
+    os.makedirs(os.path.dirname(args.output), exist_ok=True)
+    with open(args.output, "w") as out:
+        out.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
