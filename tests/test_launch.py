@@ -1,0 +1,214 @@
+"""Real torchrun launches (gloo): greedy parity with transformers, two replicas, control
+signals, deterministic sampling across runs and replicas, clean shutdown with no orphans."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import uuid
+
+import pytest
+from test_engine import hf_greedy, make_tiny_checkpoint
+
+pytestmark = pytest.mark.torchrun
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["Hello world", "The quick brown fox", "abc", "Data parallel inference", "x y z"]
+N_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-llama-launch"))
+    make_tiny_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    from megatron_coord.tokenizer import load_tokenizer
+
+    return load_tokenizer(checkpoint)
+
+
+def _env(marker: str, tmp_path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["MEGATRON_COORD_TEST_MARKER"] = marker  # inherited by every process of the launch
+    env["MEGATRON_COORD_CACHE"] = str(tmp_path / "cache")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+        os.path.join(ROOT, "launch", script), *args,
+    ]  # fmt: skip
+
+
+def _processes_with(marker: str) -> list[int]:
+    """PIDs of live processes that inherited ``marker`` (any process of the launch)."""
+    needle = f"MEGATRON_COORD_TEST_MARKER={marker}".encode()
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle in f.read().split(b"\0"):
+                    with open(f"/proc/{entry}/stat") as s:
+                        if s.read().split()[2] != "Z":
+                            pids.append(int(entry))
+        except OSError:
+            continue
+    return pids
+
+
+def _generate(tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> list[dict]:
+    marker = uuid.uuid4().hex
+    out = tmp_path / f"out-{marker}.json"
+    cmd = _torchrun(
+        nproc, "generate.py", "--model", checkpoint, "--tensor-parallel-size", str(tp),
+        *[a for p in PROMPTS for a in ("--prompt", p)],
+        "--num-tokens-to-generate", str(N_TOKENS), "--output-json", str(out), *extra,
+    )  # fmt: skip
+    proc = subprocess.run(
+        cmd, env=_env(marker, tmp_path), capture_output=True, text=True, timeout=150
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    assert _processes_with(marker) == []
+    completions = json.loads(out.read_text())
+    assert [c["prompt"] for c in completions] == PROMPTS
+    for c in completions:
+        assert "(dp " in proc.stdout and repr(c["prompt"]) in proc.stdout
+    return completions
+
+
+def test_generate_greedy_matches_transformers_at_tp1_and_tp2(tmp_path, checkpoint, tokenizer):
+    expected = hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)
+    tp1 = _generate(tmp_path, checkpoint, 1, 1, "--top-k", "1")
+    tp2 = _generate(tmp_path, checkpoint, 4, 2, "--top-k", "1")
+    for run in (tp1, tp2):
+        for completion, prompt, tokens in zip(run, PROMPTS, expected, strict=True):
+            assert completion["prompt_tokens"] == tokenizer.tokenize(prompt)
+            assert completion["generated_tokens"] == tokens
+            assert completion["generated_text"] == tokenizer.detokenize(tokens)
+    assert {c["data_parallel_rank"] for c in tp1} == {0}
+    assert {c["data_parallel_rank"] for c in tp2} == {0, 1}
+
+
+class _Server:
+    """A serve.py launch; ``address`` is read from its first line of output."""
+
+    def __init__(self, tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> None:
+        self.marker = uuid.uuid4().hex
+        cmd = _torchrun(
+            nproc, "serve.py", "--model", checkpoint, "--tensor-parallel-size", str(tp), *extra
+        )
+        self.proc = subprocess.Popen(
+            cmd, env=_env(self.marker, tmp_path), stdout=subprocess.PIPE, text=True
+        )
+        self.address = None
+        for line in self.proc.stdout:  # blocks until rank 0 prints the address
+            if line.startswith("coordinator listening at "):
+                self.address = line.split()[-1]
+                break
+        assert self.address is not None, "serve.py exited without printing its address"
+
+    def wait(self) -> int:
+        self.proc.stdout.read()
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+async def _serve_session(address: str, tokenizer, expected_greedy) -> dict:
+    from megatron_coord.client import InferenceClient, RequestError
+
+    client = InferenceClient(address)
+    await client.start()
+    found = {}
+    greedy = {"top_k": 1, "num_tokens_to_generate": N_TOKENS}
+    prompts = [tokenizer.tokenize(p) for p in PROMPTS]
+
+    # Greedy results from both replicas are correct.
+    records = await asyncio.gather(*(client.add_request(p, greedy) for p in PROMPTS))
+    found["greedy_ranks"] = set()
+    for record, prompt, tokens in zip(records, prompts, expected_greedy, strict=True):
+        (request,) = record["requests"]
+        assert request["prompt_tokens"] == prompt and request["generated_tokens"] == tokens
+        found["greedy_ranks"].add(request["data_parallel_rank"])
+
+    # Deterministic mode: sampled (no seed) tokens are identical on both replicas.
+    sampled = {"top_k": 0, "temperature": 1.0, "num_tokens_to_generate": N_TOKENS}
+    records = await asyncio.gather(*(client.add_request(PROMPTS[0], sampled) for _ in range(6)))
+    found["sampled"] = [r["requests"][0]["generated_tokens"] for r in records]
+    found["sampled_ranks"] = {r["requests"][0]["data_parallel_rank"] for r in records}
+
+    # Streaming: the chunks are a prefix of the final tokens.
+    chunks, final = [], None
+    stream = {**greedy, "streaming_interval": 2}
+    async for item in client.add_request_streaming(PROMPTS[1], stream):
+        if "requests" in item:
+            final = item["requests"][0]["generated_tokens"]
+        else:
+            chunks += item["tokens"]
+    assert final == expected_greedy[1] and chunks and chunks == final[: len(chunks)]
+
+    # A prompt the engine cannot serve gets an error, and the engines keep serving.
+    with pytest.raises(RequestError):
+        await client.add_request([10**9], greedy)
+
+    # Pause: acknowledged by all; a request sent meanwhile waits until UNPAUSE.
+    await asyncio.wait_for(client.pause_engines(), 60)
+    waiting = client.add_request(PROMPTS[2], greedy)
+    done, _ = await asyncio.wait([waiting], timeout=1.0)
+    found["finished_while_paused"] = bool(done)
+    client.unpause_engines()
+    record = await asyncio.wait_for(waiting, 60)
+    assert record["requests"][0]["generated_tokens"] == expected_greedy[2]
+
+    await asyncio.wait_for(client.stop_engines(), 60)
+    client.stop()
+    return found
+
+
+def test_serve_two_replicas_control_and_clean_stop(tmp_path, checkpoint, tokenizer):
+    expected = hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)
+    server = _Server(tmp_path, checkpoint, 4, 2, "--deterministic-mode", "--max-batch-size", "4")
+    try:
+        found = asyncio.run(_serve_session(server.address, tokenizer, expected))
+        assert server.wait() == 0
+    finally:
+        server.kill()
+    assert _processes_with(server.marker) == []
+    assert found["greedy_ranks"] == {0, 1}
+    assert found["sampled_ranks"] == {0, 1}
+    assert all(tokens == found["sampled"][0] for tokens in found["sampled"])
+    assert found["sampled"][0] != expected[0]  # really sampled
+    assert not found["finished_while_paused"]
+
+    # Another run (generate.py) in deterministic mode samples the very same tokens.
+    rerun = _generate(
+        tmp_path, checkpoint, 4, 2, "--deterministic-mode", "--top-k", "0", "--temperature", "1.0"
+    )
+    assert rerun[0]["generated_tokens"] == found["sampled"][0]
+
+
+def test_sigterm_ends_every_process(tmp_path, checkpoint):
+    server = _Server(tmp_path, checkpoint, 2, 2)
+    try:
+        assert len(_processes_with(server.marker)) >= 4  # torchrun, 2 ranks, the coordinator
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait()
+    finally:
+        server.kill()
+    assert _processes_with(server.marker) == []
