@@ -20,7 +20,7 @@ attends causally over that slot's entries ``[0, start_positions[b] + S)``.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -199,7 +199,12 @@ class _Step:
     slots: torch.Tensor  # [B]
     kv_len: int  # keys to read from the cache: max over rows of start + S
     mask: torch.Tensor | None  # [B, 1, S, kv_len] bool, None when all rows start at 0
-    extra: dict = field(default_factory=dict)
+
+
+def _count_duplicates(values: torch.Tensor) -> torch.Tensor:
+    """How many entries of a 1-D tensor repeat an earlier one (on device: no host sync)."""
+    ordered = values.sort().values
+    return (ordered[1:] == ordered[:-1]).sum()
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
@@ -437,9 +442,10 @@ class LlamaModel(torch.nn.Module):
                 slots.max(),
                 tokens.min().to(self.device, torch.int64),
                 tokens.max().to(self.device, torch.int64),
+                _count_duplicates(slots),
             ]
         ).tolist()
-        start_min, start_max, slot_min, slot_max, tok_min, tok_max = checks
+        start_min, start_max, slot_min, slot_max, tok_min, tok_max, dups = checks
         if start_min < 0 or start_max + s > cache.max_seq_len:
             raise ValueError(
                 f"positions [{start_min}, {start_max + s}) do not fit the KV cache's "
@@ -449,6 +455,8 @@ class LlamaModel(torch.nn.Module):
             raise ValueError(
                 f"slots must lie in [0, {cache.max_batch_size}), got [{slot_min}, {slot_max}]"
             )
+        if dups:
+            raise ValueError("slots must be distinct within a call (two rows would share K/V)")
         if tok_min < 0 or tok_max >= self.config.vocab_size:
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got [{tok_min}, {tok_max}]"

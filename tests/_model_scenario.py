@@ -47,9 +47,13 @@ def save_hf_checkpoint(path: str, seed: int, tie: bool, max_shard_size: str | No
 
 
 def scenario_tokens(seed: int = 1234) -> torch.Tensor:
-    return torch.randint(
+    """Random ids, plus both edges of each TP=2 vocabulary half (0, 50 | 51, 100)."""
+    tokens = torch.randint(
         0, SMALL["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed)
     )
+    tokens[0, :4] = torch.tensor([0, 50, 51, SMALL["vocab_size"] - 1])
+    tokens[2, 1] = 51  # row 2's prompt (2 tokens) straddles the split too
+    return tokens
 
 
 def run_scenario(model, tokens: torch.Tensor) -> dict[str, tuple[torch.Tensor, list]]:

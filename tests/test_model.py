@@ -94,6 +94,7 @@ def _bad_call(model, cache, **override):
         ({"start_positions": torch.zeros(3, dtype=torch.long)}, "shape"),
         ({"slots": torch.tensor([0, 2])}, "slots must lie"),
         ({"slots": torch.tensor([-1, 0])}, "slots must lie"),
+        ({"slots": torch.tensor([1, 1])}, "distinct"),
         ({"start_positions": torch.tensor([0, 6])}, "max_seq_len"),
         ({"start_positions": torch.tensor([-1, 0])}, "max_seq_len"),
         ({"tokens": torch.full((2, 3), SMALL["vocab_size"])}, "token ids"),
