@@ -377,7 +377,7 @@ async def _serve(
     start = time.monotonic()
     state.acquire(endpoint)
     if body.stream:
-        return await _serve_stream(state, endpoint, body, choices, fmt, start)
+        return await _serve_stream(state, request, endpoint, body, choices, fmt, start)
     try:
         results = await _run_unary(state, request, choices, body.stop)
     except GenerationError as exc:
@@ -542,6 +542,7 @@ class _StreamRun:
 
 async def _serve_stream(
     state: _ServerState,
+    request: Request,
     endpoint: str,
     body: oa._SamplingFields,
     choices: list[_Choice],
@@ -553,10 +554,13 @@ async def _serve_stream(
     run = _StreamRun(state, endpoint, choices, body.stop, start)
     run.begin()
     try:
-        first = await run.next_event()
+        first = await _first_event(run, request)
     except asyncio.TimeoutError:
         await run.close("timeout")
         raise _timeout_error() from None
+    except _Disconnected:
+        await run.close("aborted")
+        return Response(status_code=499)
     except BaseException:
         await run.close("aborted")
         raise
@@ -570,6 +574,21 @@ async def _serve_stream(
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         background=BackgroundTask(run.close),
     )
+
+
+async def _first_event(run: _StreamRun, request: Request) -> _Event:
+    """The stream's first event, or _Disconnected if the client leaves before it comes."""
+    first = asyncio.ensure_future(run.next_event())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({first, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if first.done():
+            return first.result()
+        raise _Disconnected
+    finally:
+        first.cancel()
+        watcher.cancel()
+        await asyncio.gather(first, watcher, return_exceptions=True)
 
 
 def _sse_data(payload: Any) -> str:

@@ -27,7 +27,8 @@ OUTCOMES = (
     "overloaded",  # 429: the coordinator or this server refused for load
     "no_replica",  # 503: no live engine to serve it
     "aborted",  # the HTTP client went away before the answer was complete
-    "error",  # 500: anything else (engine failure, timeout, bug)
+    "timeout",  # 504: not answered within the server's request timeout (aborted)
+    "error",  # 500: anything else (engine failure, bug)
 )
 
 # Latencies on 2 CPU cores run from ~1 ms (fake engine) to tens of seconds (long generations).
