@@ -1,20 +1,25 @@
 """Serve a model with N data-parallel replicas of T tensor-parallel ranks until a client STOPs.
 
     torchrun --nproc-per-node N launch/serve.py [--model DIR] --tensor-parallel-size T \
-        [--port 5555] [--deterministic-mode]
+        [--port 5555] [--deterministic-mode] [--http-port 8000]
 
 Global rank 0 spawns the coordinator on 127.0.0.1:PORT (a random free port if PORT is taken or
 not given) and prints its address; clients (megatron_coord.InferenceClient, or Megatron-core's)
 connect there. Every rank serves until a client sends STOP (``await client.stop_engines()``),
-or until Ctrl-C / SIGTERM; the coordinator process ends with the launch.
+or until Ctrl-C / SIGTERM; the coordinator process ends with the launch. With --http-port,
+global rank 0 also serves the OpenAI-compatible HTTP API (megatron_coord.http_server).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from megatron_coord.launch import Replica, add_replica_arguments, options_from_args
+
+if TYPE_CHECKING:
+    from megatron_coord.http_server import HTTPServerThread
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,7 +31,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--address-file", help="also write the coordinator's address to this file (rank 0)"
     )
+    parser.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, "
+        "/v1/models, /health, /metrics) on this port from global rank 0; 0 picks a free port "
+        "(printed). Default: no HTTP",
+    )
+    parser.add_argument(
+        "--http-host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)"
+    )
+    parser.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the model id HTTP clients send (default: the checkpoint directory's name, or "
+        "'megatron_coord-default' for the embedded model)",
+    )
     return parser.parse_args(argv)
+
+
+def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerThread:
+    """Rank 0: the HTTP front end on a thread; it connects once every engine has registered."""
+    import os
+
+    from megatron_coord.http_server import HTTPServerThread
+    from megatron_coord.launch import COORDINATOR_START_TIMEOUT_S
+    from megatron_coord.tokenizer import load_tokenizer
+
+    name = args.served_model_name or (
+        os.path.basename(os.path.normpath(args.model)) if args.model else "megatron_coord-default"
+    )
+    http = HTTPServerThread(
+        replica.address,
+        tokenizer=load_tokenizer(replica.model_path),
+        model_name=name,
+        host=args.http_host,
+        port=args.http_port,
+        connect_timeout_s=COORDINATOR_START_TIMEOUT_S,
+    ).start(wait=False)
+    print(f"OpenAI-compatible API at {http.url}/v1 (model {name!r})", flush=True)
+    return http
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +85,13 @@ def main(argv: list[str] | None = None) -> int:
             import os
 
             os.replace(args.address_file + ".tmp", args.address_file)
-    replica.serve()
+    serve_http = replica.is_global_rank0 and args.http_port is not None
+    http = start_http(replica, args) if serve_http else None
+    try:
+        replica.serve()
+    finally:
+        if http is not None:
+            http.stop()
     return 0
 
 

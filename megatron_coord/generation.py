@@ -57,14 +57,19 @@ class CoordinatorBackend:
     generated text: OpenAI's answers never contain the end-of-text marker.
     """
 
-    def __init__(self, address: str, eod_text: str | None = None) -> None:
+    def __init__(
+        self, address: str, eod_text: str | None = None, connect_timeout_s: float = 30.0
+    ) -> None:
         self.address = address
         self.eod_text = eod_text or None
+        self.connect_timeout_s = connect_timeout_s
         self.client: InferenceClient | None = None
 
     async def start(self) -> None:
-        self.client = InferenceClient(self.address)
-        await self.client.start()
+        """Connect (the coordinator answers CONNECT once every engine has registered)."""
+        client = InferenceClient(self.address, connect_timeout=self.connect_timeout_s)
+        await client.start()
+        self.client = client
 
     def stop(self) -> None:
         if self.client is not None:

@@ -113,19 +113,15 @@ class _ServerState:
         self.tokenizer = tokenizer
         self.opts = opts
         self.metrics = metrics
-        self.backend = CoordinatorBackend(address, eod_text=_eod_text(tokenizer))
+        self.backend = CoordinatorBackend(
+            address, eod_text=_eod_text(tokenizer), connect_timeout_s=opts.connect_timeout_s
+        )
         self.stats = CoordinatorStats(address)
         self.running = 0
         self.created = oa.now()
 
     async def start(self) -> None:
-        try:
-            await asyncio.wait_for(self.backend.start(), self.opts.connect_timeout_s)
-        except asyncio.TimeoutError:
-            raise RuntimeError(
-                f"the coordinator at {self.address} did not answer CONNECT within "
-                f"{self.opts.connect_timeout_s} s"
-            ) from None
+        await self.backend.start()  # raises TimeoutError after connect_timeout_s
 
     async def stop(self) -> None:
         self.backend.stop()
@@ -794,9 +790,17 @@ class HTTPServerThread:
             self.server.run(sockets=[self.socket])
         except BaseException as exc:  # reported by start()
             self.error = exc
+            log.error("the HTTP server stopped: %r", exc)
 
-    def start(self, timeout_s: float = 60.0) -> HTTPServerThread:
+    def start(self, timeout_s: float = 60.0, wait: bool = True) -> HTTPServerThread:
+        """Start serving; with ``wait`` (default) return once it accepts connections.
+
+        ``wait=False`` suits a launch whose engines register only after this returns: the
+        server connects to the coordinator in the background (``connect_timeout_s``).
+        """
         self.thread.start()
+        if not wait:
+            return self
         deadline = time.monotonic() + timeout_s
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:

@@ -1,0 +1,151 @@
+"""``launch/serve.py --http-port``: the HTTP front end over a real torchrun launch (gloo, two
+replicas of a tiny seeded Llama), checked against transformers' own greedy generation."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+from test_engine import EOS, hf_greedy, make_tiny_checkpoint
+
+pytestmark = pytest.mark.torchrun
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["Hello world", "The quick brown fox"]
+N_TOKENS = 8
+MODEL = "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-llama-http"))
+    make_tiny_checkpoint(path)
+    return path
+
+
+class Launch:
+    """``torchrun --nproc-per-node 2 launch/serve.py --http-port 0`` with its output in a file."""
+
+    def __init__(self, tmp_path, checkpoint: str) -> None:
+        self.log = tmp_path / "serve.log"
+        env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_COORD_CACHE=str(tmp_path / "c"))
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+            "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+            os.path.join(ROOT, "launch", "serve.py"), "--model", checkpoint,
+            "--http-port", "0", "--served-model-name", MODEL,
+        ]  # fmt: skip
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
+        self.url = self._wait_for("OpenAI-compatible API at ").split()[0].removesuffix("/v1")
+        self.address = self._wait_for("coordinator listening at ").split()[0]
+
+    def _wait_for(self, prefix: str, timeout: float = 120.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in self.log.read_text().splitlines():
+                if line.startswith(prefix):
+                    return line[len(prefix) :]
+            assert self.proc.poll() is None, self.log.read_text()
+            time.sleep(0.05)
+        raise AssertionError(f"no {prefix!r} line:\n{self.log.read_text()}")
+
+    def wait_healthy(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log.read_text()
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError("the HTTP server never became healthy")
+
+    def stop(self) -> int:
+        from megatron_coord.client import InferenceClient
+
+        async def stop_engines() -> None:
+            client = InferenceClient(self.address)
+            await client.start()
+            await asyncio.wait_for(client.stop_engines(), 60)
+            client.stop()
+
+        asyncio.run(stop_engines())
+        return self.proc.wait(60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def test_serve_http_port_over_real_engines(tmp_path, checkpoint) -> None:
+    from megatron_coord.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    expected = hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)
+    launch = Launch(tmp_path, checkpoint)
+    try:
+        launch.wait_healthy()
+        client = openai.OpenAI(base_url=f"{launch.url}/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list()] == [MODEL]
+
+        # Greedy (temperature 0) completions equal transformers' greedy tokens; the batch of two
+        # prompts is spread over both replicas by round robin.
+        r = client.completions.create(
+            model=MODEL, prompt=PROMPTS, max_tokens=N_TOKENS, temperature=0
+        )
+        for choice, tokens in zip(r.choices, expected, strict=True):
+            stopped = tokens[-1] == EOS
+            assert choice.text == tokenizer.detokenize(tokens[:-1] if stopped else tokens)
+            assert choice.finish_reason == ("stop" if stopped else "length")
+        assert r.usage.completion_tokens == sum(len(t) for t in expected)
+        assert r.usage.prompt_tokens == sum(len(tokenizer.tokenize(p)) for p in PROMPTS)
+
+        # Streaming gives the same text as the unary answer, in more than one piece.
+        chunks = list(
+            client.completions.create(
+                model=MODEL, prompt=PROMPTS[1], max_tokens=N_TOKENS, temperature=0, stream=True
+            )
+        )
+        pieces = [c.choices[0].text for c in chunks]
+        assert "".join(pieces) == r.choices[1].text
+        assert len([p for p in pieces if p]) > 1
+
+        # Chat: the default template (the GPT-2 tokenizer has none), streamed and unary agree.
+        messages = [{"role": "user", "content": "Say something"}]
+        unary = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, temperature=0
+        )
+        streamed = client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=6, temperature=0, stream=True
+        )
+        text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
+        assert text == unary.choices[0].message.content
+        assert unary.usage.completion_tokens > 0
+
+        # A token id outside the vocabulary: the engine refuses it, the client gets a 400.
+        with pytest.raises(openai.BadRequestError):
+            client.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
+
+        families = {
+            s.name: s
+            for f in text_string_to_metric_families(httpx.get(f"{launch.url}/metrics").text)
+            for s in f.samples
+            if s.name in ("megatron_coord_replicas_alive", "megatron_coord_coordinator_up")
+        }
+        assert families["megatron_coord_replicas_alive"].value == 2
+        assert families["megatron_coord_coordinator_up"].value == 1
+
+        # STOP through the coordinator ends the launch cleanly, HTTP thread included.
+        assert launch.stop() == 0
+    finally:
+        launch.kill()
