@@ -197,14 +197,15 @@ class _Step:
     sin: torch.Tensor
     positions: torch.Tensor  # [B, S]
     slots: torch.Tensor  # [B]
+    first_slot: int | None  # rows use slots first_slot.. in order: read the cache as a view
     kv_len: int  # keys to read from the cache: max over rows of start + S
     mask: torch.Tensor | None  # [B, 1, S, kv_len] bool, None when all rows start at 0
 
 
-def _count_duplicates(values: torch.Tensor) -> torch.Tensor:
-    """How many entries of a 1-D tensor repeat an earlier one (on device: no host sync)."""
-    ordered = values.sort().values
-    return (ordered[1:] == ordered[:-1]).sum()
+def _slot_checks(slots: torch.Tensor) -> list[torch.Tensor]:
+    """[repeated entries, 1 if strictly ascending] of a 1-D tensor, computed on its device."""
+    ordered = slots.sort().values
+    return [(ordered[1:] == ordered[:-1]).sum(), (slots[1:] > slots[:-1]).all().long()]
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
@@ -256,6 +257,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
+def _read_cache(cache: torch.Tensor, step: _Step) -> torch.Tensor:
+    """The rows' K or V history [B, kv, kv_len, hd]: a view when slots are in order."""
+    if step.first_slot is not None:
+        return cache[step.first_slot : step.first_slot + len(step.slots), :, : step.kv_len]
+    return cache[:, :, : step.kv_len].index_select(0, step.slots)
+
+
 class Attention(torch.nn.Module):
     """Grouped-query attention over this rank's heads, with the slot-indexed KV cache."""
 
@@ -276,11 +284,10 @@ class Attention(torch.nn.Module):
     ) -> torch.Tensor:
         b, s, _ = x.shape
         hd = self.head_dim
-        qkv = F.linear(x, self.qkv_proj)
-        q, k, v = qkv.split([self.heads * hd, self.kv_heads * hd, self.kv_heads * hd], dim=-1)
-        q = _rotate(q.view(b, s, self.heads, hd), step.cos, step.sin)
-        k = _rotate(k.view(b, s, self.kv_heads, hd), step.cos, step.sin)
-        v = v.view(b, s, self.kv_heads, hd)
+        qkv = F.linear(x, self.qkv_proj).view(b, s, self.heads + 2 * self.kv_heads, hd)
+        qk = _rotate(qkv[:, :, : self.heads + self.kv_heads], step.cos, step.sin)
+        q, k = qk.split([self.heads, self.kv_heads], dim=2)
+        v = qkv[:, :, self.heads + self.kv_heads :]
         # Advanced indices on dims 0 and 2 around a slice put (B, S) first: [B, S, kv, hd].
         slot_index = step.slots[:, None]
         k_cache[slot_index, :, step.positions] = k
@@ -292,8 +299,7 @@ class Attention(torch.nn.Module):
                 q, keys, values, is_causal=s > 1, enable_gqa=self.heads != self.kv_heads
             )
         else:
-            keys = k_cache[step.slots, :, : step.kv_len]
-            values = v_cache[step.slots, :, : step.kv_len]
+            keys, values = _read_cache(k_cache, step), _read_cache(v_cache, step)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=step.mask, enable_gqa=self.heads != self.kv_heads
             )
@@ -442,10 +448,10 @@ class LlamaModel(torch.nn.Module):
                 slots.max(),
                 tokens.min().to(self.device, torch.int64),
                 tokens.max().to(self.device, torch.int64),
-                _count_duplicates(slots),
+                *_slot_checks(slots),
             ]
         ).tolist()
-        start_min, start_max, slot_min, slot_max, tok_min, tok_max, dups = checks
+        start_min, start_max, slot_min, slot_max, tok_min, tok_max, dups, ascending = checks
         if start_min < 0 or start_max + s > cache.max_seq_len:
             raise ValueError(
                 f"positions [{start_min}, {start_max + s}) do not fit the KV cache's "
@@ -470,7 +476,16 @@ class LlamaModel(torch.nn.Module):
         if start_max > 0:
             keys = torch.arange(kv_len, device=self.device)
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        return _Step(cos=cos, sin=sin, positions=positions, slots=slots, kv_len=kv_len, mask=mask)
+        contiguous = ascending and slot_max - slot_min + 1 == b
+        return _Step(
+            cos=cos,
+            sin=sin,
+            positions=positions,
+            slots=slots,
+            first_slot=slot_min if contiguous else None,
+            kv_len=kv_len,
+            mask=mask,
+        )
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """Vocab-parallel lookup: rows outside this rank's range read zero; all-reduce sums."""

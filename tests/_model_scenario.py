@@ -70,10 +70,12 @@ def run_scenario(model, tokens: torch.Tensor) -> dict[str, tuple[torch.Tensor, l
         [(b, p) for b in range(BATCH) for p in range(SEQ)],
     )
 
-    # Chunked prefill of equal-length rows: the second chunk starts at CHUNK > 0.
+    # Chunked prefill of equal-length rows: the second chunk starts at CHUNK > 0. Slots 1..3
+    # in order, so the model reads the cache through a view rather than a gather.
     cache = model.allocate_kv_cache(4, 32)
-    model(tokens[:, :CHUNK], zeros, slots, cache)
-    logits = model(tokens[:, CHUNK:], zeros + CHUNK, slots, cache, all_logits=True)
+    in_order = torch.tensor([1, 2, 3])
+    model(tokens[:, :CHUNK], zeros, in_order, cache)
+    logits = model(tokens[:, CHUNK:], zeros + CHUNK, in_order, cache, all_logits=True)
     out["chunked"] = (
         logits.reshape(-1, logits.shape[-1]),
         [(b, p) for b in range(BATCH) for p in range(CHUNK, SEQ)],
