@@ -378,38 +378,42 @@ def test_overload_429_queue_depth_and_disconnect_abort() -> None:
         thread.join(30)
         assert held["r"].choices[0].text == echo("held", 3)
 
-        # A streaming client that disconnects before its first token: the request is aborted
-        # on the engine (the paused fake engine drops it) and counted as aborted.
+        # Clients that disconnect before their answer (streaming, then unary): each request is
+        # aborted on the engine (the paused fake engine drops it) and counted as aborted.
         s.control("pause")
-        with socket.create_connection(("127.0.0.1", s.server.port)) as raw:
-            body = json.dumps(
-                {"model": MODEL, "prompt": "bye", "max_tokens": 3, "stream": True}
-            ).encode()
-            raw.sendall(
-                b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + f"Content-Length: {len(body)}\r\n\r\n".encode()
-                + body
+        for expected_aborts, stream in ((1, True), (2, False)):
+            with socket.create_connection(("127.0.0.1", s.server.port)) as raw:
+                body = json.dumps(
+                    {"model": MODEL, "prompt": "bye", "max_tokens": 3, "stream": stream}
+                ).encode()
+                raw.sendall(
+                    b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n"
+                    b"Content-Type: application/json\r\n"
+                    + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                    + body
+                )
+                wait_until(
+                    lambda: (
+                        sample(s.metrics(), "megatron_coord_coordinator_requests_in_flight") == 1
+                    ),
+                    "the request to reach the coordinator",
+                )
+            wait_until(
+                lambda n=expected_aborts: (
+                    sample(
+                        s.metrics(),
+                        "megatron_coord_requests_total",
+                        endpoint="completions",
+                        outcome="aborted",
+                    )
+                    == n
+                ),
+                "the disconnect to be counted",
             )
             wait_until(
-                lambda: sample(s.metrics(), "megatron_coord_coordinator_requests_in_flight") == 1,
-                "the request to reach the coordinator",
+                lambda: sample(s.metrics(), "megatron_coord_coordinator_requests_in_flight") == 0,
+                "the engine to drop the aborted request",
             )
-        wait_until(
-            lambda: (
-                sample(
-                    s.metrics(),
-                    "megatron_coord_requests_total",
-                    endpoint="completions",
-                    outcome="aborted",
-                )
-                == 1
-            ),
-            "the disconnect to be counted",
-        )
-        wait_until(
-            lambda: sample(s.metrics(), "megatron_coord_coordinator_requests_in_flight") == 0,
-            "the engine to drop the aborted request",
-        )
         assert sample(s.metrics(), "megatron_coord_http_requests_running") == 0
         s.control("unpause")
         r = s.openai.completions.create(model=MODEL, prompt="after", max_tokens=2)
