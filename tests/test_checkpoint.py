@@ -222,3 +222,14 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         default_checkpoint_dir()
     assert os.listdir(tmp_path) == []
+
+
+def test_bfloat16_checkpoint_loads_into_float32(tmp_path):
+    path = str(tmp_path / "bf16")
+    hf = save_hf_checkpoint(path, seed=5, tie=True)
+    hf.to(torch.bfloat16).save_pretrained(path, safe_serialization=True)
+    model = load_model(path, _tp_state(2, 0))
+    assert model.embed_tokens.dtype == torch.float32
+    emb = hf.model.embed_tokens.weight.detach()
+    assert torch.equal(model.embed_tokens[:51], emb[:51].float())
+    assert model.lm_head is model.embed_tokens
