@@ -90,8 +90,7 @@ class Peer:
     def __init__(self, address: str, identity: bytes | None = None, timeout_ms: int = 20000):
         import zmq
 
-        self.context = zmq.Context()
-        self.sock = self.context.socket(zmq.DEALER)
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.RCVTIMEO, timeout_ms)
         if identity is not None:
@@ -122,7 +121,6 @@ class Peer:
 
     def close(self) -> None:
         self.sock.close(0)
-        self.context.term()
 
 
 class ThreadedCoordinator:
