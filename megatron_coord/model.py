@@ -128,10 +128,14 @@ class ModelConfig:
 def _rope_theta(d: dict[str, Any]) -> float:
     """Read rope_theta; only plain RoPE (no scaling) is implemented, so refuse the others."""
     scaling = d.get("rope_scaling")
-    if scaling is not None and scaling.get("rope_type", scaling.get("type")) != "default":
+    if scaling is not None and (
+        not isinstance(scaling, dict) or scaling.get("rope_type", scaling.get("type")) != "default"
+    ):
         raise ValueError(f"unsupported rope_scaling {scaling!r}: only None is supported")
     params = d.get("rope_parameters")
     if params is not None:
+        if not isinstance(params, dict):
+            raise ValueError(f"rope_parameters must be a dict, got {params!r}")
         rope_type = params.get("rope_type", "default")
         if rope_type != "default":
             raise ValueError(f"unsupported RoPE type {rope_type!r}: only 'default' is supported")

@@ -154,6 +154,8 @@ def test_tp_sizes_that_do_not_divide_are_refused(changes, tp, message):
     [
         ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_scaling"),
         ({"rope_parameters": {"rope_type": "linear", "factor": 2.0}}, "RoPE type"),
+        ({"rope_scaling": "yarn"}, "rope_scaling"),
+        ({"rope_parameters": 3.0}, "rope_parameters"),
         ({"hidden_act": "gelu"}, "hidden_act"),
         ({"attention_bias": True}, "attention_bias"),
         ({"model_type": "mistral"}, "model_type"),
