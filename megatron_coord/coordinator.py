@@ -228,6 +228,7 @@ class DataParallelInferenceCoordinator:
         self._stop_acks: set[bytes] = set()
         self._early_frames: list[list[bytes]] = []
         self._running = False
+        self._stopping = False  # STOP was relayed: engines accept nothing but STOP_ACK now
 
         logger.info("coordinator at %s: waiting for %d engine(s)", self.addr, data_parallel_size)
         self._register_engines(registration_timeout)
@@ -484,6 +485,7 @@ class DataParallelInferenceCoordinator:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
             logger.info("peer %r is gone; dropped a message for it", identity)
+            self.clients.pop(identity, None)
             return False
 
     def _speaks_ours(self, identity: bytes) -> bool:
@@ -555,6 +557,8 @@ class DataParallelInferenceCoordinator:
             _, client_request_id, prompt_raw, sampling_raw = _submit_decoder.decode(payload)
         except msgspec.MsgspecError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad SUBMIT_REQUEST: {exc}") from None
+        if self._stopping:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the engines are stopping")
         key = (client, client_request_id)
         if key in self._inflight:
             raise ProtocolError(
@@ -634,7 +638,11 @@ class DataParallelInferenceCoordinator:
             self._send_error(ended[0], ended[1], code, text)
 
     def _on_control(self, header: Headers) -> None:
-        """Relay PAUSE/UNPAUSE/SUSPEND/RESUME/STOP to every engine."""
+        """Relay PAUSE/UNPAUSE/SUSPEND/RESUME/STOP to every engine (nothing after a STOP:
+        Megatron's engines assert that only STOP_ACK follows it)."""
+        if self._stopping:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the engines are stopping")
+        self._stopping = header == Headers.STOP
         message = _HEADER_ONLY[header]
         for engine in self.identities_of_data_parallel_ranks:
             self._send(engine, message)
@@ -684,8 +692,7 @@ class DataParallelInferenceCoordinator:
             return
         message = _HEADER_ONLY[header]
         for client in list(self.clients):
-            if not self._send(client, message):
-                del self.clients[client]
+            self._send(client, message)
         for identity in self.identities_of_data_parallel_ranks:
             self._send(identity, message)
         if header == Headers.STOP_ACK:
@@ -699,7 +706,9 @@ class DataParallelInferenceCoordinator:
                 requests = record["requests"]
                 request_id = requests[0]["request_id"]
             except (KeyError, IndexError, TypeError):
-                logger.warning("engine %r sent a record without requests[0].request_id", engine)
+                logger.warning(
+                    "engine %r: a record without requests[0].request_id", engine.identity
+                )
                 continue
             if self._request_engine.get(request_id) != engine.identity:
                 logger.warning(
@@ -773,7 +782,9 @@ class DataParallelInferenceCoordinator:
     def _on_engine_error(self, engine: _Engine, payload: bytes) -> None:
         _, request_id, code, text = self._decode(_engine_error_decoder, payload)
         if self._request_engine.get(request_id) != engine.identity:
-            logger.warning("engine %r: ERROR for request %r it does not hold", engine, request_id)
+            logger.warning(
+                "engine %r: ERROR for request %r it does not hold", engine.identity, request_id
+            )
             return
         try:
             error_code = ErrorCode(code)

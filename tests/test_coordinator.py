@@ -175,6 +175,11 @@ def test_pause_ack_only_after_every_engine_and_stop_ends_the_loop():
     client.send(10)
     for engine in engines:
         assert engine.recv() == [10]
+    # After STOP, engines (Megatron's assert this) must see nothing but STOP_ACK.
+    client.send(3, 1, "late", {})
+    assert client.recv()[:3] == [100, 1, "shutting_down"]
+    client.send(5)
+    assert client.recv()[:3] == [100, None, "shutting_down"]
     engines[1].send(11)
     assert not client.poll(300), "STOP_ACK sent before every engine acked"
     engines[0].send(11)
