@@ -1,0 +1,269 @@
+"""HTTP front end throughput and latency over fake engines: what the OpenAI layer costs.
+
+A coordinator and ``--replicas`` instant fake engines run as separate processes, the HTTP server
+runs as its own process (``python -m megatron_coord.http_server``), and load comes from
+``--clients`` load processes, each keeping ``--window`` keep-alive HTTP/1.1 connections busy
+with ``POST /v1/completions`` (a minimal raw-socket client, so the load generator costs little
+next to the server). For reference the same load goes straight through ``InferenceClient`` (no
+HTTP) in one process. Then one request at a time measures unary latency and streaming
+time-to-first-token (through httpx).
+
+Run: ``python benchmarks/http_throughput.py [--duration 5]``. Prints JSON and writes it to
+benchmarks/results/http_throughput.json. On a shared 2-core machine every process competes for
+the same cores: read the numbers as relative, not as the server's ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODEL = "bench"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    """p50/p90/p99 in milliseconds."""
+    if not samples:
+        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan")}
+    ordered = sorted(samples)
+
+    def pick(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
+
+    return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
+
+
+def request_bytes(prompt_tokens: int, max_tokens: int) -> bytes:
+    body = json.dumps(
+        {"model": MODEL, "prompt": list(range(1, prompt_tokens + 1)), "max_tokens": max_tokens}
+    ).encode()
+    head = (
+        "POST /v1/completions HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+async def one_connection(
+    port: int, payload: bytes, stop_at: float, latencies: list[float], errors: list[int]
+) -> None:
+    """Send requests back to back on one keep-alive connection until ``stop_at``."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            writer.write(payload)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            if status == 200:
+                latencies.append(time.perf_counter() - start)
+            else:
+                errors.append(status)
+    finally:
+        writer.close()
+
+
+def load_process(
+    port: int, window: int, prompt_tokens: int, max_tokens: int, duration: float, out: Any
+) -> None:
+    """One load process: ``window`` connections for ``duration`` seconds; sends its latencies."""
+
+    async def run() -> tuple[list[float], list[int]]:
+        latencies: list[float] = []
+        errors: list[int] = []
+        stop_at = time.perf_counter() + duration
+        payload = request_bytes(prompt_tokens, max_tokens)
+        await asyncio.gather(
+            *(one_connection(port, payload, stop_at, latencies, errors) for _ in range(window))
+        )
+        return latencies, errors
+
+    out.send(asyncio.run(run()))
+    out.close()
+
+
+def http_load(args: argparse.Namespace, port: int) -> dict[str, Any]:
+    ctx = multiprocessing.get_context("spawn")
+    pipes, procs = [], []
+    for _ in range(args.clients):
+        parent, child = ctx.Pipe(duplex=False)
+        proc = ctx.Process(
+            target=load_process,
+            args=(port, args.window, args.prompt_tokens, args.max_tokens, args.duration, child),
+        )
+        proc.start()
+        child.close()
+        pipes.append(parent)
+        procs.append(proc)
+    latencies: list[float] = []
+    errors: list[int] = []
+    for pipe in pipes:
+        got_latencies, got_errors = pipe.recv()
+        latencies += got_latencies
+        errors += got_errors
+    for proc in procs:
+        proc.join()
+    return {
+        "requests_per_s": round(len(latencies) / args.duration, 1),
+        "requests": len(latencies),
+        "errors": len(errors),
+        **percentiles(latencies),
+    }
+
+
+async def direct_load(args: argparse.Namespace, address: str) -> dict[str, Any]:
+    """The same load through InferenceClient, no HTTP: the floor the HTTP layer adds to."""
+    from megatron_coord.client import InferenceClient
+    from megatron_coord.sampling_params import SamplingParams
+
+    client = InferenceClient(address)
+    await client.start()
+    params = SamplingParams(num_tokens_to_generate=args.max_tokens)
+    prompt = list(range(1, args.prompt_tokens + 1))
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + args.duration
+
+    async def worker() -> None:
+        while time.perf_counter() < stop_at:
+            start = time.perf_counter()
+            await client.add_request(prompt, params)
+            latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(worker() for _ in range(args.window * args.clients)))
+    client.stop()
+    return {
+        "requests_per_s": round(len(latencies) / args.duration, 1),
+        "requests": len(latencies),
+        **percentiles(latencies),
+    }
+
+
+def single_request_latency(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One request at a time: unary latency, and time to the first streamed chunk."""
+    import httpx
+
+    body = {"model": MODEL, "prompt": "hello there", "max_tokens": args.max_tokens}
+    unary, ttft = [], []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for _ in range(args.single_requests):
+            start = time.perf_counter()
+            http.post("/v1/completions", json=body).raise_for_status()
+            unary.append(time.perf_counter() - start)
+        for _ in range(args.single_requests):
+            start = time.perf_counter()
+            first = None
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                for line in r.iter_lines():
+                    if first is None and line.startswith("data: {"):
+                        first = time.perf_counter() - start
+            ttft.append(first)
+    return {"unary": percentiles(unary), "stream_ttft": percentiles(ttft)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, server: subprocess.Popen) -> None:
+    import httpx
+
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError("the HTTP server exited")
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("the HTTP server did not become healthy")
+
+
+def start_coordinator(replicas: int) -> tuple[str, multiprocessing.Process]:
+    from megatron_coord.coordinator import DataParallelInferenceCoordinator
+    from megatron_coord.fake_engine import ByteTokenizer
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    ready = ctx.Event()
+    process = ctx.Process(
+        target=DataParallelInferenceCoordinator.entrypoint,
+        args=(child, ready, replicas, ByteTokenizer()),
+        daemon=True,
+    )
+    process.start()
+    child.close()
+    return parent.recv(), process, ready
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load phase")
+    parser.add_argument("--replicas", type=int, default=2, help="fake engines")
+    parser.add_argument("--clients", type=int, default=1, help="load processes")
+    parser.add_argument("--window", type=int, default=32, help="connections per load process")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--single-requests", type=int, default=200)
+    parser.add_argument("--no-write", action="store_true", help="do not write results/")
+    args = parser.parse_args()
+
+    from megatron_coord.fake_engine import spawn
+
+    address, coordinator, ready = start_coordinator(args.replicas)
+    engines = [spawn(address, rank) for rank in range(args.replicas)]
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "megatron_coord.http_server", "--coordinator-address", address]
+        + ["--port", str(port), "--model-name", MODEL, "--log-level", "error"]
+    )
+    try:
+        ready.wait(60)
+        wait_healthy(url, server)
+        result = {
+            "benchmark": "http_throughput",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "config": {k: v for k, v in vars(args).items() if k != "no_write"},
+            "http_completions": http_load(args, port),
+            "direct_inference_client": asyncio.run(direct_load(args, address)),
+            "single_request": single_request_latency(url, args),
+        }
+    finally:
+        server.terminate()
+        server.wait(30)
+        for engine in engines:
+            engine.kill()
+            engine.wait()
+        coordinator.kill()
+        coordinator.join()
+    text = json.dumps(result, indent=2)
+    print(text)
+    if not args.no_write:
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, "http_throughput.json"), "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
