@@ -233,3 +233,34 @@ def test_error_codes_map_to_http_statuses(code: str, status: int, outcome: str) 
     assert (error.status, seen) == (status, outcome)
     body = error.body()["error"]
     assert body["message"] == "why" and body["code"] == code
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def test_accepted_connections_get_tcp_nodelay() -> None:
+    """Without TCP_NODELAY each keep-alive response waits on Nagle + delayed ACK (~40 ms)."""
+    import asyncio
+    import socket
+
+    from megatron_coord.http_server import bind_socket
+
+    async def accepted_nodelay() -> int:
+        listener = bind_socket("127.0.0.1", 0)
+        seen: asyncio.Future = asyncio.get_running_loop().create_future()
+
+        class Probe(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        server = await asyncio.get_running_loop().create_server(Probe, sock=listener)
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.getsockname()[1])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
