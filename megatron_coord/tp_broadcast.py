@@ -117,7 +117,7 @@ def unpack(buffer: torch.Tensor) -> StepInputs:
     """Inverse of pack; raises ValueError on a corrupt buffer."""
     signals, ids, tokens, params = _C.unpack_step(buffer)
     requests = []
-    for rid, toks, values in zip(ids, tokens, params):
+    for rid, toks, values in zip(ids, tokens, params, strict=True):
         sampling, seed = decode_params(values)
         requests.append(NewRequest(rid, toks, sampling, seed))
     return StepInputs(signals, requests)
@@ -132,7 +132,15 @@ class TPBroadcaster:
         self.enabled = state.tensor_parallel_size > 1
         # NCCL moves only CUDA tensors; gloo moves CPU ones.
         self.device = state.device if state.backend == "nccl" else torch.device("cpu")
-        self.head = torch.zeros(head_words, dtype=torch.int64, device=self.device)
+        # A CPU staging head, written and read through numpy (cheaper than tensor indexing);
+        # on NCCL it is copied to/from a device head for the collective.
+        self.stage = torch.zeros(head_words, dtype=torch.int64)
+        if self.device.type == "cuda":
+            self.stage = self.stage.pin_memory()
+            self.head = torch.zeros(head_words, dtype=torch.int64, device=self.device)
+        else:
+            self.head = self.stage
+        self.stage_np = self.stage.numpy()
 
     def _broadcast(self, tensor: torch.Tensor) -> None:
         dist.broadcast(tensor, src=self.state.tp_src_rank, group=self.state.tp_group)
@@ -152,12 +160,13 @@ class TPBroadcaster:
 
     def _send(self, inputs: StepInputs) -> StepInputs:
         buffer = pack(inputs)
-        n = buffer.numel()
+        words = buffer.numpy()
+        n = len(words)
         fits = min(n, self.head_words - 1)
-        head = torch.zeros(self.head_words, dtype=torch.int64)
-        head[0] = n
-        head[1 : 1 + fits] = buffer[:fits]
-        self.head.copy_(head)
+        self.stage_np[0] = n
+        self.stage_np[1 : 1 + fits] = words[:fits]
+        if self.head is not self.stage:
+            self.head.copy_(self.stage, non_blocking=True)
         self._broadcast(self.head)
         if n > fits:
             self._broadcast(buffer[fits:].to(self.device))
@@ -165,12 +174,13 @@ class TPBroadcaster:
 
     def _receive(self) -> StepInputs:
         self._broadcast(self.head)
-        head = self.head.cpu()
-        n = int(head[0])
-        if n < 0 or n > (1 << 40):
+        if self.head is not self.stage:
+            self.stage.copy_(self.head)
+        n = int(self.stage_np[0])
+        if n < 2 or n > (1 << 40):
             raise ValueError(f"TP broadcast: bad buffer length {n}")
         fits = min(n, self.head_words - 1)
-        buffer = head[1 : 1 + fits]
+        buffer = self.stage[1 : 1 + fits].clone()
         if n > fits:
             rest = torch.empty(n - fits, dtype=torch.int64, device=self.device)
             self._broadcast(rest)

@@ -1,0 +1,156 @@
+"""End-to-end tokens/s through coordinator + engine vs the same engine stepped in process.
+
+    python benchmarks/engine_overhead.py [--requests 32] [--prompt-len 32] [--tokens 64]
+        [--max-batch-size 8] [--threads 1] [--repeat 2] [--model DIR]
+
+Both sides run the identical workload (token-id prompts, greedy, no early stop) on the same
+model (default: the embedded default Llama) with the same number of torch threads:
+
+* in process: InferenceEngine.step() in a loop until every request finished;
+* end to end: ``torchrun --nproc-per-node 1 launch/serve.py`` (coordinator process + engine
+  server), driven by an InferenceClient that submits every request at once and waits for all
+  results. Startup is excluded: the clock starts after the client connected.
+
+Overhead = 1 - e2e_tokens_per_s / in_process_tokens_per_s (target: <= 10%). Prints JSON and
+writes benchmarks/results/engine_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+
+def workload(args) -> tuple[list[list[int]], dict]:
+    rng = random.Random(0)
+    prompts = [[rng.randrange(50000) for _ in range(args.prompt_len)] for _ in range(args.requests)]
+    params = {"top_k": 1, "num_tokens_to_generate": args.tokens, "termination_id": -1}
+    return prompts, params
+
+
+def in_process(args, model_path: str) -> dict:
+    import torch
+
+    from megatron_coord.checkpoint import load_model
+    from megatron_coord.engine import InferenceEngine
+    from megatron_coord.parallel_state import single_process_state
+    from megatron_coord.sampling_params import SamplingParams
+    from megatron_coord.tp_broadcast import NewRequest
+
+    torch.set_num_threads(args.threads)
+    model = load_model(model_path, single_process_state())
+    prompts, params = workload(args)
+    best = None
+    for _ in range(args.repeat):
+        engine = InferenceEngine(model, max_batch_size=args.max_batch_size)
+        start = time.perf_counter()
+        for i, prompt in enumerate(prompts):
+            engine.add_request(NewRequest(i, prompt, SamplingParams(**params), 0))
+        tokens = steps = 0
+        while engine.has_work:
+            result = engine.step()
+            steps += 1
+            tokens += sum(len(r["requests"][0]["generated_tokens"]) for r in result.finished)
+        elapsed = time.perf_counter() - start
+        run = {
+            "tokens": tokens,
+            "seconds": elapsed,
+            "steps": steps,
+            "tokens_per_s": tokens / elapsed,
+        }
+        best = run if best is None or run["tokens_per_s"] > best["tokens_per_s"] else best
+    return best
+
+
+async def _drive(address: str, args, stop: bool) -> dict:
+    from megatron_coord.client import InferenceClient
+
+    prompts, params = workload(args)
+    client = InferenceClient(address)
+    await client.start()
+    start = time.perf_counter()
+    records = await asyncio.gather(*(client.add_request(p, params) for p in prompts))
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(r["requests"][0]["generated_tokens"]) for r in records)
+    if stop:
+        await client.stop_engines()
+    client.stop()
+    return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+def end_to_end(args) -> dict:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+        os.path.join(ROOT, "launch", "serve.py"), "--max-batch-size", str(args.max_batch_size),
+    ]  # fmt: skip
+    if args.model:
+        cmd += ["--model", args.model]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        address = None
+        for line in proc.stdout:
+            if line.startswith("coordinator listening at "):
+                address = line.split()[-1]
+                break
+        if address is None:
+            raise RuntimeError("serve.py did not start")
+        runs = [
+            asyncio.run(_drive(address, args, stop=i == args.repeat - 1))
+            for i in range(args.repeat)
+        ]
+        proc.stdout.read()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return max(runs, key=lambda r: r["tokens_per_s"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--max-batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--model", default=None)
+    args = parser.parse_args()
+    from megatron_coord.checkpoint import default_checkpoint_dir
+
+    model_path = args.model or default_checkpoint_dir()
+    local = in_process(args, model_path)
+    e2e = end_to_end(args)
+    assert local["tokens"] == e2e["tokens"] == args.requests * args.tokens
+    out = {
+        "benchmark": "engine_overhead",
+        "workload": {
+            k: getattr(args, k)
+            for k in ("requests", "prompt_len", "tokens", "max_batch_size", "threads", "repeat")
+        },
+        "model": model_path,
+        "in_process": local,
+        "end_to_end": e2e,
+        "overhead": 1 - e2e["tokens_per_s"] / local["tokens_per_s"],
+    }
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", "engine_overhead.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
