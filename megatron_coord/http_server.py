@@ -896,18 +896,19 @@ def load_cli_tokenizer(spec: str | None) -> Any | None:
 def main(argv: list[str] | None = None) -> None:
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
-    serve_http(
-        args.coordinator_address,
-        tokenizer=load_cli_tokenizer(args.tokenizer),
-        model_name=args.model_name,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        max_concurrent_requests=args.max_concurrent_requests,
-        request_timeout_s=args.request_timeout or None,
-        default_chat_max_tokens=args.default_chat_max_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-    )
+    with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after shutting down
+        serve_http(
+            args.coordinator_address,
+            tokenizer=load_cli_tokenizer(args.tokenizer),
+            model_name=args.model_name,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            max_concurrent_requests=args.max_concurrent_requests,
+            request_timeout_s=args.request_timeout or None,
+            default_chat_max_tokens=args.default_chat_max_tokens,
+            max_tokens_limit=args.max_tokens_limit,
+        )
 
 
 if __name__ == "__main__":

@@ -136,10 +136,12 @@ class CompletionRequest(_SamplingFields):
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: one entry per prompt of a batch."""
         p = self.prompt
+        # Pydantic already checked that ``p`` is one of the four shapes, so the first element
+        # tells which (no need to walk a long token list again).
         if isinstance(p, str):
             prompts: list[str | list[int]] = [p]
-        elif p and all(isinstance(x, int) for x in p):
-            prompts = [list(p)]
+        elif p and isinstance(p[0], int):
+            prompts = [p]
         else:
             prompts = list(p)
         if not prompts:
