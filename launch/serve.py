@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from megatron_coord.launch import Replica, add_replica_arguments, options_from_args
 
 if TYPE_CHECKING:
-    from megatron_coord.http_server import HTTPServerThread
+    from megatron_coord.http_server import HTTPServerProcess
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -51,25 +51,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerThread:
-    """Rank 0: the HTTP front end on a thread; it connects once every engine has registered."""
+def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
+    """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
+    rank's engine loop); it connects once every engine has registered."""
     import os
 
-    from megatron_coord.http_server import HTTPServerThread
+    from megatron_coord.http_server import HTTPServerProcess
     from megatron_coord.launch import COORDINATOR_START_TIMEOUT_S
-    from megatron_coord.tokenizer import load_tokenizer
 
     name = args.served_model_name or (
         os.path.basename(os.path.normpath(args.model)) if args.model else "megatron_coord-default"
     )
-    http = HTTPServerThread(
+    http = HTTPServerProcess(
         replica.address,
-        tokenizer=load_tokenizer(replica.model_path),
+        tokenizer=replica.model_path,
         model_name=name,
         host=args.http_host,
         port=args.http_port,
         connect_timeout_s=COORDINATOR_START_TIMEOUT_S,
-    ).start(wait=False)
+    ).start()
     print(f"OpenAI-compatible API at {http.url}/v1 (model {name!r})", flush=True)
     return http
 

@@ -21,6 +21,9 @@ import asyncio
 import contextlib
 import json
 import logging
+import multiprocessing
+import os
+import signal
 import socket
 import threading
 import time
@@ -824,6 +827,118 @@ class HTTPServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class HTTPServerProcess:
+    """The HTTP server in a spawned process of its own.
+
+    For ``launch/serve.py``: global rank 0 also runs an engine loop, and an HTTP server on a
+    thread there would take the GIL from it under load. In its own process it costs the engine
+    nothing. The child binds first and reports its port (so ``port=0`` works), then connects to
+    the coordinator in the background; it dies with its parent (Linux parent-death signal).
+    ``tokenizer`` is a checkpoint directory or "gpt2" (the child loads it), or None.
+    """
+
+    def __init__(
+        self,
+        coordinator_address: str,
+        tokenizer: str | None = None,
+        model_name: str = DEFAULT_MODEL_NAME,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(ServerOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown HTTP server options: {sorted(unknown)}")
+        self.host = host
+        self.port = port
+        self._args = (coordinator_address, tokenizer, model_name, host, port, log_level, options)
+        self.process: multiprocessing.process.BaseProcess | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> HTTPServerProcess:
+        """Spawn the server; return once it is bound and its tokenizer loaded (its port known),
+        before it has connected to the coordinator."""
+        ctx = multiprocessing.get_context("spawn")
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_server_process_main,
+            args=(child_end, os.getpid(), *self._args),
+            name="megatron-coord-http",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()
+        try:
+            if not parent_end.poll(timeout_s):
+                raise RuntimeError("the HTTP server process did not report its port in time")
+            reply = parent_end.recv()
+        except (EOFError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"the HTTP server process failed to start: {exc}") from None
+        finally:
+            parent_end.close()
+        if isinstance(reply, str):
+            self.stop()
+            raise RuntimeError(f"the HTTP server process failed to start: {reply}")
+        self.port = reply
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL after ``timeout_s``."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _server_process_main(
+    conn: Any,
+    parent_pid: int,
+    coordinator_address: str,
+    tokenizer: str | None,
+    model_name: str,
+    host: str,
+    port: int,
+    log_level: str,
+    options: dict[str, Any],
+) -> None:
+    """Target of HTTPServerProcess: bind, load the tokenizer, report the port (or the error),
+    serve."""
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level.upper())
+    try:
+        sock = bind_socket(host, port)
+        app = create_app(coordinator_address, load_cli_tokenizer(tokenizer), model_name, **options)
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    conn.send(sock.getsockname()[1])
+    conn.close()
+    with contextlib.suppress(KeyboardInterrupt):
+        _uvicorn_server(app, log_level).run(sockets=[sock])
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGTERM this process when its parent dies (no orphan servers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
 
 
 # --------------------------------------------------------------------------- command line

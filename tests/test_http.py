@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -509,3 +510,22 @@ def test_help_explains_every_option() -> None:
         "--log-level",
     ):
         assert option in out
+
+
+def test_server_process(stack: Stack) -> None:
+    """HTTPServerProcess (what launch/serve.py uses): serves, stops, and reports bad setups."""
+    from megatron_coord.http_server import HTTPServerProcess
+
+    with pytest.raises(RuntimeError, match="failed to start"):
+        HTTPServerProcess(stack.address, tokenizer=str(os.devnull) + "/nothing").start()
+    server = HTTPServerProcess(stack.address, model_name="proc-model").start()
+    try:
+        assert server.port != 0
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        wait_until(lambda: httpx.get(f"{server.url}/health").status_code == 200, "health")
+        r = client.completions.create(model="proc-model", prompt="proc", max_tokens=6)
+        assert r.choices[0].text == echo("proc", 6)
+        process = server.process
+    finally:
+        server.stop()
+    assert process.exitcode is not None  # stopped, not left running

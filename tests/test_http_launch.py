@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import openai
@@ -35,7 +36,13 @@ class Launch:
 
     def __init__(self, tmp_path, checkpoint: str) -> None:
         self.log = tmp_path / "serve.log"
-        env = dict(os.environ, OMP_NUM_THREADS="1", MEGATRON_COORD_CACHE=str(tmp_path / "c"))
+        self.marker = uuid.uuid4().hex  # inherited by every process of the launch
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            MEGATRON_COORD_CACHE=str(tmp_path / "c"),
+            MEGATRON_COORD_TEST_MARKER=self.marker,
+        )
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
             "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
@@ -80,6 +87,22 @@ class Launch:
 
         asyncio.run(stop_engines())
         return self.proc.wait(60)
+
+    def processes(self) -> list[int]:
+        """Live processes of this launch (torchrun, ranks, coordinator, HTTP server)."""
+        needle = f"MEGATRON_COORD_TEST_MARKER={self.marker}".encode()
+        found = []
+        for entry in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    if needle not in f.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{entry}/stat") as f:
+                    if f.read().split()[2] != "Z":
+                        found.append(int(entry))
+            except OSError:
+                continue
+        return found
 
     def kill(self) -> None:
         if self.proc.poll() is None:
@@ -145,7 +168,10 @@ def test_serve_http_port_over_real_engines(tmp_path, checkpoint) -> None:
         assert families["megatron_coord_replicas_alive"].value == 2
         assert families["megatron_coord_coordinator_up"].value == 1
 
-        # STOP through the coordinator ends the launch cleanly, HTTP thread included.
+        # torchrun, two ranks, the coordinator and the HTTP server process.
+        assert len(launch.processes()) >= 5
+        # STOP through the coordinator ends the launch cleanly, HTTP server included.
         assert launch.stop() == 0
+        assert launch.processes() == []
     finally:
         launch.kill()
