@@ -242,7 +242,7 @@ class InferenceEngine:
         if all_logits:
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             chosen = lp.gather(2, prompts[:, 1:, None])[..., 0]
-            for running, row in zip(batch, chosen.tolist()):
+            for running, row in zip(batch, chosen.tolist(), strict=True):
                 running.prompt_log_probs = row
             logits = logits[:, -1]
         self._take_tokens(batch, logits)
@@ -251,7 +251,7 @@ class InferenceEngine:
         tokens, log_probs = sample(
             logits, [r.sampler for r in batch], [r.log_probs is not None for r in batch]
         )
-        for running, token, log_prob in zip(batch, tokens, log_probs):
+        for running, token, log_prob in zip(batch, tokens, log_probs, strict=True):
             running.generated.append(token)
             if running.log_probs is not None:
                 running.log_probs.append(log_prob)

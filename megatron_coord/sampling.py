@@ -105,7 +105,7 @@ def sample(
     greedy_rows = [i for i, s in enumerate(states) if s.greedy]
     if greedy_rows:
         picked = torch.argmax(logits[greedy_rows], dim=-1).tolist()
-        for row, token in zip(greedy_rows, picked):
+        for row, token in zip(greedy_rows, picked, strict=True):
             tokens[row] = token
     for i, state in enumerate(states):
         if not state.greedy:
@@ -116,6 +116,6 @@ def sample(
         lp = torch.log_softmax(logits[rows], dim=-1)
         chosen = torch.tensor([tokens[i] for i in rows], device=lp.device)
         values = lp.gather(1, chosen[:, None])[:, 0].tolist()
-        for row, value in zip(rows, values):
+        for row, value in zip(rows, values, strict=True):
             log_probs[row] = value
     return tokens, log_probs

@@ -25,7 +25,7 @@ def _double(word: int) -> float:
 def reference_pack(signals, request_ids, tokens, params) -> list[int]:
     """Pure-Python layout: [n_sig, sig..., n_req, (id, n_tok, n_par, tok..., par...)...]."""
     words = [len(signals), *signals, len(request_ids)]
-    for rid, toks, pars in zip(request_ids, tokens, params):
+    for rid, toks, pars in zip(request_ids, tokens, params, strict=True):
         words += [rid, len(toks), len(pars), *toks, *(_bits(p) for p in pars)]
     return words
 

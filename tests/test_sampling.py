@@ -68,7 +68,7 @@ def test_sampling_frequencies_follow_the_distribution():
     for _ in range(3000):
         counts[sample(torch.log(probs)[None], [state], [False])[0][0]] += 1
     freq = [c / 3000 for c in counts]
-    assert all(abs(f - p) < 0.05 for f, p in zip(freq, probs.tolist()))
+    assert all(abs(f - p) < 0.05 for f, p in zip(freq, probs.tolist(), strict=True))
 
 
 def test_log_probs_are_of_the_raw_distribution():
