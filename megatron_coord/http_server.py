@@ -505,18 +505,14 @@ class _StreamRun:
             self.ttft_seen = True
             self.state.metrics.observe_ttft(self.endpoint, time.monotonic() - self.start)
 
-    def all_done(self) -> bool:
-        return len(self.results) == len(self.choices)
-
     async def next_event(self) -> _Event:
         """The next event; raises asyncio.TimeoutError past the request's deadline."""
         if self.deadline is None:
             return await self.queue.get()
         return await asyncio.wait_for(self.queue.get(), max(0.0, self.deadline - time.monotonic()))
 
-    async def close(self, outcome: str | None = None) -> None:
-        """Stop everything; count ``outcome`` (None: success if every choice finished, else
-        aborted)."""
+    async def close(self, outcome: str = "aborted") -> None:
+        """Stop everything and count ``outcome`` ("success": the whole stream was sent)."""
         if self.closed:
             return
         self.closed = True
@@ -525,14 +521,14 @@ class _StreamRun:
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.state.release()
         metrics = self.state.metrics
-        if outcome is None and self.all_done():
+        if outcome == "success":
             results = [self.results[c.index] for c in self.choices]
             prompt_tokens, completion_tokens = _token_totals(self.choices, results)
             metrics.observe_success(
                 self.endpoint, time.monotonic() - self.start, prompt_tokens, completion_tokens
             )
         else:
-            metrics.observe_outcome(self.endpoint, outcome or "aborted")
+            metrics.observe_outcome(self.endpoint, outcome)
 
     def usage(self) -> dict[str, int]:
         results = [self.results[c.index] for c in self.choices]
@@ -598,7 +594,8 @@ async def _sse(
     run: _StreamRun, first: _Event, fmt: _Format, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape: chunks, an optional usage chunk, ``[DONE]``."""
-    outcome: str | None = "aborted"
+    outcome = "aborted"  # unless we get to the end: the client went away
+    unfinished = len(run.choices)  # counted here: the tasks may all be done long before
     try:
         for chunk in fmt.opening_chunks([c.index for c in run.choices], include_usage):
             yield _sse_data(chunk)
@@ -609,7 +606,8 @@ async def _sse(
             elif event.kind == "done":
                 reason = event.result.finish_reason
                 yield _sse_data(fmt.finish_chunk(event.index, reason, include_usage))
-                if run.all_done():
+                unfinished -= 1
+                if unfinished == 0:
                     break
             else:
                 error, outcome = _openai_error(event.error)
@@ -626,7 +624,7 @@ async def _sse(
         if include_usage:
             yield _sse_data(fmt.usage_chunk(run.usage()))
         yield "data: [DONE]\n\n"
-        outcome = None
+        outcome = "success"
     finally:
         await run.close(outcome)
 

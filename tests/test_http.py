@@ -161,6 +161,29 @@ def test_streaming_completion_matches_unary(stack: Stack) -> None:
     assert len({c.id for c in chunks}) == 1
 
 
+def test_streaming_several_choices(stack: Stack) -> None:
+    chunks = list(
+        stack.openai.completions.create(
+            model=MODEL,
+            prompt=["ab", "xyz"],
+            n=2,
+            max_tokens=5,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    texts: dict[int, str] = {}
+    finishes: dict[int, list] = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk.choices
+        texts[choice.index] = texts.get(choice.index, "") + choice.text
+        finishes.setdefault(choice.index, []).append(choice.finish_reason)
+    assert texts == {0: echo("ab", 5), 1: echo("ab", 5), 2: echo("xyz", 5), 3: echo("xyz", 5)}
+    for reasons in finishes.values():  # exactly one finish per choice, and it comes last
+        assert reasons[-1] == "length" and reasons.count("length") == 1
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (5, 20)
+
+
 def test_streaming_stop_string_across_chunks(stack: Stack) -> None:
     # Tokens are single bytes, so "wor" arrives in three chunks and must still be caught, and
     # the held-back "w" of a near-miss must still be sent.
