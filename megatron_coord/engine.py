@@ -94,6 +94,7 @@ class InferenceEngine:
         self.active: dict[int, RunningRequest] = {}
         self._known: set[int] = set()
         self._done: list[dict[str, Any]] = []  # finished outside a step (aborts, zero budgets)
+        self.suspended = False
 
     # ----------------------------------------------------------------- admission
     def check_request(self, prompt_tokens: Any, max_new_tokens: int = 1) -> str | None:
@@ -156,6 +157,29 @@ class InferenceEngine:
         self._finish(running, "abort", self._done)
         return True
 
+    # ----------------------------------------------------------------- suspend
+    def suspend(self) -> None:
+        """Release accelerator memory: the KV cache moves to host memory (on CUDA only).
+
+        Requests keep their slots, so RESUME continues them where they stopped.
+        """
+        if self.device.type != "cuda" or self.suspended:
+            self.suspended = True
+            return
+        cache = self.kv_cache
+        cache.k = [t.to("cpu") for t in cache.k]
+        cache.v = [t.to("cpu") for t in cache.v]
+        torch.cuda.empty_cache()
+        self.suspended = True
+
+    def resume(self) -> None:
+        """Bring the KV cache back to the device after suspend()."""
+        if self.suspended and self.device.type == "cuda":
+            cache = self.kv_cache
+            cache.k = [t.to(self.device) for t in cache.k]
+            cache.v = [t.to(self.device) for t in cache.v]
+        self.suspended = False
+
     # ----------------------------------------------------------------- state
     @property
     def has_work(self) -> bool:
@@ -200,6 +224,8 @@ class InferenceEngine:
     # ----------------------------------------------------------------- stepping
     def step(self) -> StepResult:
         """Decode one token for each running request and prefill newly admitted ones."""
+        if self.suspended:
+            raise RuntimeError("the engine is suspended; resume() it first")
         result = StepResult(finished=self._done)
         self._done = []
         decoding = list(self.active.values())

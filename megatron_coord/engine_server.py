@@ -144,6 +144,10 @@ class EngineServer:
         halted = self.paused or self.suspended or self.stop_received
         return self.engine.has_work and not halted
 
+    def poll_timeout_ms(self) -> int:
+        """0 (drain without blocking) while there is work, else block up to the idle timeout."""
+        return 0 if (self.runnable or self.shutdown_requested) else self.idle_timeout_ms
+
     def run(self) -> None:
         """Serve until STOP_ACK (after STOP) or a shutdown request; collective over the group."""
         while not self.done:
@@ -164,8 +168,7 @@ class EngineServer:
 
     def _collect(self) -> StepInputs:
         inputs = StepInputs()
-        timeout = 0 if (self.runnable or self.shutdown_requested) else self.idle_timeout_ms
-        events = dict(self.poller.poll(timeout))
+        events = dict(self.poller.poll(self.poll_timeout_ms()))
         if self._wake_r is not None and self._wake_r in events:
             try:
                 while self._wake_r.recv(64):
@@ -258,8 +261,10 @@ class EngineServer:
             self.paused = False
         elif sig == Headers.SUSPEND:
             self.suspended = True
+            self.engine.suspend()
         elif sig == Headers.RESUME:
             self.suspended = False
+            self.engine.resume()
         elif sig == Headers.STOP:
             self.stop_received = True
             if self.socket is not None:

@@ -1,0 +1,210 @@
+"""The replica loop against a real ROUTER socket (TP=1, in process): registration, replies,
+bad input, PAUSE/UNPAUSE, SUSPEND/RESUME, ABORT, streaming, STOP and shutdown."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zmq
+from test_engine import hf_greedy, make_tiny_checkpoint
+
+from megatron_coord.checkpoint import load_model
+from megatron_coord.engine import InferenceEngine
+from megatron_coord.engine_server import EngineServer
+from megatron_coord.parallel_state import single_process_state
+from megatron_coord.protocol import Headers, decode, encode
+
+GREEDY = {"top_k": 1, "num_tokens_to_generate": 6}
+PROMPT = [10, 20, 30]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-llama-server"))
+    make_tiny_checkpoint(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint) -> list[int]:
+    return hf_greedy(checkpoint, [PROMPT], GREEDY["num_tokens_to_generate"])[0]
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return load_model(checkpoint, single_process_state())
+
+
+class Harness:
+    """A ROUTER standing in for the coordinator, and an EngineServer looping in a thread."""
+
+    def __init__(self, model) -> None:
+        self.context = zmq.Context()
+        self.router = self.context.socket(zmq.ROUTER)
+        port = self.router.bind_to_random_port("tcp://127.0.0.1")
+        engine = InferenceEngine(model, max_batch_size=2, max_seq_len=64)
+        self.server = EngineServer(
+            engine, single_process_state(), f"tcp://127.0.0.1:{port}", idle_timeout_s=0.05
+        )
+        self.identity, first = self.recv()
+        assert first == [Headers.REGISTER, {"data_parallel_rank": 0, "protocol": 1}]
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+
+    def send(self, message) -> None:
+        self.router.send_multipart([self.identity, encode(message)])
+
+    def recv(self, timeout_s: float = 30.0):
+        if not self.router.poll(int(timeout_s * 1000)):
+            raise TimeoutError("no message from the engine")
+        identity, frame = self.router.recv_multipart()
+        return identity, decode(frame)
+
+    def message(self, timeout_s: float = 30.0):
+        return self.recv(timeout_s)[1]
+
+    def quiet_for(self, timeout_s: float) -> bool:
+        return not self.router.poll(int(timeout_s * 1000))
+
+    def close(self) -> None:
+        self.server.request_shutdown()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        self.server.close()
+        self.router.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def harness(model):
+    h = Harness(model)
+    yield h
+    h.close()
+
+
+def _record(message) -> dict:
+    assert message[0] == Headers.ENGINE_REPLY
+    (record,) = message[1]
+    (request,) = record["requests"]
+    return request
+
+
+def test_serves_a_request(harness, expected):
+    assert harness.identity == b"mp-coord-0"
+    harness.send([Headers.SUBMIT_REQUEST, 7, PROMPT, GREEDY])
+    request = _record(harness.message())
+    assert request["request_id"] == 7 and request["generated_tokens"] == expected
+    assert request["status"] == "COMPLETED" and request["data_parallel_rank"] == 0
+
+
+def test_bad_input_gets_errors_and_never_stops_the_engine(harness, expected):
+    harness.router.send_multipart([harness.identity, b"\xc1 not msgpack"])
+    harness.send([999])  # unknown header: logged, ignored
+    cases = {
+        1: [Headers.SUBMIT_REQUEST, 1, PROMPT, {"top_k": "one"}],
+        2: [Headers.SUBMIT_REQUEST, 2, "text prompt", GREEDY],
+        3: [Headers.SUBMIT_REQUEST, 3, list(range(64)), GREEDY],
+        4: [Headers.SUBMIT_REQUEST, 4, [50257], GREEDY],
+        5: [Headers.SUBMIT_REQUEST, 5, PROMPT],
+        6: [Headers.SUBMIT_REQUEST, 6, PROMPT, {"no_such_param": 1}],
+    }
+    for message in cases.values():
+        harness.send(message)
+    errors = {}
+    for _ in cases:
+        message = harness.message()
+        assert message[0] == Headers.ERROR
+        errors[message[1]] = message[2]
+    assert errors == {
+        1: "invalid_request",
+        2: "invalid_request",
+        3: "invalid_request",
+        4: "invalid_request",
+        5: "malformed",
+        6: "invalid_request",
+    }
+    harness.send([Headers.SUBMIT_REQUEST, 8, PROMPT, GREEDY])
+    assert _record(harness.message())["generated_tokens"] == expected
+
+
+def test_duplicate_request_id_is_refused(harness):
+    long = {"top_k": 1, "num_tokens_to_generate": 40}
+    harness.send([Headers.SUBMIT_REQUEST, 9, PROMPT, long])
+    harness.send([Headers.SUBMIT_REQUEST, 9, PROMPT, long])
+    first = harness.message()
+    assert first[:3] == [Headers.ERROR, 9, "invalid_request"] and "already" in first[3]
+    assert len(_record(harness.message())["generated_tokens"]) == 40
+
+
+def test_pause_holds_requests_until_unpause(harness, expected):
+    harness.send([Headers.PAUSE])
+    assert harness.message() == [Headers.PAUSE_ACK]
+    harness.send([Headers.PAUSE_ACK])  # the coordinator's "all engines paused"
+    harness.send([Headers.SUBMIT_REQUEST, 11, PROMPT, GREEDY])
+    assert harness.quiet_for(0.5)  # paused: the request waits
+    assert harness.server.paused and harness.server.engine.num_requests == 1
+    harness.send([Headers.UNPAUSE])
+    assert _record(harness.message())["generated_tokens"] == expected
+
+
+def test_suspend_and_resume(harness, expected):
+    harness.send([Headers.PAUSE])
+    assert harness.message() == [Headers.PAUSE_ACK]
+    harness.send([Headers.SUSPEND])
+    harness.send([Headers.SUBMIT_REQUEST, 12, PROMPT, GREEDY])
+    assert harness.quiet_for(0.3)
+    assert harness.server.suspended and harness.server.engine.suspended
+    harness.send([Headers.RESUME])
+    harness.send([Headers.UNPAUSE])
+    assert _record(harness.message())["generated_tokens"] == expected
+    assert not harness.server.engine.suspended
+
+
+def test_streaming_and_abort(harness):
+    params = {"top_k": 1, "num_tokens_to_generate": 60, "streaming_interval": 1}
+    harness.send([Headers.SUBMIT_REQUEST, 13, PROMPT, params])
+    first = harness.message()
+    assert first[0] == Headers.PARTIAL_REPLY and first[1][0][0] == 13
+    streamed = list(first[1][0][1])
+    harness.send([Headers.ABORT, 13])
+    while True:
+        message = harness.message()
+        if message[0] == Headers.PARTIAL_REPLY:
+            streamed += message[1][0][1]
+            continue
+        request = _record(message)
+        break
+    assert request["status"] == "ABORTED" and request["finish_reason"] == "abort"
+    assert 1 <= len(request["generated_tokens"]) < 60
+    assert request["generated_tokens"][: len(streamed)] == streamed
+    assert harness.server.engine.free_slots and not harness.server.engine.has_work
+
+
+def test_stop_round_trip_ends_the_loop(model):
+    h = Harness(model)
+    h.send([Headers.STOP])
+    assert h.message() == [Headers.STOP_ACK]
+    assert h.thread.is_alive()  # waits for the coordinator's STOP_ACK
+    h.send([Headers.STOP_ACK])
+    h.thread.join(30)
+    assert not h.thread.is_alive() and h.server.done
+    h.close()
+
+
+def test_poll_timeout_blocks_only_when_idle(model):
+    from megatron_coord.sampling_params import SamplingParams
+    from megatron_coord.tp_broadcast import NewRequest
+
+    engine = InferenceEngine(model, max_batch_size=1, max_seq_len=16)
+    server = EngineServer(engine, single_process_state(), "tcp://127.0.0.1:9", idle_timeout_s=0.25)
+    try:
+        assert server.poll_timeout_ms() == 250  # idle: block on the socket
+        engine.add_request(NewRequest(1, PROMPT, SamplingParams(**GREEDY), 0))
+        assert server.poll_timeout_ms() == 0  # work: drain without blocking
+        server.paused = True
+        assert server.poll_timeout_ms() == 250  # work waits, but the replica is paused
+        server.request_shutdown()
+        assert server.poll_timeout_ms() == 0
+    finally:
+        server.close()
