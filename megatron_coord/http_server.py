@@ -21,17 +21,11 @@ import asyncio
 import contextlib
 import json
 import logging
-import multiprocessing
-import os
-import signal
-import socket
-import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -47,6 +41,19 @@ from .openai_protocol import OpenAIError
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
+
+# Ways to run the app (uvicorn on this thread, a background thread, or a process) live in
+# http_runner; they are re-exported here, where users look for them.
+_RUNNERS = {"serve_http", "HTTPServerThread", "HTTPServerProcess", "bind_socket"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _RUNNERS:
+        from . import http_runner
+
+        return getattr(http_runner, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 DEFAULT_MODEL_NAME = "megatron_coord"
 
@@ -257,7 +264,9 @@ def _install_routes(app: FastAPI, state: _ServerState) -> None:
             _check_request(state, body)
             body.check_supported()
             choices = _choices(state, body, body.prompts(), body.max_tokens)
-        return await _serve(state, request, endpoint, body, choices, _CompletionFormat(state, body))
+        return await _serve(
+            state, request, endpoint, body, choices, oa.CompletionFormat(state.opts.model_name)
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
@@ -271,7 +280,9 @@ def _install_routes(app: FastAPI, state: _ServerState) -> None:
                 raise OpenAIError(400, str(exc), param="messages") from None
             max_new = body.max_new_tokens(state.opts.default_chat_max_tokens)
             choices = _choices(state, body, [prompt], max_new)
-        return await _serve(state, request, endpoint, body, choices, _ChatFormat(state, body))
+        return await _serve(
+            state, request, endpoint, body, choices, oa.ChatFormat(state.opts.model_name)
+        )
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -371,7 +382,7 @@ async def _serve(
     endpoint: str,
     body: oa._SamplingFields,
     choices: list[_Choice],
-    fmt: _Format,
+    fmt: oa.ResponseFormat,
 ) -> Response:
     start = time.monotonic()
     state.acquire(endpoint)
@@ -541,7 +552,7 @@ async def _serve_stream(
     endpoint: str,
     body: oa._SamplingFields,
     choices: list[_Choice],
-    fmt: _Format,
+    fmt: oa.ResponseFormat,
     start: float,
 ) -> Response:
     """Start the choices and wait for the first event, so a request the coordinator refuses
@@ -591,7 +602,7 @@ def _sse_data(payload: Any) -> str:
 
 
 async def _sse(
-    run: _StreamRun, first: _Event, fmt: _Format, include_usage: bool
+    run: _StreamRun, first: _Event, fmt: oa.ResponseFormat, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape: chunks, an optional usage chunk, ``[DONE]``."""
     outcome = "aborted"  # unless we get to the end: the client went away
@@ -627,316 +638,6 @@ async def _sse(
         outcome = "success"
     finally:
         await run.close(outcome)
-
-
-# --------------------------------------------------------------------------- response shapes
-
-
-class _Format:
-    """OpenAI's response and stream-chunk shapes for one endpoint."""
-
-    object_name = ""
-    chunk_object_name = ""
-    id_prefix = ""
-
-    def __init__(self, state: _ServerState, body: oa._SamplingFields) -> None:
-        self.id = oa.new_id(self.id_prefix)
-        self.created = oa.now()
-        self.model = state.opts.model_name
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def _chunk(self, choice: dict[str, Any] | None, include_usage: bool) -> dict[str, Any]:
-        chunk = self._envelope(self.chunk_object_name, [choice] if choice is not None else [])
-        if include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def response(self, results: list[ChoiceResult], usage: dict[str, int]) -> dict[str, Any]:
-        choices = [self._choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
-        body = self._envelope(self.object_name, choices)
-        body["usage"] = usage
-        return body
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        chunk = self._chunk(None, False)
-        chunk["usage"] = usage
-        return chunk
-
-    def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
-        return []
-
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class _CompletionFormat(_Format):
-    object_name = chunk_object_name = "text_completion"
-    id_prefix = "cmpl"
-
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
-        return oa.completion_choice(index, text, finish_reason)
-
-    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(oa.completion_choice(index, text, None), include_usage)
-
-    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(oa.completion_choice(index, "", reason), include_usage)
-
-
-class _ChatFormat(_Format):
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
-        return oa.chat_choice(index, text, finish_reason)
-
-    def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
-        delta = {"role": "assistant", "content": ""}
-        return [self._chunk(oa.chat_delta_choice(i, delta, None), include_usage) for i in indices]
-
-    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(oa.chat_delta_choice(index, {"content": text}, None), include_usage)
-
-    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(oa.chat_delta_choice(index, {}, reason), include_usage)
-
-
-# --------------------------------------------------------------------------- running
-
-
-def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening TCP socket (port 0: a free one); its port is ``getsockname()[1]``."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
-    # and accepted sockets inherit it. With proto 0, each keep-alive response waits ~40 ms for
-    # Nagle and the client's delayed ACK.
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
-
-
-def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
-    config = uvicorn.Config(
-        app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5
-    )
-    return uvicorn.Server(config)
-
-
-def serve_http(
-    coordinator_address: str,
-    tokenizer: Any | None = None,
-    model_name: str = DEFAULT_MODEL_NAME,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    log_level: str = "warning",
-    **options: Any,
-) -> None:
-    """Serve the OpenAI API on ``host:port`` until interrupted (blocks; Ctrl-C stops it)."""
-    app = create_app(coordinator_address, tokenizer, model_name, **options)
-    sock = bind_socket(host, port)
-    server = _uvicorn_server(app, log_level)
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-
-
-class HTTPServerThread:
-    """The HTTP server on a background thread of this process (its own event loop).
-
-    For ``launch/serve.py`` (global rank 0 serves HTTP next to the coordinator) and for tests.
-    ``start()`` returns once the server accepts connections, or raises if startup failed (for
-    instance, the coordinator never answered).
-    """
-
-    def __init__(
-        self,
-        coordinator_address: str,
-        tokenizer: Any | None = None,
-        model_name: str = DEFAULT_MODEL_NAME,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        log_level: str = "warning",
-        **options: Any,
-    ) -> None:
-        self.app = create_app(coordinator_address, tokenizer, model_name, **options)
-        self.socket = bind_socket(host, port)
-        self.host = host
-        self.port: int = self.socket.getsockname()[1]
-        self.server = _uvicorn_server(self.app, log_level)
-        self.thread = threading.Thread(target=self._run, name="http-server", daemon=True)
-        self.error: BaseException | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def _run(self) -> None:
-        try:
-            self.server.run(sockets=[self.socket])
-        except BaseException as exc:  # reported by start()
-            self.error = exc
-            log.error("the HTTP server stopped: %r", exc)
-
-    def start(self, timeout_s: float = 60.0, wait: bool = True) -> HTTPServerThread:
-        """Start serving; with ``wait`` (default) return once it accepts connections.
-
-        ``wait=False`` suits a launch whose engines register only after this returns: the
-        server connects to the coordinator in the background (``connect_timeout_s``).
-        """
-        self.thread.start()
-        if not wait:
-            return self
-        deadline = time.monotonic() + timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"the HTTP server did not start: {self.error or 'timeout'}")
-            time.sleep(0.01)  # startup only: uvicorn exposes no event to wait on
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        self.server.should_exit = True
-        if self.thread.is_alive():
-            self.thread.join(timeout_s)
-        self.socket.close()
-
-    def __enter__(self) -> HTTPServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-class HTTPServerProcess:
-    """The HTTP server in a spawned process of its own.
-
-    For ``launch/serve.py``: global rank 0 also runs an engine loop, and an HTTP server on a
-    thread there would take the GIL from it under load. In its own process it costs the engine
-    nothing. The child binds first and reports its port (so ``port=0`` works), then connects to
-    the coordinator in the background; it dies with its parent (Linux parent-death signal).
-    ``tokenizer`` is a checkpoint directory or "gpt2" (the child loads it), or None.
-    """
-
-    def __init__(
-        self,
-        coordinator_address: str,
-        tokenizer: str | None = None,
-        model_name: str = DEFAULT_MODEL_NAME,
-        host: str = "127.0.0.1",
-        port: int = 0,
-        log_level: str = "warning",
-        **options: Any,
-    ) -> None:
-        unknown = set(options) - set(ServerOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown HTTP server options: {sorted(unknown)}")
-        self.host = host
-        self.port = port
-        self._args = (coordinator_address, tokenizer, model_name, host, port, log_level, options)
-        self.process: multiprocessing.process.BaseProcess | None = None
-
-    @property
-    def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
-
-    def start(self, timeout_s: float = 120.0) -> HTTPServerProcess:
-        """Spawn the server; return once it is bound and its tokenizer loaded (its port known),
-        before it has connected to the coordinator."""
-        ctx = multiprocessing.get_context("spawn")
-        parent_end, child_end = ctx.Pipe(duplex=False)
-        self.process = ctx.Process(
-            target=_server_process_main,
-            args=(child_end, os.getpid(), *self._args),
-            name="megatron-coord-http",
-            daemon=True,
-        )
-        self.process.start()
-        child_end.close()
-        try:
-            if not parent_end.poll(timeout_s):
-                raise RuntimeError("the HTTP server process did not report its port in time")
-            reply = parent_end.recv()
-        except (EOFError, RuntimeError) as exc:
-            self.stop()
-            raise RuntimeError(f"the HTTP server process failed to start: {exc}") from None
-        finally:
-            parent_end.close()
-        if isinstance(reply, str):
-            self.stop()
-            raise RuntimeError(f"the HTTP server process failed to start: {reply}")
-        self.port = reply
-        return self
-
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL after ``timeout_s``."""
-        process, self.process = self.process, None
-        if process is None:
-            return
-        if process.is_alive():
-            process.terminate()
-            process.join(timeout_s)
-        if process.is_alive():
-            process.kill()
-        process.join()
-
-
-def _server_process_main(
-    conn: Any,
-    parent_pid: int,
-    coordinator_address: str,
-    tokenizer: str | None,
-    model_name: str,
-    host: str,
-    port: int,
-    log_level: str,
-    options: dict[str, Any],
-) -> None:
-    """Target of HTTPServerProcess: bind, load the tokenizer, report the port (or the error),
-    serve."""
-    _die_with_parent(parent_pid)
-    logging.basicConfig(level=log_level.upper())
-    try:
-        sock = bind_socket(host, port)
-        app = create_app(coordinator_address, load_cli_tokenizer(tokenizer), model_name, **options)
-    except Exception as exc:  # reported to the parent, which raises it
-        conn.send(f"{type(exc).__name__}: {exc}")
-        return
-    conn.send(sock.getsockname()[1])
-    conn.close()
-    with contextlib.suppress(KeyboardInterrupt):
-        _uvicorn_server(app, log_level).run(sockets=[sock])
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: have the kernel SIGTERM this process when its parent dies (no orphan servers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
 
 
 # --------------------------------------------------------------------------- command line
@@ -997,16 +698,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_cli_tokenizer(spec: str | None) -> Any | None:
-    """The tokenizer named on the command line: None, 'gpt2', or a checkpoint directory."""
-    if spec is None:
-        return None
-    from .tokenizer import gpt2_tokenizer, load_tokenizer
-
-    return gpt2_tokenizer() if spec == "gpt2" else load_tokenizer(spec)
-
-
 def main(argv: list[str] | None = None) -> None:
+    from .http_runner import load_cli_tokenizer, serve_http
+
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after shutting down

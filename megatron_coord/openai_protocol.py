@@ -263,6 +263,93 @@ def chat_delta_choice(
     return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
 
 
+# --------------------------------------------------------------------------- response shapes
+
+
+class ResponseFormat:
+    """OpenAI's response and stream-chunk shapes for one endpoint."""
+
+    object_name = ""
+    chunk_object_name = ""
+    id_prefix = ""
+
+    def __init__(self, model: str) -> None:
+        self.id = new_id(self.id_prefix)
+        self.created = now()
+        self.model = model
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+        }
+
+    def _chunk(self, choice: dict[str, Any] | None, include_usage: bool) -> dict[str, Any]:
+        chunk = self._envelope(self.chunk_object_name, [choice] if choice is not None else [])
+        if include_usage:
+            chunk["usage"] = None
+        return chunk
+
+    def response(self, results: list[Any], usage: dict[str, int]) -> dict[str, Any]:
+        choices = [self._choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+        body = self._envelope(self.object_name, choices)
+        body["usage"] = usage
+        return body
+
+    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
+        chunk = self._chunk(None, False)
+        chunk["usage"] = usage
+        return chunk
+
+    def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
+        return []
+
+    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class CompletionFormat(ResponseFormat):
+    object_name = chunk_object_name = "text_completion"
+    id_prefix = "cmpl"
+
+    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+        return completion_choice(index, text, finish_reason)
+
+    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
+        return self._chunk(completion_choice(index, text, None), include_usage)
+
+    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
+        return self._chunk(completion_choice(index, "", reason), include_usage)
+
+
+class ChatFormat(ResponseFormat):
+    object_name = "chat.completion"
+    chunk_object_name = "chat.completion.chunk"
+    id_prefix = "chatcmpl"
+
+    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+        return chat_choice(index, text, finish_reason)
+
+    def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
+        delta = {"role": "assistant", "content": ""}
+        return [self._chunk(chat_delta_choice(i, delta, None), include_usage) for i in indices]
+
+    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
+        return self._chunk(chat_delta_choice(index, {"content": text}, None), include_usage)
+
+    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
+        return self._chunk(chat_delta_choice(index, {}, reason), include_usage)
+
+
 class StopMatcher:
     """Applies OpenAI ``stop`` strings to text arriving piece by piece.
 

@@ -1,0 +1,255 @@
+"""Running the HTTP front end: uvicorn in the foreground, on a thread, or in its own process.
+
+``serve_http`` blocks (the command line uses it); ``HTTPServerThread`` serves from a thread of
+this process (tests, embedding); ``HTTPServerProcess`` serves from a spawned process, which is
+what ``launch/serve.py --http-port`` uses so the server never competes for the GIL with rank 0's
+engine loop. All of them bind the listening socket themselves (port 0 picks a free port).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from .http_server import DEFAULT_MODEL_NAME, ServerOptions, create_app
+
+log = logging.getLogger(__name__)
+
+
+def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+    """A listening TCP socket (port 0: a free one); its port is ``getsockname()[1]``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and accepted sockets inherit it. With proto 0, each keep-alive response waits ~40 ms for
+    # Nagle and the client's delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
+    config = uvicorn.Config(
+        app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+    )
+    return uvicorn.Server(config)
+
+
+def serve_http(
+    coordinator_address: str,
+    tokenizer: Any | None = None,
+    model_name: str = DEFAULT_MODEL_NAME,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "warning",
+    **options: Any,
+) -> None:
+    """Serve the OpenAI API on ``host:port`` until interrupted (blocks; Ctrl-C stops it)."""
+    app = create_app(coordinator_address, tokenizer, model_name, **options)
+    sock = bind_socket(host, port)
+    server = _uvicorn_server(app, log_level)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+
+
+class HTTPServerThread:
+    """The HTTP server on a background thread of this process (its own event loop).
+
+    For ``launch/serve.py`` (global rank 0 serves HTTP next to the coordinator) and for tests.
+    ``start()`` returns once the server accepts connections, or raises if startup failed (for
+    instance, the coordinator never answered).
+    """
+
+    def __init__(
+        self,
+        coordinator_address: str,
+        tokenizer: Any | None = None,
+        model_name: str = DEFAULT_MODEL_NAME,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **options: Any,
+    ) -> None:
+        self.app = create_app(coordinator_address, tokenizer, model_name, **options)
+        self.socket = bind_socket(host, port)
+        self.host = host
+        self.port: int = self.socket.getsockname()[1]
+        self.server = _uvicorn_server(self.app, log_level)
+        self.thread = threading.Thread(target=self._run, name="http-server", daemon=True)
+        self.error: BaseException | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def _run(self) -> None:
+        try:
+            self.server.run(sockets=[self.socket])
+        except BaseException as exc:  # reported by start()
+            self.error = exc
+            log.error("the HTTP server stopped: %r", exc)
+
+    def start(self, timeout_s: float = 60.0, wait: bool = True) -> HTTPServerThread:
+        """Start serving; with ``wait`` (default) return once it accepts connections.
+
+        ``wait=False`` suits a launch whose engines register only after this returns: the
+        server connects to the coordinator in the background (``connect_timeout_s``).
+        """
+        self.thread.start()
+        if not wait:
+            return self
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the HTTP server did not start: {self.error or 'timeout'}")
+            time.sleep(0.01)  # startup only: uvicorn exposes no event to wait on
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        self.server.should_exit = True
+        if self.thread.is_alive():
+            self.thread.join(timeout_s)
+        self.socket.close()
+
+    def __enter__(self) -> HTTPServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class HTTPServerProcess:
+    """The HTTP server in a spawned process of its own.
+
+    For ``launch/serve.py``: global rank 0 also runs an engine loop, and an HTTP server on a
+    thread there would take the GIL from it under load. In its own process it costs the engine
+    nothing. The child binds first and reports its port (so ``port=0`` works), then connects to
+    the coordinator in the background; it dies with its parent (Linux parent-death signal).
+    ``tokenizer`` is a checkpoint directory or "gpt2" (the child loads it), or None.
+    """
+
+    def __init__(
+        self,
+        coordinator_address: str,
+        tokenizer: str | None = None,
+        model_name: str = DEFAULT_MODEL_NAME,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        log_level: str = "warning",
+        **options: Any,
+    ) -> None:
+        unknown = set(options) - set(ServerOptions.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown HTTP server options: {sorted(unknown)}")
+        self.host = host
+        self.port = port
+        self._args = (coordinator_address, tokenizer, model_name, host, port, log_level, options)
+        self.process: multiprocessing.process.BaseProcess | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout_s: float = 120.0) -> HTTPServerProcess:
+        """Spawn the server; return once it is bound and its tokenizer loaded (its port known),
+        before it has connected to the coordinator."""
+        ctx = multiprocessing.get_context("spawn")
+        parent_end, child_end = ctx.Pipe(duplex=False)
+        self.process = ctx.Process(
+            target=_server_process_main,
+            args=(child_end, os.getpid(), *self._args),
+            name="megatron-coord-http",
+            daemon=True,
+        )
+        self.process.start()
+        child_end.close()
+        try:
+            if not parent_end.poll(timeout_s):
+                raise RuntimeError("the HTTP server process did not report its port in time")
+            reply = parent_end.recv()
+        except (EOFError, RuntimeError) as exc:
+            self.stop()
+            raise RuntimeError(f"the HTTP server process failed to start: {exc}") from None
+        finally:
+            parent_end.close()
+        if isinstance(reply, str):
+            self.stop()
+            raise RuntimeError(f"the HTTP server process failed to start: {reply}")
+        self.port = reply
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL after ``timeout_s``."""
+        process, self.process = self.process, None
+        if process is None:
+            return
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+        process.join()
+
+
+def _server_process_main(
+    conn: Any,
+    parent_pid: int,
+    coordinator_address: str,
+    tokenizer: str | None,
+    model_name: str,
+    host: str,
+    port: int,
+    log_level: str,
+    options: dict[str, Any],
+) -> None:
+    """Target of HTTPServerProcess: bind, load the tokenizer, report the port (or the error),
+    serve."""
+    _die_with_parent(parent_pid)
+    logging.basicConfig(level=log_level.upper())
+    try:
+        sock = bind_socket(host, port)
+        app = create_app(coordinator_address, load_cli_tokenizer(tokenizer), model_name, **options)
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send(f"{type(exc).__name__}: {exc}")
+        return
+    conn.send(sock.getsockname()[1])
+    conn.close()
+    with contextlib.suppress(KeyboardInterrupt):
+        _uvicorn_server(app, log_level).run(sockets=[sock])
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: have the kernel SIGTERM this process when its parent dies (no orphan servers)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(0)
+
+
+def load_cli_tokenizer(spec: str | None) -> Any | None:
+    """The tokenizer named on the command line: None, 'gpt2', or a checkpoint directory."""
+    if spec is None:
+        return None
+    from .tokenizer import gpt2_tokenizer, load_tokenizer
+
+    return gpt2_tokenizer() if spec == "gpt2" else load_tokenizer(spec)
