@@ -89,17 +89,32 @@ def _generate(tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> list[di
     return completions
 
 
+def _hf_log_probs(checkpoint: str, prompt: list[int], generated: list[int]) -> list[float]:
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt + generated])).logits[0], -1)
+    return [lp[len(prompt) - 1 + i, t].item() for i, t in enumerate(generated)]
+
+
 def test_generate_greedy_matches_transformers_at_tp1_and_tp2(tmp_path, checkpoint, tokenizer):
-    expected = hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)
+    prompts = [tokenizer.tokenize(p) for p in PROMPTS]
+    expected = hf_greedy(checkpoint, prompts, N_TOKENS)
     tp1 = _generate(tmp_path, checkpoint, 1, 1, "--top-k", "1")
-    tp2 = _generate(tmp_path, checkpoint, 4, 2, "--top-k", "1")
+    tp2 = _generate(tmp_path, checkpoint, 4, 2, "--top-k", "1", "--return-log-probs")
     for run in (tp1, tp2):
-        for completion, prompt, tokens in zip(run, PROMPTS, expected, strict=True):
-            assert completion["prompt_tokens"] == tokenizer.tokenize(prompt)
+        for completion, prompt, tokens in zip(run, prompts, expected, strict=True):
+            assert completion["prompt_tokens"] == prompt
             assert completion["generated_tokens"] == tokens
             assert completion["generated_text"] == tokenizer.detokenize(tokens)
     assert {c["data_parallel_rank"] for c in tp1} == {0}
     assert {c["data_parallel_rank"] for c in tp2} == {0, 1}
+    # Vocab-parallel logits gathered over TP=2 agree with transformers' in fp32.
+    for completion, prompt, tokens in zip(tp2, prompts, expected, strict=True):
+        reference = _hf_log_probs(checkpoint, prompt, tokens)
+        assert completion["generated_log_probs"] == pytest.approx(reference, abs=1e-4)
 
 
 class _Server:
