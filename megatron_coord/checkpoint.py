@@ -193,7 +193,9 @@ def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float
     with ExitStack() as stack:
         reader = _Reader(_weight_files(path), stack)
         if _shares_embedding(config, reader):
-            model.lm_head = model.embed_tokens  # one tensor, not two copies of the vocab
+            # One tensor, not two copies of the vocabulary; the output layer's (transposed)
+            # layout wins, as the output matmul costs far more than the embedding lookup.
+            model.embed_tokens = model.lm_head
         params = dict(model.named_parameters())
         sources = _shard_sources(config, model.layout, reader)
         if set(sources) != set(params):
