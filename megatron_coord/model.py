@@ -331,6 +331,8 @@ class MLP(torch.nn.Module):
 
 
 class DecoderLayer(torch.nn.Module):
+    """Pre-norm residual block: attention then SwiGLU MLP (two all-reduces under TP)."""
+
     def __init__(
         self, config: ModelConfig, lay: TPLayout, tp: TPGroup, dtype: torch.dtype, device
     ) -> None:
