@@ -86,3 +86,26 @@ def test_seed_choice():
     assert choose_seed(None, [1, 2], True) == prompt_seed([1, 2]) == choose_seed(None, [1, 2], True)
     assert prompt_seed([1, 2]) != prompt_seed([2, 1])
     assert choose_seed(None, [1, 2], False) != choose_seed(None, [1, 2], False)
+
+
+def _reference_filter(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Full-sort top-k/top-p (the textbook version) to check the partial-top-k shortcut."""
+    if 0 < top_k < logits.numel():
+        kth = torch.sort(logits, descending=True).values[top_k - 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if 0.0 < top_p < 1.0:
+        values, order = torch.sort(torch.softmax(logits, -1), descending=True)
+        drop = (torch.cumsum(values, -1) - values) > top_p
+        logits = logits.clone()
+        logits[order[drop]] = float("-inf")
+    return logits
+
+
+def test_nucleus_shortcut_matches_full_sort():
+    gen = torch.Generator().manual_seed(0)
+    for scale in (0.1, 1.0, 8.0):  # flat (full-sort fallback) to peaked (shortcut)
+        for top_k, top_p in ((0, 0.9), (0, 0.3), (50, 0.8), (3000, 0.95), (0, 0.999)):
+            logits = torch.randn(50257, generator=gen) * scale
+            got = torch.isfinite(filter_logits(logits, top_k, top_p))
+            want = torch.isfinite(_reference_filter(logits, top_k, top_p))
+            assert torch.equal(got, want), (scale, top_k, top_p)
