@@ -43,6 +43,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--http-host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)"
     )
     parser.add_argument(
+        "--api-key",
+        default=None,
+        help="HTTP clients must send 'Authorization: Bearer KEY' (default: "
+        "$MEGATRON_COORD_API_KEY, else no key)",
+    )
+    parser.add_argument(
         "--served-model-name",
         default=None,
         help="the model id HTTP clients send (default: the checkpoint directory's name, or "
@@ -69,6 +75,7 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
         host=args.http_host,
         port=args.http_port,
         connect_timeout_s=COORDINATOR_START_TIMEOUT_S,
+        api_key=args.api_key or os.environ.get("MEGATRON_COORD_API_KEY"),
     ).start()
     print(f"OpenAI-compatible API at {http.url}/v1 (model {name!r})", flush=True)
     return http

@@ -19,14 +19,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hmac
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
@@ -38,6 +40,7 @@ from .coordinator_stats import CoordinatorStats
 from .generation import ChoiceResult, CoordinatorBackend, GenerationError, run_choice
 from .metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from .openai_protocol import OpenAIError
+from .protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .sampling_params import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -75,7 +78,10 @@ class ServerOptions:
     stats_timeout_s: float = 1.0
     # How long startup waits for the coordinator to acknowledge CONNECT.
     connect_timeout_s: float = 30.0
-    extra: dict[str, Any] = field(default_factory=dict)
+    # When set, /v1/* requires "Authorization: Bearer <api_key>" (/health, /metrics stay open).
+    api_key: str | None = None
+    # Request bodies above this are refused with 413 before they are read into memory.
+    max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def create_app(
@@ -108,6 +114,7 @@ def create_app(
 
     app = FastAPI(title="megatron_coord OpenAI-compatible API", lifespan=lifespan)
     app.state.server = state
+    app.add_middleware(_Guard, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes)
     _install_error_handlers(app)
     _install_routes(app, state)
     return app
@@ -173,6 +180,55 @@ def _eod_text(tokenizer: Any | None) -> str | None:
         return tokenizer.detokenize([eod]) or None
     except Exception:
         return None
+
+
+class _Guard:
+    """ASGI middleware in front of every route: the API key and the request-body size limit.
+
+    Both are checked before FastAPI reads the body, so an unauthenticated or oversized request
+    costs the server nothing but its headers.
+    """
+
+    def __init__(self, app: Any, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.expected = f"Bearer {api_key}".encode() if api_key else None
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        refusal = self._refusal(scope["path"], headers)
+        if refusal is not None:
+            return await _error_response(refusal)(scope, receive, send)
+        await self.app(scope, self._limited(receive), send)
+
+    def _refusal(self, path: str, headers: dict[bytes, bytes]) -> OpenAIError | None:
+        if self.expected is not None and path.startswith("/v1/"):
+            given = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(given, self.expected):
+                return OpenAIError(401, "invalid or missing API key", code="invalid_api_key")
+        length = headers.get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.max_body_bytes:
+            return self._too_large()
+        return None
+
+    def _too_large(self) -> OpenAIError:
+        return OpenAIError(413, f"request body over {self.max_body_bytes} bytes", code="too_large")
+
+    def _limited(self, receive: Any) -> Any:
+        """``receive`` that refuses a chunked body once it grows past the limit."""
+        seen = 0
+
+        async def limited() -> dict:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body_bytes:  # FastAPI re-raises HTTPException from body reads
+                raise HTTPException(413, self._too_large().message)
+            return message
+
+        return limited
 
 
 # --------------------------------------------------------------------------- errors
@@ -690,6 +746,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="refuse requests asking for more new tokens (default: no limit here)",
     )
     parser.add_argument(
+        "--api-key",
+        default=os.environ.get("MEGATRON_COORD_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open); "
+        "default: $MEGATRON_COORD_API_KEY, else no key",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        help=f"refuse request bodies above this size with 413 (default {DEFAULT_MAX_MESSAGE_BYTES})",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -715,6 +783,8 @@ def main(argv: list[str] | None = None) -> None:
             request_timeout_s=args.request_timeout or None,
             default_chat_max_tokens=args.default_chat_max_tokens,
             max_tokens_limit=args.max_tokens_limit,
+            api_key=args.api_key,
+            max_body_bytes=args.max_body_bytes,
         )
 
 

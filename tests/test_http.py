@@ -530,6 +530,8 @@ def test_help_explains_every_option() -> None:
         "--request-timeout",
         "--default-chat-max-tokens",
         "--max-tokens-limit",
+        "--api-key",
+        "--max-body-bytes",
         "--log-level",
     ):
         assert option in out

@@ -196,3 +196,39 @@ def test_timeout_aborts_the_request() -> None:
     finally:
         server.stop()
         coordinator.close()
+
+
+def test_api_key_and_body_limit() -> None:
+    coordinator = ScriptedCoordinator()
+    server = HTTPServerThread(
+        coordinator.address, model_name="m", api_key="sekret", max_body_bytes=1000
+    ).start()
+    try:
+        wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="guess", max_retries=0)
+        with pytest.raises(openai.AuthenticationError) as info:
+            wrong.completions.create(model="m", prompt="eos", max_tokens=2)
+        assert info.value.body["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            wrong.models.list()
+        right = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0)
+        assert right.completions.create(model="m", prompt="eos", max_tokens=2).choices
+        assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+        assert httpx.get(f"{server.url}/metrics").status_code == 200
+
+        with pytest.raises(openai.APIStatusError) as info:
+            right.completions.create(model="m", prompt="x" * 2000, max_tokens=2)
+        assert info.value.status_code == 413
+
+        def chunked() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield from [b" " * 300] * 5
+
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            content=chunked(),
+            headers={"authorization": "Bearer sekret", "content-type": "application/json"},
+        )
+        assert r.status_code == 413
+        assert "1000 bytes" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+        coordinator.close()
