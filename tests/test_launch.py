@@ -218,11 +218,12 @@ def test_serve_two_replicas_control_and_clean_stop(tmp_path, checkpoint, tokeniz
     assert rerun[0]["generated_tokens"] == found["sampled"][0]
 
 
-def test_sigterm_ends_every_process(tmp_path, checkpoint):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_ends_every_process(tmp_path, checkpoint, signum):
     server = _Server(tmp_path, checkpoint, 2, 2)
     try:
         assert len(_processes_with(server.marker)) >= 4  # torchrun, 2 ranks, the coordinator
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signum)
         server.wait()
     finally:
         server.kill()
