@@ -42,6 +42,7 @@ from .metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from .openai_protocol import OpenAIError
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .sampling_params import SamplingParams
+from .tokenizer import as_megatron_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,11 @@ class _ServerState:
         self, address: str, tokenizer: Any | None, opts: ServerOptions, metrics: ServingMetrics
     ) -> None:
         self.address = address
-        self.tokenizer = tokenizer
+        self.tokenizer = as_megatron_tokenizer(tokenizer) if tokenizer is not None else None
         self.opts = opts
         self.metrics = metrics
         self.backend = CoordinatorBackend(
-            address, eod_text=_eod_text(tokenizer), connect_timeout_s=opts.connect_timeout_s
+            address, eod_text=_eod_text(self.tokenizer), connect_timeout_s=opts.connect_timeout_s
         )
         self.stats = CoordinatorStats(address)
         self.running = 0
@@ -456,6 +457,9 @@ async def _serve(
     except _Disconnected:
         state.metrics.observe_outcome(endpoint, "aborted")
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    except Exception:
+        state.metrics.observe_outcome(endpoint, "error")
+        raise  # answered 500 by the catch-all handler
     finally:
         state.release()
     prompt_tokens, completion_tokens = _token_totals(choices, results)
@@ -563,6 +567,11 @@ class _StreamRun:
             )
         except GenerationError as exc:
             self.queue.put_nowait(_Event("error", choice.index, error=exc))
+            return
+        except Exception:  # a bug must end the stream with a 500, not leave it hanging
+            log.exception("internal error in a streaming choice")
+            error = GenerationError("internal_error", "internal server error")
+            self.queue.put_nowait(_Event("error", choice.index, error=error))
             return
         self.results[choice.index] = result
         self.queue.put_nowait(_Event("done", choice.index, result=result))

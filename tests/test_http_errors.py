@@ -85,6 +85,14 @@ class ScriptedCoordinator:
                 "finish_reason": "stop",
             }
             self._send(identity, Headers.ENGINE_REPLY, request_id, {"requests": [request]})
+        elif prompt == "gpt2_eos":
+            request = {
+                "prompt_tokens": [1],
+                "generated_tokens": [7, 50256],
+                "generated_text": "fine<|endoftext|>",
+                "finish_reason": "stop",
+            }
+            self._send(identity, Headers.ENGINE_REPLY, request_id, {"requests": [request]})
         # anything else: never answered (the HTTP client will hang up)
 
     def close(self) -> None:
@@ -229,6 +237,28 @@ def test_api_key_and_body_limit() -> None:
         )
         assert r.status_code == 413
         assert "1000 bytes" in r.json()["error"]["message"]
+    finally:
+        server.stop()
+        coordinator.close()
+
+
+def test_hugging_face_tokenizer_is_adapted() -> None:
+    """A plain Hugging Face tokenizer works: its EOS text is cut, its chat template used."""
+    from megatron_coord.tokenizer import gpt2_tokenizer
+
+    hf = gpt2_tokenizer().hf_tokenizer
+    hf.chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    coordinator = ScriptedCoordinator()
+    server = HTTPServerThread(coordinator.address, tokenizer=hf, model_name="m").start()
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        r = client.completions.create(model="m", prompt="gpt2_eos", max_tokens=5)
+        assert r.choices[0].text == "fine"
+        # The template renders to the bare content, so the scripted reply is chosen by it.
+        chat = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "gpt2_eos"}], max_tokens=5
+        )
+        assert chat.choices[0].message.content == "fine"
     finally:
         server.stop()
         coordinator.close()
