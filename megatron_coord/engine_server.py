@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -65,8 +66,13 @@ class EngineServer:
         coordinator_address: str | None,
         deterministic_mode: bool = False,
         idle_timeout_s: float = 1.0,
+        coordinator_alive: Callable[[], bool] | None = None,
     ) -> None:
         self.engine = engine
+        # Rank 0 owns the coordinator process: if it dies before STOP, the replica must not
+        # wait forever on a socket nobody will ever write to.
+        self.coordinator_alive = coordinator_alive
+        self.coordinator_lost = False
         self.state = state
         self.deterministic_mode = deterministic_mode
         self.idle_timeout_ms = max(1, int(idle_timeout_s * 1000))
@@ -182,6 +188,11 @@ class EngineServer:
                 except zmq.Again:
                     break
                 self._parse(frame, inputs)
+        if self.coordinator_alive is not None and not self.coordinator_alive():
+            if not self.stop_received:  # after STOP its exit is expected
+                log.error("rank %d: the coordinator process died", self.state.rank)
+                self.coordinator_lost = True
+            self.shutdown_requested = True
         if self.shutdown_requested:
             inputs.signals.append(SHUTDOWN_SIGNAL)
         return inputs

@@ -165,6 +165,7 @@ class Replica:
             self.address if self.state.is_tp_coordinator else None,
             deterministic_mode=options.deterministic_mode,
             idle_timeout_s=options.idle_timeout_s,
+            coordinator_alive=self.coordinator.is_alive if self.coordinator is not None else None,
         )
 
     def _share_coordinator_address(self) -> str:
@@ -197,6 +198,9 @@ class Replica:
             self.server.run()
         finally:
             self.shutdown()
+        if self.server.coordinator_lost:
+            # A non-zero exit makes torchrun end the other replicas too.
+            raise RuntimeError("the coordinator process died; shutting the launch down")
 
     def shutdown(self) -> None:
         """Close sockets, end the coordinator process (rank 0), leave the process group."""

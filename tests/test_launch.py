@@ -228,3 +228,24 @@ def test_signal_ends_every_process(tmp_path, checkpoint, signum):
     finally:
         server.kill()
     assert _processes_with(server.marker) == []
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_losing_the_coordinator_ends_the_launch(tmp_path, checkpoint):
+    server = _Server(tmp_path, checkpoint, 2, 1)  # two replicas, each its own TP-coordinator
+    try:
+        (coordinator,) = [
+            pid for pid in _processes_with(server.marker) if "spawn_main" in _cmdline(pid)
+        ]
+        os.kill(coordinator, signal.SIGKILL)
+        assert server.wait() != 0  # rank 0 fails, and torchrun ends rank 1
+    finally:
+        server.kill()
+    assert _processes_with(server.marker) == []
