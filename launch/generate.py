@@ -1,4 +1,4 @@
-"""Generate completions for prompts with N data-parallel replicas of T tensor-parallel ranks.
+r"""Generate completions for prompts with N data-parallel replicas of T tensor-parallel ranks.
 
     torchrun --nproc-per-node N launch/generate.py [--model DIR] --tensor-parallel-size T \
         --prompt TEXT [--prompt TEXT ...] [--prompts-file F] --num-tokens-to-generate K \

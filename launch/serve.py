@@ -1,4 +1,4 @@
-"""Serve a model with N data-parallel replicas of T tensor-parallel ranks until a client STOPs.
+r"""Serve a model with N data-parallel replicas of T tensor-parallel ranks until a client STOPs.
 
     torchrun --nproc-per-node N launch/serve.py [--model DIR] --tensor-parallel-size T \
         [--port 5555] [--deterministic-mode] [--http-port 8000]

@@ -234,7 +234,10 @@ def add_replica_arguments(parser: Any) -> None:
         "be a multiple of it, and world / T replicas serve in data parallel (default 1)",
     )
     parser.add_argument(
-        "--max-batch-size", type=int, default=8, help="requests decoded together per replica"
+        "--max-batch-size",
+        type=int,
+        default=8,
+        help="requests decoded together per replica (default 8)",
     )
     parser.add_argument(
         "--max-seq-len",
