@@ -140,3 +140,21 @@ def test_step_inputs_round_trip_sampling_params():
 def test_decode_params_rejects_wrong_length():
     with pytest.raises(ValueError):
         decode_params([1.0, 2.0])
+
+
+def test_pack_accepts_tuples_and_rejects_wrong_types():
+    assert _C.pack_step((), (4,), ((1, 2),), ((0.5,),)).tolist() == reference_pack(
+        [], [4], [[1, 2]], [[0.5]]
+    )
+    for bad in (
+        ([], [1], [[1.5]], [[]]),  # a float token id
+        ([], [1], [5], [[]]),  # tokens entry is not a sequence
+        ([], [1], [[1]], [["x"]]),  # a non-numeric parameter
+        ("ab", [], [], []),  # signals of strings
+    ):
+        with pytest.raises(TypeError):
+            _C.pack_step(*bad)
+    with pytest.raises(OverflowError):
+        _C.pack_step([2**63], [], [], [])
+    with pytest.raises(RuntimeError, match="same length"):
+        _C.pack_step([], [1, 2], [[1]], [[]])
