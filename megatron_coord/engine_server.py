@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -67,8 +68,16 @@ class EngineServer:
         deterministic_mode: bool = False,
         idle_timeout_s: float = 1.0,
         coordinator_alive: Callable[[], bool] | None = None,
+        heartbeat_interval_s: float | None = None,
     ) -> None:
         self.engine = engine
+        # HEARTBEAT load reports (the coordinator shows them in STATS); None: never sent.
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._next_heartbeat = 0.0
+        # Heartbeats start once the coordinator has spoken: before every engine registered it
+        # would only queue (or drop) them.
+        self._heard_from_coordinator = False
+        self.generated_tokens = 0
         # Rank 0 owns the coordinator process: if it dies before STOP, the replica must not
         # wait forever on a socket nobody will ever write to.
         self.coordinator_alive = coordinator_alive
@@ -168,6 +177,7 @@ class EngineServer:
             return None
         result = self.engine.step()
         self.steps += 1
+        self.generated_tokens += result.tokens
         if self.socket is not None:
             self._reply(result)
         return result
@@ -187,7 +197,10 @@ class EngineServer:
                     frame = self.socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
+                self._heard_from_coordinator = True
                 self._parse(frame, inputs)
+        if self.heartbeat_interval_s is not None and self._heard_from_coordinator:
+            self._maybe_heartbeat()
         if self.coordinator_alive is not None and not self.coordinator_alive():
             if not self.stop_received:  # after STOP its exit is expected
                 log.error("rank %d: the coordinator process died", self.state.rank)
@@ -196,6 +209,27 @@ class EngineServer:
         if self.shutdown_requested:
             inputs.signals.append(SHUTDOWN_SIGNAL)
         return inputs
+
+    def load_report(self) -> dict[str, Any]:
+        """What this replica tells the coordinator in a HEARTBEAT."""
+        engine = self.engine
+        return {
+            "data_parallel_rank": self.state.dp_rank,
+            "queued": len(engine.waiting),
+            "active": len(engine.active),
+            "free_slots": len(engine.free_slots),
+            "free_kv_tokens": len(engine.free_slots) * engine.max_seq_len,
+            "steps": self.steps,
+            "generated_tokens": self.generated_tokens,
+            "paused": self.paused,
+            "suspended": self.suspended,
+        }
+
+    def _maybe_heartbeat(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_heartbeat:
+            self._next_heartbeat = now + self.heartbeat_interval_s
+            self._send([Headers.HEARTBEAT, self.load_report()])
 
     def _parse(self, frame: bytes, inputs: StepInputs) -> None:
         try:

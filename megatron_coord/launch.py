@@ -137,6 +137,7 @@ class ReplicaOptions:
     deterministic_mode: bool = False
     dtype: torch.dtype = torch.float32
     idle_timeout_s: float = 1.0
+    heartbeat_interval_s: float | None = 1.0
     coordinator_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -166,6 +167,7 @@ class Replica:
             deterministic_mode=options.deterministic_mode,
             idle_timeout_s=options.idle_timeout_s,
             coordinator_alive=self.coordinator.is_alive if self.coordinator is not None else None,
+            heartbeat_interval_s=options.heartbeat_interval_s,
         )
 
     def _share_coordinator_address(self) -> str:

@@ -208,3 +208,22 @@ def test_poll_timeout_blocks_only_when_idle(model):
         assert server.poll_timeout_ms() == 0
     finally:
         server.close()
+
+
+def test_heartbeats_report_load(model):
+    h = Harness(model)
+    try:
+        h.server.heartbeat_interval_s = 0.05
+        h.send([Headers.SUBMIT_REQUEST, 21, PROMPT, {"top_k": 1, "num_tokens_to_generate": 3}])
+        reports, finished = [], False
+        while not finished or not reports or reports[-1]["generated_tokens"] < 3:
+            message = h.message()
+            if message[0] == Headers.HEARTBEAT:
+                reports.append(message[1])
+            else:
+                finished = _record(message)["request_id"] == 21
+        assert reports[-1]["data_parallel_rank"] == 0 and reports[-1]["active"] == 0
+        assert reports[-1]["free_slots"] == 2 and reports[-1]["free_kv_tokens"] == 2 * 64
+        assert reports[-1]["generated_tokens"] == 3 and not reports[-1]["paused"]
+    finally:
+        h.close()
