@@ -114,6 +114,15 @@ def spawn_coordinator(
     return process, address, ready
 
 
+def reachable_address(address: str, host: str) -> str:
+    """Replace a wildcard bind address (0.0.0.0, *, ::) with ``host``, which peers can dial."""
+    prefix, _, port = address.rpartition(":")
+    scheme, _, bound = prefix.partition("://")
+    if bound.strip("[]") in ("0.0.0.0", "*", "::"):
+        return f"{scheme}://{host}:{port}"
+    return address
+
+
 def stop_process(process: multiprocessing.process.BaseProcess, grace_s: float = 10.0) -> None:
     """Join a child; SIGTERM it after ``grace_s``, SIGKILL if that does not end it."""
     process.join(grace_s)
@@ -136,6 +145,7 @@ class ReplicaOptions:
     port: int | None = None
     deterministic_mode: bool = False
     dtype: torch.dtype = torch.float32
+    coordinator_host: str = "127.0.0.1"
     idle_timeout_s: float = 1.0
     heartbeat_interval_s: float | None = 1.0
     coordinator_options: dict[str, Any] = field(default_factory=dict)
@@ -175,13 +185,17 @@ class Replica:
         box: list[Any] = [None]
         if self.state.rank == 0:
             try:
-                self.coordinator, box[0], self.ready_event = spawn_coordinator(
+                options = {"host": self.options.coordinator_host}
+                options.update(self.options.coordinator_options)
+                self.coordinator, address, self.ready_event = spawn_coordinator(
                     self.state.data_parallel_size,
                     self.model_path,
                     self.options.port,
                     self.options.deterministic_mode,
-                    self.options.coordinator_options,
+                    options,
                 )
+                # Bound on every interface (multi-node): hand out rank 0's torchrun address.
+                box[0] = reachable_address(address, os.environ.get("MASTER_ADDR", "127.0.0.1"))
             except Exception as exc:
                 box[0] = exc  # tell the other ranks instead of leaving them in the collective
         dist.broadcast_object_list(box, src=0)
@@ -254,6 +268,12 @@ def add_replica_arguments(parser: Any) -> None:
         help="weight and activation dtype (default float32)",
     )
     parser.add_argument(
+        "--coordinator-host",
+        default="127.0.0.1",
+        help="interface the coordinator binds on global rank 0 (default 127.0.0.1). For a "
+        "multi-node launch use 0.0.0.0: the ranks then dial rank 0's MASTER_ADDR",
+    )
+    parser.add_argument(
         "--deterministic-mode",
         action="store_true",
         help="requests without a seed sample with one derived from their prompt, so the same "
@@ -271,6 +291,7 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         port=port,
         deterministic_mode=args.deterministic_mode,
         dtype=getattr(torch, args.dtype),
+        coordinator_host=args.coordinator_host,
     )
 
 

@@ -249,3 +249,27 @@ def test_losing_the_coordinator_ends_the_launch(tmp_path, checkpoint):
     finally:
         server.kill()
     assert _processes_with(server.marker) == []
+
+
+def test_reachable_address():
+    from megatron_coord.launch import reachable_address
+
+    assert reachable_address("tcp://0.0.0.0:5555", "node0") == "tcp://node0:5555"
+    assert reachable_address("tcp://[::]:7", "10.0.0.1") == "tcp://10.0.0.1:7"
+    assert reachable_address("tcp://127.0.0.1:5555", "node0") == "tcp://127.0.0.1:5555"
+
+
+def test_read_prompts(tmp_path):
+    from megatron_coord.launch import read_prompts
+
+    lines = tmp_path / "p.txt"
+    lines.write_text("first\n\nsecond line\n")
+    listed = tmp_path / "p.json"
+    listed.write_text(json.dumps(["a", "b\nc"]))
+    assert read_prompts(["x"], str(lines)) == ["x", "first", "second line"]
+    assert read_prompts(None, str(listed)) == ["a", "b\nc"]
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1, 2]")
+    for prompts, path in (([], None), (None, str(bad))):
+        with pytest.raises(ValueError):
+            read_prompts(prompts, path)
