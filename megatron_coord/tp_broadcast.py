@@ -166,7 +166,8 @@ class TPBroadcaster:
         self.stage_np[0] = n
         self.stage_np[1 : 1 + fits] = words[:fits]
         if self.head is not self.stage:
-            self.head.copy_(self.stage, non_blocking=True)
+            # Synchronous: the next step rewrites the staging head, so this copy must be done.
+            self.head.copy_(self.stage)
         self._broadcast(self.head)
         if n > fits:
             self._broadcast(buffer[fits:].to(self.device))
