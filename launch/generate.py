@@ -8,7 +8,8 @@ r"""Generate completions for prompts with N data-parallel replicas of T tensor-p
 Global rank 0 spawns the coordinator and a client; every rank serves as part of an engine. The
 completions are printed (with a progress bar for many prompts) and written, in prompt order, to
 --output-json as a list of {prompt, prompt_tokens, generated_text, generated_tokens,
-data_parallel_rank, finish_reason}.
+data_parallel_rank, finish_reason} ({prompt, error} for a prompt that could not be served; the
+exit status is then 1).
 """
 
 from __future__ import annotations
@@ -71,15 +72,17 @@ def main(argv: list[str] | None = None) -> int:
     completions = run_generate(options_from_args(args), prompts, params, progress=len(prompts) >= 8)
     if completions is None:  # not global rank 0
         return 0
-    if not args.quiet:
-        for i, c in enumerate(completions):
-            print(
-                f"[{i}] (dp {c['data_parallel_rank']}) {c['prompt']!r} -> {c['generated_text']!r}"
-            )
+    for i, c in enumerate(completions):
+        if "error" in c:
+            short = c["prompt"] if len(c["prompt"]) <= 60 else c["prompt"][:57] + "..."
+            print(f"[{i}] {short!r} failed: {c['error']}", file=sys.stderr)
+        elif not args.quiet:
+            dp, text = c["data_parallel_rank"], c["generated_text"]
+            print(f"[{i}] (dp {dp}) {c['prompt']!r} -> {text!r}")
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(completions, f, indent=1)
-    return 0
+    return 1 if any("error" in c for c in completions) else 0
 
 
 if __name__ == "__main__":

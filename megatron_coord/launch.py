@@ -10,6 +10,7 @@ coordinator process included, so no process outlives the launch.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -330,15 +331,19 @@ async def _generate_async(
         futures = [client.add_request(prompt, params) for prompt in prompts]
         with tqdm(total=len(futures), disable=not progress, unit="prompt") as bar:
             for done in asyncio.as_completed(futures):
-                await done
+                with contextlib.suppress(Exception):  # reported per prompt below
+                    await done
                 bar.update()
-        return [future.result() for future in futures]
+        return [f.exception() if f.exception() is not None else f.result() for f in futures]
     finally:
         await client.stop_engines()
         client.stop()
 
 
-def _completion(prompt: str, record: dict[str, Any]) -> dict[str, Any]:
+def _completion(prompt: str, record: dict[str, Any] | BaseException) -> dict[str, Any]:
+    """One output entry: the record's fields, or the error that prompt got instead."""
+    if isinstance(record, BaseException):
+        return {"prompt": prompt, "error": str(record)}
     request = record["requests"][0] if "requests" in record else record
     out = {
         "prompt": prompt,
