@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .client import InferenceClient, RequestError
@@ -42,12 +42,15 @@ class Delta:
 
 @dataclass
 class ChoiceResult:
-    """A finished generation: its text (after stop strings) and token counts."""
+    """A finished generation: its text (after stop strings), token counts, and -- when asked
+    for -- the generated token ids with their log-probabilities (end-of-text token dropped)."""
 
     text: str
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] | None = None
 
 
 class CoordinatorBackend:
@@ -115,7 +118,8 @@ class CoordinatorBackend:
                     finished = True
                     result = self._result(item, params)
                     if result.text.startswith(sent_text) and len(result.text) > len(sent_text):
-                        yield Delta(result.text[len(sent_text) :], 0, request_id)
+                        # No request id: the request is over, there is nothing to abort.
+                        yield Delta(result.text[len(sent_text) :], 0, None)
                     yield result
                     return
                 text, tokens = _partial(item)
@@ -136,14 +140,18 @@ class CoordinatorBackend:
 
     def _result(self, record: Any, params: SamplingParams) -> ChoiceResult:
         view = record_view(record)
-        text = view["text"]
+        text, token_ids, log_probs = view["text"], view["token_ids"], view["log_probs"]
         if self.eod_text and text.endswith(self.eod_text):
             text = text[: -len(self.eod_text)]
+            token_ids = token_ids[:-1]
+            log_probs = log_probs[:-1] if log_probs is not None else None
         reason = view["finish_reason"]
         if reason not in ("stop", "length"):
             generated = view["completion_tokens"]
             reason = "length" if generated >= params.num_tokens_to_generate else "stop"
-        return ChoiceResult(text, view["prompt_tokens"], view["completion_tokens"], reason)
+        return ChoiceResult(
+            text, view["prompt_tokens"], view["completion_tokens"], reason, token_ids, log_probs
+        )
 
 
 async def run_choice(
@@ -174,10 +182,9 @@ async def run_choice(
                 if waiting_for_first and event.completion_tokens:
                     on_first_token()
                 _send(matcher.flush(), pieces, emit)
-                reason = "stop" if matcher.stopped else event.finish_reason
-                return ChoiceResult(
-                    "".join(pieces), event.prompt_tokens, event.completion_tokens, reason
-                )
+                event.text = "".join(pieces)
+                event.finish_reason = "stop" if matcher.stopped else event.finish_reason
+                return event
             if waiting_for_first and event.tokens:
                 on_first_token()
                 waiting_for_first = False
@@ -229,10 +236,18 @@ def record_view(record: Any) -> dict[str, Any]:
     prompt = _field(first, "prompt_tokens") or []
     if len(prompt) == 2 and prompt[0] == "tensor" and isinstance(prompt[1], list):
         prompt = prompt[1]
+    token_ids = [t for r in requests for t in _field(r, "generated_tokens") or []]
+    log_probs = [_field(r, "generated_log_probs") for r in requests]
     return {
         "text": "".join(_field(r, "generated_text") or "" for r in requests),
         "prompt_tokens": len(prompt),
-        "completion_tokens": sum(len(_field(r, "generated_tokens") or []) for r in requests),
+        "completion_tokens": len(token_ids),
+        "token_ids": token_ids,
+        "log_probs": (
+            [lp for part in log_probs for lp in part]
+            if all(isinstance(part, list) for part in log_probs)
+            else None
+        ),
         "finish_reason": _field(last, "finish_reason"),
         "status": _field(last, "status"),
     }

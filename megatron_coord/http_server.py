@@ -5,9 +5,12 @@ each HTTP request into one engine request per prompt and choice. Everything runs
 event loop, so thousands of open HTTP requests cost no threads.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with server-sent-event
-streaming), ``GET /v1/models``, ``GET /health`` (503 unless a replica is alive) and ``GET
-/metrics`` (Prometheus). Errors use OpenAI's JSON error shape: 400 bad request, 404 unknown model,
-429 overloaded, 503 no replica, 504 timeout, 500 anything else.
+streaming, ``n`` choices, ``stop`` strings, ``seed``, and the sampled tokens' log-probabilities
+when not streaming), ``GET /v1/models``, ``GET /health`` (503 unless a replica is alive) and
+``GET /metrics`` (Prometheus). Errors use OpenAI's JSON error shape: 400 bad request, 401 bad
+API key, 404 unknown model, 413 body too large, 429 overloaded, 503 no replica, 504 timeout,
+500 anything else. Valid OpenAI parameters that are not served (penalties, logit_bias, echo,
+top-k log-probability lists, tools) are refused with 400 rather than ignored.
 
 Run on its own against a coordinator::
 
@@ -466,7 +469,28 @@ async def _serve(
     state.metrics.observe_success(
         endpoint, time.monotonic() - start, prompt_tokens, completion_tokens
     )
-    return JSONResponse(fmt.response(results, oa.usage(prompt_tokens, completion_tokens)))
+    logprobs = [_logprobs(state, fmt, r) for r in results] if body.wants_logprobs() else None
+    usage = oa.usage(prompt_tokens, completion_tokens)
+    return JSONResponse(fmt.response(results, usage, logprobs))
+
+
+def _logprobs(
+    state: _ServerState, fmt: oa.ResponseFormat, result: ChoiceResult
+) -> dict[str, Any] | None:
+    """The logprobs object of one choice: its tokens as text, cut where a stop string cut its
+    text. Without a tokenizer tokens read ``token_id:N`` and are not cut. None if the engine
+    sent no log-probabilities."""
+    if result.log_probs is None or len(result.log_probs) != len(result.token_ids):
+        return None
+    if state.tokenizer is not None:
+        pieces = [state.tokenizer.detokenize([t]) for t in result.token_ids]
+    else:
+        pieces = [f"token_id:{t}" for t in result.token_ids]
+    kept, length = 0, 0
+    while kept < len(pieces) and (state.tokenizer is None or length < len(result.text)):
+        length += len(pieces[kept])
+        kept += 1
+    return fmt.logprobs_payload(pieces[:kept], result.log_probs[:kept])
 
 
 async def _run_unary(

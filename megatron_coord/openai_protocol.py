@@ -108,6 +108,9 @@ class _SamplingFields(BaseModel):
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
 
+    def wants_logprobs(self) -> bool:
+        return False
+
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
@@ -118,7 +121,8 @@ class CompletionRequest(_SamplingFields):
     prompt: Prompt
     max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16  # OpenAI's default
     echo: bool = False
-    logprobs: StrictInt | None = None
+    # Only 0 is served: the sampled tokens' log-probabilities (engines report no top-k lists).
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
     best_of: StrictInt | None = None
     suffix: StrictStr | None = None
 
@@ -126,12 +130,21 @@ class CompletionRequest(_SamplingFields):
         super().check_supported()
         if self.echo:
             raise OpenAIError(400, "echo is not supported", param="echo")
-        if self.logprobs is not None:
-            raise OpenAIError(400, "logprobs is not supported", param="logprobs")
+        if self.logprobs:
+            raise OpenAIError(
+                400,
+                "only logprobs=0 (the sampled tokens' log-probabilities) is supported",
+                param="logprobs",
+            )
+        if self.logprobs is not None and self.stream:
+            raise OpenAIError(400, "logprobs are not supported when streaming", param="logprobs")
         if self.best_of is not None and self.best_of != self.n:
             raise OpenAIError(400, "best_of is not supported", param="best_of")
         if self.suffix:
             raise OpenAIError(400, "suffix is not supported", param="suffix")
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs is not None
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: one entry per prompt of a batch."""
@@ -179,21 +192,29 @@ class ChatCompletionRequest(_SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
     logprobs: bool = False
-    top_logprobs: StrictInt | None = None
+    # Only 0/None is served: the sampled tokens' log-probabilities, no alternatives.
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: Any = None
     response_format: dict[str, Any] | None = None
 
     def check_supported(self) -> None:
         super().check_supported()
-        if self.logprobs or self.top_logprobs is not None:
-            raise OpenAIError(400, "logprobs is not supported", param="logprobs")
+        if self.top_logprobs:
+            raise OpenAIError(
+                400, "only top_logprobs=0 (no alternatives) is supported", param="top_logprobs"
+            )
+        if self.logprobs and self.stream:
+            raise OpenAIError(400, "logprobs are not supported when streaming", param="logprobs")
         if self.tools or self.tool_choice not in (None, "none"):
             raise OpenAIError(400, "tools are not supported", param="tools")
         if self.response_format and self.response_format.get("type") != "text":
             raise OpenAIError(
                 400, "only the text response_format is supported", param="response_format"
             )
+
+    def wants_logprobs(self) -> bool:
+        return self.logprobs
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -225,6 +246,9 @@ def to_sampling_params(
     )
     if req.seed is not None:
         params.seed = (req.seed + choice_index + 2**63) % 2**64 - 2**63
+    if req.wants_logprobs():
+        params.return_log_probs = True
+        params.skip_prompt_log_probs = True  # only the generated tokens' are returned
     return params
 
 
@@ -244,16 +268,45 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
+def completion_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
 
-def chat_choice(index: int, text: str, finish_reason: str | None) -> dict[str, Any]:
+def chat_choice(
+    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
+) -> dict[str, Any]:
     return {
         "index": index,
         "message": {"role": "assistant", "content": text},
-        "logprobs": None,
+        "logprobs": logprobs,
         "finish_reason": finish_reason,
+    }
+
+
+def completion_logprobs(tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
+    """The legacy completions ``logprobs`` object for sampled tokens (``logprobs=0``): each
+    entry of ``top_logprobs`` holds just the sampled token, as vLLM returns for 0."""
+    offsets, offset = [], 0
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token)
+    return {
+        "tokens": tokens,
+        "token_logprobs": log_probs,
+        "top_logprobs": [{t: lp} for t, lp in zip(tokens, log_probs, strict=True)],
+        "text_offset": offsets,
+    }
+
+
+def chat_logprobs(tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
+    """The chat ``logprobs`` object for sampled tokens (no alternatives)."""
+    return {
+        "content": [
+            {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
+            for t, lp in zip(tokens, log_probs, strict=True)
+        ]
     }
 
 
@@ -293,8 +346,19 @@ class ResponseFormat:
             chunk["usage"] = None
         return chunk
 
-    def response(self, results: list[Any], usage: dict[str, int]) -> dict[str, Any]:
-        choices = [self._choice(i, r.text, r.finish_reason) for i, r in enumerate(results)]
+    def response(
+        self,
+        results: list[Any],
+        usage: dict[str, int],
+        logprobs: list[dict[str, Any] | None] | None = None,
+    ) -> dict[str, Any]:
+        """The full answer; ``results`` have ``text`` and ``finish_reason`` (ChoiceResult),
+        ``logprobs`` one ``logprobs_payload`` (or None) per result."""
+        logprobs = logprobs or [None] * len(results)
+        choices = [
+            self._choice(i, r.text, r.finish_reason, lp)
+            for i, (r, lp) in enumerate(zip(results, logprobs, strict=True))
+        ]
         body = self._envelope(self.object_name, choices)
         body["usage"] = usage
         return body
@@ -307,7 +371,12 @@ class ResponseFormat:
     def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
         return []
 
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
+    def _choice(
+        self, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def logprobs_payload(self, tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
         raise NotImplementedError
 
     def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
@@ -321,8 +390,13 @@ class CompletionFormat(ResponseFormat):
     object_name = chunk_object_name = "text_completion"
     id_prefix = "cmpl"
 
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
-        return completion_choice(index, text, finish_reason)
+    def _choice(
+        self, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        return completion_choice(index, text, finish_reason, logprobs)
+
+    def logprobs_payload(self, tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
+        return completion_logprobs(tokens, log_probs)
 
     def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
         return self._chunk(completion_choice(index, text, None), include_usage)
@@ -336,8 +410,13 @@ class ChatFormat(ResponseFormat):
     chunk_object_name = "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
-    def _choice(self, index: int, text: str, finish_reason: str) -> dict[str, Any]:
-        return chat_choice(index, text, finish_reason)
+    def _choice(
+        self, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
+    ) -> dict[str, Any]:
+        return chat_choice(index, text, finish_reason, logprobs)
+
+    def logprobs_payload(self, tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
+        return chat_logprobs(tokens, log_probs)
 
     def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
         delta = {"role": "assistant", "content": ""}

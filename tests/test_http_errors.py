@@ -25,6 +25,18 @@ _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
 
+SCRIPTS = (
+    "no_engine",
+    "overloaded",
+    "invalid_request",
+    "engine_failed",
+    "midstream",
+    "eod_reply",
+    "logprobs",
+    "gpt2_eos",
+)
+
+
 class ScriptedCoordinator:
     """Answers CONNECT, STATS and SUBMIT_REQUEST; the prompt text picks the answer."""
 
@@ -69,19 +81,31 @@ class ScriptedCoordinator:
         elif header == Headers.SUBMIT_REQUEST:
             self._submit(identity, *message[1:])
 
-    def _submit(self, identity: bytes, request_id: int, prompt: str, params: dict) -> None:
+    def _submit(self, identity: bytes, request_id: int, text: str, params: dict) -> None:
+        # The first script name found in the prompt picks the answer (chat prompts arrive
+        # wrapped in a template).
+        prompt = next((name for name in SCRIPTS if name in text), None)
         if prompt in ("no_engine", "overloaded", "invalid_request", "engine_failed"):
             self._send(identity, Headers.ERROR, request_id, prompt, f"scripted {prompt}")
         elif prompt == "midstream":
             self._send(identity, Headers.PARTIAL_REPLY, request_id, [104], "h")
             self._send(identity, Headers.PARTIAL_REPLY, request_id, [105], "i")
             self._send(identity, Headers.ERROR, request_id, "engine_failed", "replica died")
-        elif prompt == "eos":
+        elif prompt == "eod_reply":
             # An answer ending in the end-of-text token: its text must not reach the client.
             request = {
                 "prompt_tokens": [1, 2],
                 "generated_tokens": [7, 8, 0],
                 "generated_text": "ok\x00",
+                "finish_reason": "stop",
+            }
+            self._send(identity, Headers.ENGINE_REPLY, request_id, {"requests": [request]})
+        elif prompt == "logprobs":
+            request = {
+                "prompt_tokens": [1, 2, 3],
+                "generated_tokens": [104, 105, 33, 0],
+                "generated_log_probs": [-0.5, -1.0, -2.0, -0.25],
+                "generated_text": "hi!\x00",
                 "finish_reason": "stop",
             }
             self._send(identity, Headers.ENGINE_REPLY, request_id, {"requests": [request]})
@@ -157,7 +181,7 @@ def test_error_after_streaming_started_arrives_in_the_stream(scripted) -> None:
 
 def test_end_of_text_token_is_not_returned(scripted) -> None:
     _, _, client = scripted
-    r = client.completions.create(model="m", prompt="eos", max_tokens=5)
+    r = client.completions.create(model="m", prompt="eod_reply", max_tokens=5)
     assert r.choices[0].text == "ok"
     assert r.choices[0].finish_reason == "stop"
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (2, 3)
@@ -214,12 +238,12 @@ def test_api_key_and_body_limit() -> None:
     try:
         wrong = openai.OpenAI(base_url=f"{server.url}/v1", api_key="guess", max_retries=0)
         with pytest.raises(openai.AuthenticationError) as info:
-            wrong.completions.create(model="m", prompt="eos", max_tokens=2)
+            wrong.completions.create(model="m", prompt="eod_reply", max_tokens=2)
         assert info.value.body["code"] == "invalid_api_key"
         with pytest.raises(openai.AuthenticationError):
             wrong.models.list()
         right = openai.OpenAI(base_url=f"{server.url}/v1", api_key="sekret", max_retries=0)
-        assert right.completions.create(model="m", prompt="eos", max_tokens=2).choices
+        assert right.completions.create(model="m", prompt="eod_reply", max_tokens=2).choices
         assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
         assert httpx.get(f"{server.url}/metrics").status_code == 200
 
@@ -262,3 +286,47 @@ def test_hugging_face_tokenizer_is_adapted() -> None:
     finally:
         server.stop()
         coordinator.close()
+
+
+def test_sampled_token_logprobs(scripted) -> None:
+    _, _, client = scripted
+    r = client.completions.create(model="m", prompt="logprobs", max_tokens=5, logprobs=0)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == "hi!"  # the end-of-text token is cut from text and logprobs
+    assert lp.tokens == ["h", "i", "!"]
+    assert lp.token_logprobs == [-0.5, -1.0, -2.0]
+    assert lp.text_offset == [0, 1, 2]
+    assert lp.top_logprobs == [{"h": -0.5}, {"i": -1.0}, {"!": -2.0}]
+
+    cut = client.completions.create(
+        model="m", prompt="logprobs", max_tokens=5, logprobs=0, stop="!"
+    )
+    assert cut.choices[0].text == "hi"
+    assert cut.choices[0].logprobs.tokens == ["h", "i"]
+
+    chat = client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "logprobs"}], max_tokens=5, logprobs=True
+    )
+    content = chat.choices[0].logprobs.content
+    assert [(c.token, c.logprob, c.bytes) for c in content] == [
+        ("h", -0.5, [104]),
+        ("i", -1.0, [105]),
+        ("!", -2.0, [33]),
+    ]
+    plain = client.completions.create(model="m", prompt="logprobs", max_tokens=5)
+    assert plain.choices[0].logprobs is None  # not asked for
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"logprobs": 1},
+        {"logprobs": 0, "stream": True},
+    ],
+)
+def test_unsupported_logprobs_requests(scripted, fields) -> None:
+    _, _, client = scripted
+    with pytest.raises(openai.BadRequestError) as info:
+        result = client.completions.create(model="m", prompt="logprobs", max_tokens=2, **fields)
+        list(result) if fields.get("stream") else None
+    assert info.value.body["param"] == "logprobs"

@@ -24,6 +24,19 @@ N_TOKENS = 8
 MODEL = "tiny-llama"
 
 
+def hf_log_probs(path: str, prompt: list[int], generated: list[int]) -> list[float]:
+    """transformers' log-probability of each generated token given everything before it."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids = torch.tensor([prompt + generated])
+    with torch.no_grad():
+        log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
+    rows = range(len(prompt) - 1, len(prompt) - 1 + len(generated))
+    return [log_probs[row, token].item() for row, token in zip(rows, generated, strict=True)]
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tiny-llama-http"))
@@ -154,6 +167,16 @@ def test_serve_http_port_over_real_engines(tmp_path, checkpoint) -> None:
         text = "".join(c.choices[0].delta.content or "" for c in streamed if c.choices)
         assert text == unary.choices[0].message.content
         assert unary.usage.completion_tokens > 0
+
+        # Sampled-token log-probabilities equal transformers' log-softmax at each step.
+        lp = client.completions.create(
+            model=MODEL, prompt=PROMPTS[0], max_tokens=N_TOKENS, temperature=0, logprobs=0
+        )
+        logprobs = lp.choices[0].logprobs
+        assert "".join(logprobs.tokens) == lp.choices[0].text == r.choices[0].text
+        tokens = expected[0][:-1] if expected[0][-1] == EOS else expected[0]
+        reference = hf_log_probs(checkpoint, tokenizer.tokenize(PROMPTS[0]), tokens)
+        assert logprobs.token_logprobs == pytest.approx(reference, abs=1e-3)
 
         # A token id outside the vocabulary: the engine refuses it, the client gets a 400.
         with pytest.raises(openai.BadRequestError):

@@ -41,6 +41,16 @@ def test_top_p_one_means_no_filtering() -> None:
     assert to_sampling_params(completion(top_k=1, temperature=1.3), 4, 0, None).top_k == 1
 
 
+def test_logprobs_ask_the_engine_for_sampled_token_log_probs() -> None:
+    p = to_sampling_params(completion(logprobs=0), 4, 0, None)
+    assert p.return_log_probs and p.skip_prompt_log_probs
+    assert not to_sampling_params(completion(), 4, 0, None).return_log_probs
+    chat = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "x"}])
+    assert not to_sampling_params(chat, 4, 0, None).return_log_probs
+    chat.logprobs = True
+    assert to_sampling_params(chat, 4, 0, None).return_log_probs
+
+
 def test_seed_per_choice_stays_in_int64() -> None:
     assert to_sampling_params(completion(seed=7), 1, 2, None).seed == 9
     assert to_sampling_params(completion(), 1, 2, None).seed is None
