@@ -447,7 +447,7 @@ def test_overload_429_queue_depth_and_disconnect_abort() -> None:
 
 
 def test_health_and_metrics_when_the_coordinator_is_gone() -> None:
-    s = Stack(replicas=2, request_timeout_s=2.0)
+    s = Stack(replicas=2, request_timeout_s=1.0, stats_timeout_s=0.3)
     try:
         s.process.kill()
         s.process.join()
