@@ -52,6 +52,19 @@ LATENCY_BUCKETS = (
 )
 
 
+# Fields of an engine's HEARTBEAT load report (relayed in STATS) exported as per-replica gauges.
+# Unknown fields are ignored, missing ones leave no sample: engines differ in what they report.
+LOAD_GAUGES = {
+    "queued": "Requests waiting on the replica for a batch slot (engine report).",
+    "active": "Requests being decoded on the replica (engine report).",
+    "free_slots": "Free batch slots on the replica (engine report).",
+    "free_kv_tokens": "Free KV-cache capacity of the replica, in tokens (engine report).",
+    "steps": "Engine steps the replica has run since it started (engine report).",
+    "generated_tokens": "Tokens the replica has generated since it started (engine report).",
+    "paused": "1 while the replica is paused (engine report).",
+}
+
+
 class ServingMetrics:
     """The front end's metrics, in a registry of their own."""
 
@@ -134,6 +147,12 @@ class ServingMetrics:
             registry=r,
         )
         self._known_ranks: set[str] = set()  # replicas that have gauges, for "coordinator down"
+        self.replica_load = {
+            name: Gauge(
+                f"{PREFIX}_replica_engine_{name}", help_text, ["data_parallel_rank"], registry=r
+            )
+            for name, help_text in LOAD_GAUGES.items()
+        }
         # Pre-create every outcome so a counter reads 0 (not absent) before its first event.
         for endpoint in ("completions", "chat_completions"):
             for outcome in OUTCOMES:
@@ -182,7 +201,12 @@ class ServingMetrics:
         engines = stats.get("engines") or []
         self.coordinator_in_flight.set(_number(stats.get("requests_in_flight")))
         self.coordinator_clients.set(_number(stats.get("clients")))
-        for gauge in (self.replica_up, self.replica_queue_depth, self.replica_outstanding_tokens):
+        for gauge in (
+            self.replica_up,
+            self.replica_queue_depth,
+            self.replica_outstanding_tokens,
+            *self.replica_load.values(),
+        ):
             gauge.clear()
         self._known_ranks = set()
         alive = 0
@@ -198,7 +222,17 @@ class ServingMetrics:
             tokens = engine.get("outstanding_tokens")
             if isinstance(tokens, int) and not isinstance(tokens, bool):
                 self.replica_outstanding_tokens.labels(rank).set(tokens)
+            self._set_load(rank, engine.get("load"))
         self.replicas_alive.set(alive)
+
+    def _set_load(self, rank: str, load: Any) -> None:
+        """Per-replica gauges from the engine's last HEARTBEAT report, where it has one."""
+        if not isinstance(load, dict):
+            return
+        for name, gauge in self.replica_load.items():
+            value = load.get(name)
+            if isinstance(value, (bool, int, float)):
+                gauge.labels(rank).set(float(value))
 
     def render(self) -> bytes:
         """The registry in Prometheus' text exposition format."""

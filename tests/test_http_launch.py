@@ -182,14 +182,32 @@ def test_serve_http_port_over_real_engines(tmp_path, checkpoint) -> None:
         with pytest.raises(openai.BadRequestError):
             client.completions.create(model=MODEL, prompt=[10**9], max_tokens=2)
 
-        families = {
-            s.name: s
-            for f in text_string_to_metric_families(httpx.get(f"{launch.url}/metrics").text)
-            for s in f.samples
-            if s.name in ("megatron_coord_replicas_alive", "megatron_coord_coordinator_up")
-        }
-        assert families["megatron_coord_replicas_alive"].value == 2
-        assert families["megatron_coord_coordinator_up"].value == 1
+        def scrape() -> dict[tuple[str, str], float]:
+            text = httpx.get(f"{launch.url}/metrics").text
+            return {
+                (s.name, s.labels.get("data_parallel_rank", "")): s.value
+                for f in text_string_to_metric_families(text)
+                for s in f.samples
+            }
+
+        m = scrape()
+        assert m[("megatron_coord_replicas_alive", "")] == 2
+        assert m[("megatron_coord_coordinator_up", "")] == 1
+        # The engines' heartbeats (every second) reach /metrics through STATS: together the
+        # replicas report at least every token generated above.
+        generated = r.usage.completion_tokens + lp.usage.completion_tokens
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            m = scrape()
+            reported = sum(
+                m.get(("megatron_coord_replica_engine_generated_tokens", rank), 0)
+                for rank in ("0", "1")
+            )
+            if reported >= generated:
+                break
+            time.sleep(0.2)
+        assert reported >= generated
+        assert m[("megatron_coord_replica_engine_active", "0")] == 0
 
         # torchrun, two ranks, the coordinator and the HTTP server process.
         assert len(launch.processes()) >= 5

@@ -123,3 +123,25 @@ def test_malformed_stats_never_raise() -> None:
     assert s[("megatron_coord_replica_up", (("data_parallel_rank", "1"),))] == 0
     assert s[("megatron_coord_replica_queue_depth", (("data_parallel_rank", "7"),))] == 0
     assert s[("megatron_coord_coordinator_requests_in_flight", ())] == 0
+
+
+def test_engine_load_reports_become_replica_gauges() -> None:
+    m = ServingMetrics()
+    load = {"queued": 4, "active": 2, "free_kv_tokens": 512, "paused": True, "extra": "x"}
+    m.update_from_stats(
+        {
+            "engines": [
+                {"data_parallel_rank": 0, "alive": True, "load": load},
+                {"data_parallel_rank": 1, "alive": True, "load": None},
+            ]
+        }
+    )
+    s = scrape(m)
+    r0 = (("data_parallel_rank", "0"),)
+    assert s[("megatron_coord_replica_engine_queued", r0)] == 4
+    assert s[("megatron_coord_replica_engine_active", r0)] == 2
+    assert s[("megatron_coord_replica_engine_free_kv_tokens", r0)] == 512
+    assert s[("megatron_coord_replica_engine_paused", r0)] == 1
+    # Not reported: no sample (rank 1 sent no heartbeat yet; rank 0 reported no steps).
+    assert ("megatron_coord_replica_engine_queued", (("data_parallel_rank", "1"),)) not in s
+    assert ("megatron_coord_replica_engine_steps", r0) not in s
