@@ -71,30 +71,32 @@ class EngineServer:
         heartbeat_interval_s: float | None = None,
     ) -> None:
         self.engine = engine
-        # HEARTBEAT load reports (the coordinator shows them in STATS); None: never sent.
-        self.heartbeat_interval_s = heartbeat_interval_s
-        self._next_heartbeat = 0.0
-        # Heartbeats start once the coordinator has spoken: before every engine registered it
-        # would only queue (or drop) them.
-        self._heard_from_coordinator = False
-        self.generated_tokens = 0
-        # Rank 0 owns the coordinator process: if it dies before STOP, the replica must not
-        # wait forever on a socket nobody will ever write to.
-        self.coordinator_alive = coordinator_alive
-        self.coordinator_lost = False
         self.state = state
         self.deterministic_mode = deterministic_mode
         self.idle_timeout_ms = max(1, int(idle_timeout_s * 1000))
         self.broadcaster = TPBroadcaster(state)
+        # Replica state, identical on every rank of the group (changed only by broadcast inputs).
         self.paused = False
         self.suspended = False
         self.stop_received = False
         self.done = False
-        self.shutdown_requested = False
         self.steps = 0
+        self.generated_tokens = 0
+        # TP-coordinator only: shutdown requests (signals, another thread) and the socket.
+        self.shutdown_requested = False
         self.socket: zmq.Socket | None = None
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        # Rank 0 owns the coordinator process: if it dies before STOP, the replica must not
+        # wait forever on a socket nobody will ever write to.
+        self.coordinator_alive = coordinator_alive
+        self.coordinator_lost = False
+        # HEARTBEAT load reports (the coordinator shows them in STATS); None: never sent. They
+        # start once the coordinator has spoken: before every engine registered it would only
+        # queue (or drop) them.
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self._next_heartbeat = 0.0
+        self._heard_from_coordinator = False
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
