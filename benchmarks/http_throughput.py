@@ -20,6 +20,7 @@ import asyncio
 import json
 import multiprocessing
 import os
+import pathlib
 import platform
 import socket
 import subprocess
@@ -216,18 +217,8 @@ def start_coordinator(replicas: int) -> tuple[str, multiprocessing.Process]:
     return parent.recv(), process, ready
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load phase")
-    parser.add_argument("--replicas", type=int, default=2, help="fake engines")
-    parser.add_argument("--clients", type=int, default=1, help="load processes")
-    parser.add_argument("--window", type=int, default=32, help="connections per load process")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--single-requests", type=int, default=200)
-    parser.add_argument("--no-write", action="store_true", help="do not write results/")
-    args = parser.parse_args()
-
+def start_fake(args: argparse.Namespace) -> tuple[str, str, Any]:
+    """Coordinator + fake engines + the HTTP server as its own process; returns a stopper."""
     from megatron_coord.fake_engine import spawn
 
     address, coordinator, ready = start_coordinator(args.replicas)
@@ -238,18 +229,8 @@ def main() -> None:
         [sys.executable, "-m", "megatron_coord.http_server", "--coordinator-address", address]
         + ["--port", str(port), "--model-name", MODEL, "--log-level", "error"]
     )
-    try:
-        ready.wait(60)
-        wait_healthy(url, server)
-        result = {
-            "benchmark": "http_throughput",
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "config": {k: v for k, v in vars(args).items() if k != "no_write"},
-            "http_completions": http_load(args, port),
-            "direct_inference_client": asyncio.run(direct_load(args, address)),
-            "single_request": single_request_latency(url, args),
-        }
-    finally:
+
+    def stop() -> None:
         server.terminate()
         server.wait(30)
         for engine in engines:
@@ -257,11 +238,106 @@ def main() -> None:
             engine.wait()
         coordinator.kill()
         coordinator.join()
+
+    try:
+        ready.wait(60)
+        wait_healthy(url, server)
+    except BaseException:
+        stop()
+        raise
+    return url, address, stop
+
+
+def start_launch(args: argparse.Namespace) -> tuple[str, str, Any]:
+    """``torchrun launch/serve.py --http-port 0``: real engines on the default model."""
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)  # noqa: SIM115
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.replicas),
+        "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+        os.path.join(root, "launch", "serve.py"), "--http-port", "0",
+        "--served-model-name", MODEL, "--max-batch-size", str(args.max_batch_size),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    launch = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    found: dict[str, str] = {}
+    deadline = time.monotonic() + 300
+    while len(found) < 2:
+        if launch.poll() is not None or time.monotonic() > deadline:
+            launch.kill()
+            raise RuntimeError("serve.py did not start:\n" + pathlib.Path(log.name).read_text())
+        for line in pathlib.Path(log.name).read_text().splitlines():
+            for key, prefix in (("url", "OpenAI-compatible API at "), ("addr", "coordinator ")):
+                if line.startswith(prefix):
+                    found[key] = line.split()[3]
+        time.sleep(0.1)
+    url = found["url"].removesuffix("/v1")
+
+    def stop() -> None:
+        from megatron_coord.client import InferenceClient
+
+        async def stop_engines() -> None:
+            client = InferenceClient(found["addr"])
+            await client.start()
+            await asyncio.wait_for(client.stop_engines(), 60)
+            client.stop()
+
+        try:
+            asyncio.run(stop_engines())
+            launch.wait(60)
+        finally:
+            if launch.poll() is None:
+                launch.kill()
+            os.unlink(log.name)
+
+    try:
+        wait_healthy(url, launch)
+    except BaseException:
+        stop()
+        raise
+    return url, found["addr"], stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per load phase")
+    parser.add_argument(
+        "--engines",
+        choices=["fake", "launch"],
+        default="fake",
+        help="instant fake engines (default: measures the HTTP layer), or a real torchrun "
+        "launch of launch/serve.py on the default model",
+    )
+    parser.add_argument("--replicas", type=int, default=2, help="engines (data-parallel ranks)")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="--engines launch only")
+    parser.add_argument("--clients", type=int, default=1, help="load processes")
+    parser.add_argument("--window", type=int, default=32, help="connections per load process")
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--single-requests", type=int, default=200)
+    parser.add_argument("--no-write", action="store_true", help="do not write results/")
+    args = parser.parse_args()
+
+    url, address, stop = (start_launch if args.engines == "launch" else start_fake)(args)
+    try:
+        result = {
+            "benchmark": "http_throughput",
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "config": {k: v for k, v in vars(args).items() if k != "no_write"},
+            "http_completions": http_load(args, int(url.rsplit(":", 1)[1])),
+            "direct_inference_client": asyncio.run(direct_load(args, address)),
+            "single_request": single_request_latency(url, args),
+        }
+    finally:
+        stop()
     text = json.dumps(result, indent=2)
     print(text)
     if not args.no_write:
         os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, "http_throughput.json"), "w") as f:
+        name = "http_throughput.json" if args.engines == "fake" else "http_throughput_launch.json"
+        with open(os.path.join(RESULTS, name), "w") as f:
             f.write(text + "\n")
 
 
