@@ -76,7 +76,11 @@ class Stack:
                 await asyncio.wait_for(client.pause_engines(), 30)
             else:
                 client.unpause_engines()
-                await asyncio.sleep(0)  # let the send go out before the socket closes
+                # A round trip through every engine proves UNPAUSE arrived (messages stay in
+                # order) before this client's socket closes.
+                await asyncio.gather(
+                    *(client.add_request("u", {"num_tokens_to_generate": 1}) for _ in self.engines)
+                )
             client.stop()
 
         asyncio.run(run())
