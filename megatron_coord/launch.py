@@ -397,7 +397,11 @@ def run_generate(
     replica.serve()
     if thread is None:
         return None
-    thread.join()
+    # After STOP the client has its results; after a signal it may wait forever on requests
+    # the stopped engines will never finish, so give it a moment and leave it (a daemon).
+    thread.join(None if replica.server.stop_received else 2.0)
+    if thread.is_alive():
+        raise RuntimeError("generation interrupted before every prompt completed")
     if "error" in results:
         raise RuntimeError(f"generation failed: {results['error']!r}") from results["error"]
     return results["completions"]
