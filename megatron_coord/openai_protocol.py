@@ -448,7 +448,7 @@ class StopMatcher:
         if not self.stops:
             return text
         buffer = self.pending + text
-        cut = min((i for i in (buffer.find(s) for s in self.stops) if i >= 0), default=-1)
+        cut = _first_stop(buffer, self.stops)
         if cut >= 0:
             self.stopped = True
             self.pending = ""
@@ -470,3 +470,22 @@ class StopMatcher:
                     best = length
                     break
         return best
+
+
+def _first_stop(text: str, stops: list[str]) -> int:
+    """Where ``text`` is cut: the start of the stop string that is complete first (the one
+    ending earliest, the longest of those), or -1.
+
+    "Complete first" is what a generation that stops on a stop string does: with stops "c" and
+    "aca", the text "ac..." stops at "c" before "aca" could ever be generated. Deciding by end
+    position makes the result the same however the text was split into pieces.
+    """
+    best_end, best_start = len(text) + 1, -1
+    for stop in stops:
+        start = text.find(stop)
+        if start < 0:
+            continue
+        end = start + len(stop)
+        if end < best_end or (end == best_end and start < best_start):
+            best_end, best_start = end, start
+    return best_start

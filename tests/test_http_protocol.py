@@ -76,8 +76,12 @@ def test_mapped_params_always_pass_the_coordinators_validation(
 
 
 def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
-    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[: min(hits)], True) if hits else (text, False)
+    """Character by character: stop at the first position where some stop string ends."""
+    for end in range(1, len(text) + 1):
+        ending = [s for s in stops if text[:end].endswith(s)]
+        if ending:
+            return text[: end - max(len(s) for s in ending)], True
+    return text, False
 
 
 @given(
@@ -88,12 +92,20 @@ def reference_cut(text: str, stops: list[str]) -> tuple[str, bool]:
 def test_stop_matcher_equals_cutting_the_whole_text(
     text: str, stops: list[str], cuts: list[int]
 ) -> None:
-    """However the text is split into pieces, the output is the text cut at the first stop."""
+    """However the text is split into pieces, the output is the text cut at the stop string
+    completed first (as if generated one character at a time)."""
     bounds = sorted({0, len(text), *(c for c in cuts if c <= len(text))})
     matcher = StopMatcher(stops)
     out = "".join(matcher.feed(text[a:b]) for a, b in zip(bounds, bounds[1:], strict=False))
     out += matcher.flush()
     assert (out, matcher.stopped) == reference_cut(text, stops)
+
+
+def test_stop_completed_first_wins() -> None:
+    # "c" is complete before "aca" could be: a generation would have stopped there.
+    for pieces in (["aca"], ["ac", "a"], ["a", "c", "a"]):
+        m = StopMatcher(["c", "aca"])
+        assert "".join(m.feed(p) for p in pieces) + m.flush() == "a"
 
 
 def test_stop_matcher_holds_back_a_possible_start() -> None:
