@@ -18,6 +18,7 @@ from .sampling_params import SamplingParams
 MAX_STOP_SEQUENCES = 4
 MAX_CHOICES = 16  # n: each choice is one engine request
 MAX_PROMPTS = 64  # a batch of prompts in one /v1/completions call
+MAX_ENGINE_REQUESTS = 256  # prompts x n: what one HTTP request may put on the engines
 
 TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
 Prompt = StrictStr | TokenIds | list[StrictStr] | list[TokenIds]
@@ -163,6 +164,8 @@ class CompletionRequest(_SamplingFields):
             raise OpenAIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
         if any(len(x) == 0 for x in prompts):
             raise OpenAIError(400, "prompt must not be empty", param="prompt")
+        if len(prompts) * self.n > MAX_ENGINE_REQUESTS:
+            raise OpenAIError(400, f"prompts x n must be at most {MAX_ENGINE_REQUESTS}", param="n")
         return prompts
 
 

@@ -140,6 +140,13 @@ def test_empty_or_huge_prompts_are_refused(prompt) -> None:
     assert info.value.status == 400 and info.value.param == "prompt"
 
 
+def test_prompts_times_choices_is_bounded() -> None:
+    assert len(CompletionRequest(model="m", prompt=["x"] * 16, n=16).prompts()) == 16
+    with pytest.raises(OpenAIError) as info:
+        CompletionRequest(model="m", prompt=["x"] * 17, n=16).prompts()
+    assert info.value.param == "n"
+
+
 @pytest.mark.parametrize(
     "fields",
     [
