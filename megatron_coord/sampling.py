@@ -120,7 +120,9 @@ def sample(
     tokens = [0] * len(states)
     greedy_rows = [i for i, s in enumerate(states) if s.greedy]
     if greedy_rows:
-        picked = torch.argmax(logits[greedy_rows], dim=-1).tolist()
+        # All-greedy batches (the common case) skip the row gather, a copy of B x vocab floats.
+        rows = logits if len(greedy_rows) == len(states) else logits[greedy_rows]
+        picked = torch.argmax(rows, dim=-1).tolist()
         for row, token in zip(greedy_rows, picked, strict=True):
             tokens[row] = token
     for i, state in enumerate(states):
