@@ -323,7 +323,8 @@ def _install_routes(app: FastAPI, state: _ServerState) -> None:
         with _counting_refusals(state, endpoint):
             _check_request(state, body)
             body.check_supported()
-            choices = _choices(state, body, body.prompts(), body.max_tokens)
+            max_new = body.max_tokens if body.max_tokens is not None else oa.DEFAULT_MAX_TOKENS
+            choices = _choices(state, body, body.prompts(), max_new)
         return await _serve(
             state, request, endpoint, body, choices, oa.CompletionFormat(state.opts.model_name)
         )

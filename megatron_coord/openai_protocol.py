@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_v
 from .sampling_params import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 16  # n: each choice is one engine request
 MAX_PROMPTS = 64  # a batch of prompts in one /v1/completions call
 MAX_ENGINE_REQUESTS = 256  # prompts x n: what one HTTP request may put on the engines
@@ -120,7 +121,7 @@ class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
     prompt: Prompt
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = 16  # OpenAI's default
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = DEFAULT_MAX_TOKENS
     echo: bool = False
     # Only 0 is served: the sampled tokens' log-probabilities (engines report no top-k lists).
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None

@@ -130,6 +130,16 @@ def test_completion_batch_of_prompts(stack: Stack) -> None:
     assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (6, 12)
 
 
+def test_completion_default_max_tokens(stack: Stack) -> None:
+    """No max_tokens, or null: OpenAI's default of 16."""
+    r = stack.openai.completions.create(model=MODEL, prompt="defaults")
+    assert r.choices[0].text == echo("defaults", 16)
+    r = httpx.post(
+        f"{stack.url}/v1/completions", json={"model": MODEL, "prompt": "nul", "max_tokens": None}
+    )
+    assert r.json()["choices"][0]["text"] == echo("nul", 16)
+
+
 def test_completion_zero_tokens(stack: Stack) -> None:
     r = stack.openai.completions.create(model=MODEL, prompt="abc", max_tokens=0)
     assert r.choices[0].text == ""
