@@ -84,6 +84,7 @@ class HTTPServerThread:
         log_level: str = "warning",
         **options: Any,
     ) -> None:
+        self.coordinator_address = coordinator_address
         self.app = create_app(coordinator_address, tokenizer, model_name, **options)
         self.socket = bind_socket(host, port)
         self.host = host
@@ -117,7 +118,13 @@ class HTTPServerThread:
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                raise RuntimeError(f"the HTTP server did not start: {self.error or 'timeout'}")
+                why = self.error or (
+                    f"timeout after {timeout_s} s"
+                    if self.thread.is_alive()
+                    else "startup failed (is the coordinator at "
+                    f"{self.coordinator_address} up? see the log)"
+                )
+                raise RuntimeError(f"the HTTP server did not start: {why}")
             time.sleep(0.01)  # startup only: uvicorn exposes no event to wait on
         return self
 

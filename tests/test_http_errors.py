@@ -330,3 +330,13 @@ def test_unsupported_logprobs_requests(scripted, fields) -> None:
         result = client.completions.create(model="m", prompt="logprobs", max_tokens=2, **fields)
         list(result) if fields.get("stream") else None
     assert info.value.body["param"] == "logprobs"
+
+
+def test_startup_fails_clearly_without_a_coordinator() -> None:
+    """Nobody answers CONNECT: start() raises instead of serving a server that cannot work."""
+    with zmq.Context() as context, context.socket(zmq.ROUTER) as silent:
+        port = silent.bind_to_random_port("tcp://127.0.0.1")
+        server = HTTPServerThread(f"tcp://127.0.0.1:{port}", connect_timeout_s=0.3)
+        with pytest.raises(RuntimeError, match="is the coordinator at tcp://127.0.0.1"):
+            server.start()
+        assert not server.thread.is_alive()
