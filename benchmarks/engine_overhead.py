@@ -13,7 +13,9 @@ model (default: the embedded default Llama) with the same number of torch thread
 
 The two alternate (one in-process run, one end-to-end run, --repeat times, after one warm-up
 each), so load from other processes hits both alike. Overhead = 1 - e2e / in-process tokens/s,
-from the medians and from the best runs (target: <= 10%). Prints JSON and
+from the medians and from the best runs (target: <= 10%). A third measurement isolates the
+engine side of coordination: EngineServer.run_once minus engine.step, per step, against a bare
+ROUTER in process. Prints JSON and
 writes benchmarks/results/engine_overhead.json.
 """
 
@@ -90,6 +92,62 @@ async def _drive(address: str, args, stop: bool) -> dict:
     return {"tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
 
 
+def server_loop_cost(args, model_path: str, steps: int = 200) -> dict:
+    """Engine-side cost of coordination per step: EngineServer.run_once minus engine.step.
+
+    The server talks to a bare ROUTER in this process (the coordinator's socket type), so the
+    numbers hold the poll, TP exchange, signal handling and replies, and nothing of the
+    coordinator process or the OS scheduling between processes.
+    """
+    import torch
+    import zmq
+
+    from megatron_coord.checkpoint import load_model
+    from megatron_coord.engine import InferenceEngine
+    from megatron_coord.engine_server import EngineServer
+    from megatron_coord.parallel_state import single_process_state
+    from megatron_coord.protocol import Headers, encode
+
+    torch.set_num_threads(args.threads)
+    model = load_model(model_path, single_process_state())
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    port = router.bind_to_random_port("tcp://127.0.0.1")
+    engine = InferenceEngine(model, max_batch_size=args.max_batch_size)
+    server = EngineServer(engine, single_process_state(), f"tcp://127.0.0.1:{port}")
+    identity, _ = router.recv_multipart()  # REGISTER
+    prompts, params = workload(args)
+    params = {**params, "num_tokens_to_generate": steps + 20}
+    for i, prompt in enumerate(prompts[: args.max_batch_size]):
+        router.send_multipart([identity, encode([int(Headers.SUBMIT_REQUEST), i, prompt, params])])
+    while engine.num_requests < args.max_batch_size:
+        server.run_once()
+    inner = 0.0
+    step = engine.step
+
+    def timed_step():
+        nonlocal inner
+        start = time.perf_counter()
+        result = step()
+        inner += time.perf_counter() - start
+        return result
+
+    engine.step = timed_step
+    start = time.perf_counter()
+    for _ in range(steps):
+        server.run_once()
+    total = time.perf_counter() - start
+    server.close()
+    router.close(0)
+    context.term()
+    return {
+        "steps": steps,
+        "step_us": inner / steps * 1e6,
+        "loop_overhead_us": (total - inner) / steps * 1e6,
+        "loop_overhead_fraction": (total - inner) / total,
+    }
+
+
 def summarize(runs: list[dict]) -> dict:
     rates = sorted(r["tokens_per_s"] for r in runs)
     return {
@@ -151,6 +209,7 @@ def main() -> None:
     model_path = args.model or default_checkpoint_dir()
     local_runs, e2e_runs = alternate(args, in_process_runner(args, model_path))
     local, e2e = summarize(local_runs), summarize(e2e_runs)
+    loop = server_loop_cost(args, model_path)
     assert local["tokens"] == e2e["tokens"] == args.requests * args.tokens
     out = {
         "benchmark": "engine_overhead",
@@ -163,6 +222,7 @@ def main() -> None:
         "end_to_end": e2e,
         "overhead_median": 1 - e2e["median_tokens_per_s"] / local["median_tokens_per_s"],
         "overhead_best": 1 - e2e["best_tokens_per_s"] / local["best_tokens_per_s"],
+        "engine_server_loop": loop,
     }
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     with open(os.path.join(HERE, "results", "engine_overhead.json"), "w") as f:
