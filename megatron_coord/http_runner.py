@@ -118,12 +118,16 @@ class HTTPServerThread:
         while not self.server.started:
             if not self.thread.is_alive() or time.monotonic() > deadline:
                 self.stop()
-                why = self.error or (
-                    f"timeout after {timeout_s} s"
-                    if self.thread.is_alive()
-                    else "startup failed (is the coordinator at "
-                    f"{self.coordinator_address} up? see the log)"
-                )
+                if self.thread.is_alive():
+                    why = f"timeout after {timeout_s} s"
+                elif self.error is None or isinstance(self.error, SystemExit):
+                    # uvicorn exits with status 3 when the app's startup (CONNECT) failed.
+                    why = (
+                        f"startup failed (is the coordinator at {self.coordinator_address} up? "
+                        "see the log)"
+                    )
+                else:
+                    why = repr(self.error)
                 raise RuntimeError(f"the HTTP server did not start: {why}")
             time.sleep(0.01)  # startup only: uvicorn exposes no event to wait on
         return self
