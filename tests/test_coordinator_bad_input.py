@@ -232,7 +232,8 @@ def test_reply_for_an_id_never_issued_is_dropped(raw_engine):
     roundtrip(engine, client, 2)
 
 
-def test_reply_with_malformed_tokens_fails_only_that_request(raw_engine):
+@pytest.mark.parametrize("tokens", ["BB", [1.5], [-1], [66, "x"], None, [300], {"a": 1}])
+def test_reply_with_malformed_tokens_fails_only_that_request(raw_engine, tokens):
     _, engine, client = raw_engine
     client.send(3, "a", [65], PARAMS)
     client.send(3, "b", [66], PARAMS)
@@ -244,7 +245,7 @@ def test_reply_with_malformed_tokens_fails_only_that_request(raw_engine):
         "prompt_tokens": ["tensor", [65]],
         "generated_tokens": [66],
     }
-    bad = {"request_id": rid_b, "prompt": None, "prompt_tokens": [66], "generated_tokens": "BB"}
+    bad = {"request_id": rid_b, "prompt": None, "prompt_tokens": [66], "generated_tokens": tokens}
     engine.send(4, [{"requests": [good]}, {"requests": [bad]}])
     replies = {}
     for _ in range(2):
