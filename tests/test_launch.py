@@ -218,11 +218,39 @@ def test_serve_two_replicas_control_and_clean_stop(tmp_path, checkpoint, tokeniz
     assert rerun[0]["generated_tokens"] == found["sampled"][0]
 
 
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _idle_cpu(pids: list[int], seconds: float) -> dict[int, float]:
+    """CPU seconds each process used over ``seconds`` of wall time (after a 1 s settle, in
+    which the follower finishes loading its shard)."""
+    import time
+
+    time.sleep(1.0)
+    before = {pid: _cpu_seconds(pid) for pid in pids}
+    time.sleep(seconds)
+    return {pid: _cpu_seconds(pid) - before[pid] for pid in pids}
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_ends_every_process(tmp_path, checkpoint, signum):
     server = _Server(tmp_path, checkpoint, 2, 2)
     try:
-        assert len(_processes_with(server.marker)) >= 4  # torchrun, 2 ranks, the coordinator
+        pids = _processes_with(server.marker)
+        assert len(pids) >= 4  # torchrun, 2 ranks, the coordinator
+        if signum == signal.SIGTERM:
+            # Idle, the TP-coordinator blocks on its socket and the follower in the broadcast:
+            # a busy spin would burn a whole core (about 2 CPU seconds here).
+            ranks = [
+                pid
+                for pid in pids
+                if "serve.py" in _cmdline(pid) and "distributed.run" not in _cmdline(pid)
+            ]
+            assert len(ranks) == 2
+            assert all(used < 0.5 for used in _idle_cpu(ranks, 2.0).values())
         server.proc.send_signal(signum)
         server.wait()
     finally:
