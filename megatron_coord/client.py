@@ -125,21 +125,29 @@ class InferenceClient:
     async def add_request_streaming(
         self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None
     ) -> AsyncIterator[dict[str, Any]]:
-        """Yield ``{"request_id", "tokens", "text"}`` per partial result, then the final record."""
+        """Yield ``{"request_id", "tokens", "text"}`` per partial result, then the final record.
+
+        Closing the iterator before the final record (``break`` out of ``async for``,
+        ``aclose()``, cancellation) aborts the request, so its engine slot is freed."""
         request_id = self._submit(prompt, sampling_params, streaming=True)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
+        ended = False
         try:
             while True:
                 item = await queue.get()
                 if item is _END:
+                    ended = True
                     return
                 if isinstance(item, Exception):
+                    ended = True
                     raise item
                 yield item
         finally:
             self._streams.pop(request_id, None)
             self.request_submission_times.pop(request_id, None)
+            if not ended and self.socket is not None:
+                self.abort_request(request_id)
 
     def abort_request(self, future_or_id: asyncio.Future | int) -> None:
         """Ask the engine holding the request to abort it; its future gets the final record."""

@@ -192,8 +192,8 @@ class DataParallelInferenceCoordinator:
     acknowledged a STOP.
 
     Options (keyword, all optional): ``host``, ``max_message_bytes`` (ZMQ_MAXMSGSIZE),
-    ``routing`` (policy name, "round_robin"), ``log_level``, ``registration_timeout`` (seconds,
-    None = wait forever, as Megatron does).
+    ``routing`` ("round_robin", the default, or "least_loaded": see routing.py), ``log_level``,
+    ``registration_timeout`` (seconds, None = wait forever, as Megatron does).
     """
 
     def __init__(
@@ -251,7 +251,9 @@ class DataParallelInferenceCoordinator:
         self._register_engines(registration_timeout)
         order = sorted(self.engines.values(), key=self._engine_order_key)
         self.identities_of_data_parallel_ranks: deque[bytes] = deque(e.identity for e in order)
-        self.routing_policy = make_policy(routing, self.identities_of_data_parallel_ranks)
+        self.routing_policy = make_policy(
+            routing, self.identities_of_data_parallel_ranks, deterministic=deterministic_mode
+        )
         self._tracks_load = self.routing_policy.tracks_load
         logger.info("coordinator: %d engine(s) registered", data_parallel_size)
 
@@ -484,6 +486,8 @@ class DataParallelInferenceCoordinator:
             self._on_engine_error(engine, payload)
         elif header == Headers.HEARTBEAT:
             _, engine.load = self._decode(_heartbeat_decoder, payload)
+            if self._tracks_load:
+                self.routing_policy.on_load_report(engine.identity, engine.load)
         elif payload == b"" or header == Headers.REGISTER:
             logger.warning("engine %r registered again; ignored", engine.identity)
         elif header == -1:
@@ -543,8 +547,10 @@ class DataParallelInferenceCoordinator:
         if self._speaks_ours(identity):
             self._send(identity, _encode([int(Headers.ERROR), client_request_id, code.value, text]))
 
-    def _free(self, request_id: int) -> tuple[bytes, Any] | None:
-        """Forget a request in every map; returns (client identity, client_request_id)."""
+    def _free(self, request_id: int, generated: int | None = None) -> tuple[bytes, Any] | None:
+        """Forget a request in every map; returns (client identity, client_request_id).
+
+        ``generated``: tokens in its final record (for the routing policy's accounting)."""
         client = self.request_id_to_client_id.pop(request_id, None)
         if client is None:
             return None
@@ -554,7 +560,7 @@ class DataParallelInferenceCoordinator:
         self._prompt_text.pop(request_id, None)
         self._streams.pop(request_id, None)
         if self._tracks_load:
-            self.routing_policy.on_finish(engine, request_id)
+            self.routing_policy.on_finish(engine, request_id, generated)
         return client, client_request_id
 
     # ------------------------------------------------------------------ client messages
@@ -577,8 +583,9 @@ class DataParallelInferenceCoordinator:
         self.clients[identity] = ours
         self._send(identity, _HEADER_ONLY[Headers.CONNECT_ACK])
 
-    def _sampling_params(self, raw: msgspec.Raw) -> tuple[msgspec.Raw, bool]:
-        """Validated sampling params as msgpack and whether they stream, cached by their bytes.
+    def _sampling_params(self, raw: msgspec.Raw) -> tuple[msgspec.Raw, bool, tuple]:
+        """Validated sampling params as msgpack, whether they stream and the token budget
+        (num_tokens_to_generate, num_tokens_total) for load-aware routing; cached by bytes.
 
         Clients repeat the same parameters, so validation runs once per distinct value."""
         key = bytes(raw)
@@ -590,7 +597,11 @@ class DataParallelInferenceCoordinator:
         except msgspec.DecodeError as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad sampling params: {exc}") from None
         clean_dict = validate_sampling_params(data)
-        clean = (msgspec.Raw(_encode(clean_dict)), clean_dict.get("streaming_interval", 0) > 0)
+        clean = (
+            msgspec.Raw(_encode(clean_dict)),
+            clean_dict.get("streaming_interval", 0) > 0,
+            (clean_dict.get("num_tokens_to_generate", 30), clean_dict.get("num_tokens_total")),
+        )
         if len(self._sampling_cache) >= _SAMPLING_CACHE_SIZE:
             self._sampling_cache.clear()
         self._sampling_cache[key] = clean
@@ -618,7 +629,7 @@ class DataParallelInferenceCoordinator:
             ) from None
         if not prompt:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
-        sampling, streaming = self._sampling_params(sampling_raw)
+        sampling, streaming, budget = self._sampling_params(sampling_raw)
 
         request_id = self.next_request_id
         self.next_request_id = request_id + 1
@@ -635,7 +646,14 @@ class DataParallelInferenceCoordinator:
         if streaming:
             self._streams[request_id] = _Stream()
         if self._tracks_load:
-            self.routing_policy.on_submit(engine, request_id)
+            self._track_submit(engine, request_id, prompt, budget)
+
+    def _track_submit(self, engine: bytes, request_id: int, prompt: Any, budget: tuple) -> None:
+        """Tell a load-tracking policy the request's size (prompt and generation budget)."""
+        to_generate, total = budget
+        if total is not None:  # Megatron: num_tokens_total wins (text prompts: an upper bound)
+            to_generate = max(0, total - len(prompt)) if prompt.__class__ is list else total
+        self.routing_policy.on_submit(engine, request_id, prompt, to_generate)
 
     def _flush(self) -> None:
         """Send this wake-up's submits in order; text prompts are tokenized in one batch call."""
@@ -646,6 +664,10 @@ class DataParallelInferenceCoordinator:
         texts = [item for item in pending if item[2] is None]
         if texts:
             self._tokenize(texts)
+            if self._tracks_load:
+                for item in texts:
+                    if item[2] is not None:
+                        self.routing_policy.on_prompt_tokens(item[1], len(item[2]))
         send = self._send
         submit = int(Headers.SUBMIT_REQUEST)
         for engine, request_id, prompt, sampling, _ in pending:
@@ -712,6 +734,7 @@ class DataParallelInferenceCoordinator:
                 "data_parallel_rank": engine.data_parallel_rank,
                 "alive": engine.alive,
                 "outstanding_requests": outstanding[engine.identity],
+                "outstanding_tokens": self._outstanding_tokens(engine.identity),
                 "load": engine.load,
             }
             for engine in (self.engines[i] for i in self.identities_of_data_parallel_ranks)
@@ -722,6 +745,13 @@ class DataParallelInferenceCoordinator:
             "clients": len(self.clients),
         }
         self._send(client, _encode([int(Headers.STATS), stats]))
+
+    def _outstanding_tokens(self, identity: bytes) -> int | None:
+        """The routing policy's view of an engine's outstanding work (None: it keeps none)."""
+        load = getattr(self.routing_policy, "load", None)
+        if load is None or identity not in self.routing_policy.engines:
+            return None
+        return load(identity)
 
     # ------------------------------------------------------------------ engine messages
 
@@ -770,7 +800,10 @@ class DataParallelInferenceCoordinator:
             if index in failed:
                 self._fail(request_id, ErrorCode.ENGINE_FAILED, failed[index])
                 continue
-            client, client_request_id = self._free(request_id)
+            generated = None
+            if self._tracks_load:
+                generated = len(_tokens_of(record["requests"][0]["generated_tokens"]))
+            client, client_request_id = self._free(request_id, generated)
             self._send(client, _encode([reply, client_request_id, record]))
 
     def _detokenize_records(self, records: list[dict], strict: bool = True) -> dict[int, str]:
@@ -846,6 +879,8 @@ class DataParallelInferenceCoordinator:
                 logger.warning("partial reply for request %r not streaming here", request_id)
                 continue
             client = self.request_id_to_client_id[request_id]
+            if self._tracks_load:
+                self.routing_policy.on_tokens(engine.identity, request_id, len(tokens))
             try:
                 text = stream.push(detokenize, tokens)
             except Exception as exc:
