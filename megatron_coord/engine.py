@@ -52,6 +52,7 @@ class StepResult:
     finished: list[dict[str, Any]] = field(default_factory=list)
     partial: list[list[Any]] = field(default_factory=list)
     tokens: int = 0  # tokens generated in this step
+    prefill_tokens: int = 0  # prompt tokens prefilled in this step
 
 
 class InferenceEngine:
@@ -234,6 +235,7 @@ class InferenceEngine:
             self._decode(decoding)
         for group in self._prefill_groups(admitted):
             self._prefill(group)
+            result.prefill_tokens += len(group) * len(group[0].new.prompt_tokens)
         for running in decoding + admitted:
             result.tokens += 1
             self._after_token(running, result)

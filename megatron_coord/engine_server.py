@@ -82,6 +82,7 @@ class EngineServer:
         self.done = False
         self.steps = 0
         self.generated_tokens = 0
+        self.processed_tokens = 0  # prompt tokens prefilled + tokens generated (load reports)
         # TP-coordinator only: shutdown requests (signals, another thread) and the socket.
         self.shutdown_requested = False
         self.socket: zmq.Socket | None = None
@@ -180,6 +181,7 @@ class EngineServer:
         result = self.engine.step()
         self.steps += 1
         self.generated_tokens += result.tokens
+        self.processed_tokens += result.tokens + result.prefill_tokens
         if self.socket is not None:
             self._reply(result)
         return result
@@ -223,6 +225,8 @@ class EngineServer:
             "free_kv_tokens": len(engine.free_slots) * engine.max_seq_len,
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
+            # Cumulative, so the coordinator can tell which progress its replies did not show.
+            "processed_tokens": self.processed_tokens,
             "paused": self.paused,
             "suspended": self.suspended,
         }

@@ -275,6 +275,14 @@ def add_replica_arguments(parser: Any) -> None:
         "multi-node launch use 0.0.0.0: the ranks then dial rank 0's MASTER_ADDR",
     )
     parser.add_argument(
+        "--routing",
+        choices=["round_robin", "least_loaded"],
+        default="round_robin",
+        help="how the coordinator picks a replica per request: round_robin (default) or "
+        "least_loaded (the least outstanding work in tokens; in --deterministic-mode it "
+        "balances the cumulative routed work, a pure function of the request sequence)",
+    )
+    parser.add_argument(
         "--deterministic-mode",
         action="store_true",
         help="requests without a seed sample with one derived from their prompt, so the same "
@@ -293,6 +301,7 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         deterministic_mode=args.deterministic_mode,
         dtype=getattr(torch, args.dtype),
         coordinator_host=args.coordinator_host,
+        coordinator_options={"routing": args.routing},
     )
 
 

@@ -41,7 +41,8 @@ class Headers(enum.IntEnum):
     ERROR = 100
     # engine -> coord: [REGISTER, {"data_parallel_rank": int, "protocol": int, ...}]
     REGISTER = 101
-    # engine -> coord: [HEARTBEAT, {"queued": int, "active": int, "free_kv_tokens": int, ...}]
+    # engine -> coord: [HEARTBEAT, {"queued": int, "active": int, "free_kv_tokens": int,
+    # "processed_tokens": int (cumulative prompt tokens prefilled + tokens generated), ...}]
     HEARTBEAT = 102
     # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids]], ...]]
     # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text]
