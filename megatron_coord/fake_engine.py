@@ -11,7 +11,14 @@ the coordinator's STOP_ACK. Requests with ``streaming_interval`` > 0 get one PAR
 generated token before their final record. ``ByteTokenizer`` (UTF-8 bytes as token ids) is a
 picklable tokenizer for coordinators spawned in tests and benchmarks.
 
-Run: ``python -m megatron_coord.fake_engine tcp://127.0.0.1:PORT --rank 0 [--megatron]``.
+``SteppedFakeEngine`` (``--step-time A,B``) is the same engine with a step-time model, for
+routing benchmarks: continuous batching of at most ``--max-batch-size`` requests, one token per
+request per step, a step that really sleeps ``A + B * batch_tokens`` seconds (batch tokens: prompt
+tokens prefilled in the step + one per decoding request), aborts that free the slot, and
+HEARTBEAT load reports (``processed_tokens`` as the real engine server sends them).
+
+Run: ``python -m megatron_coord.fake_engine tcp://127.0.0.1:PORT --rank 0 [--megatron]
+[--step-time A,B --max-batch-size N --heartbeat S]``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import argparse
 import subprocess
 import sys
+import time
 from typing import Any
 
 import msgspec
@@ -198,11 +206,167 @@ class FakeEngine:
         self.context.term()
 
 
-def spawn(address: str, rank: int, megatron_style: bool = False) -> subprocess.Popen:
-    """Start one fake engine in its own process (honest measurements, real sockets)."""
+class _Sequence:
+    """One request inside a SteppedFakeEngine."""
+
+    __slots__ = ("request_id", "prompt", "sampling", "budget", "generated", "streamed", "since")
+
+    def __init__(self, request_id: int, prompt: list[int], sampling: dict[str, Any]) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.sampling = sampling
+        self.budget = sampling.get("num_tokens_to_generate", 30)
+        self.generated = 0
+        self.streamed = 0
+        self.since = 0  # steps since the last partial reply
+
+
+class SteppedFakeEngine(FakeEngine):
+    """A FakeEngine whose requests take time: see the module docstring's step-time model."""
+
+    def __init__(
+        self,
+        address: str,
+        data_parallel_rank: int,
+        step_time: tuple[float, float] = (0.002, 0.0001),
+        max_batch_size: int = 16,
+        heartbeat_interval_s: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(address, data_parallel_rank, **kwargs)
+        if max_batch_size < 1 or min(step_time) < 0 or heartbeat_interval_s <= 0:
+            raise ValueError("bad step-time model")
+        self.step_time = step_time
+        self.max_batch_size = max_batch_size
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.waiting: list[_Sequence] = []
+        self.active: list[_Sequence] = []
+        self.processed_tokens = 0
+        self.steps = 0
+        self._next_heartbeat = 0.0
+
+    def answer(self, submits: list[list[Any]]) -> None:
+        """Queue the submits (answered as steps complete them)."""
+        for request_id, prompt, sampling in submits:
+            tokens = list(prompt.encode("utf-8")) if isinstance(prompt, str) else prompt
+            self.waiting.append(_Sequence(request_id, tokens, sampling))
+
+    def handle(self, message: list[Any], submits: list[list[Any]]) -> bool:
+        if message[0] == Headers.ABORT:
+            self.abort(message[1])
+        return super().handle(message, submits)
+
+    def abort(self, request_id: int) -> None:
+        """Drop a waiting or running request (frees its slot); reply its ABORTED record."""
+        for queue in (self.waiting, self.active):
+            for index, sequence in enumerate(queue):
+                if sequence.request_id == request_id:
+                    del queue[index]
+                    self._send_records([self._record(sequence, "ABORTED")])
+                    return
+
+    def _record(self, sequence: _Sequence, status: str) -> dict[str, Any]:
+        record = self.record(sequence.request_id, sequence.prompt, sequence.sampling)
+        request = record["requests"][0]
+        request["generated_tokens"] = request["generated_tokens"][: sequence.generated]
+        request["generated_length"] = sequence.generated
+        request["status"] = status
+        if status == "ABORTED" and not self.megatron_style:
+            request["finish_reason"] = "abort"
+        return record
+
+    def _send_records(self, records: list[dict[str, Any]]) -> None:
+        self.socket.send(_encode([int(Headers.ENGINE_REPLY), records]))
+        self.served += len(records)
+
+    def step(self) -> None:
+        """Admit, sleep for the step-time model, emit one token per request, reply."""
+        finished = [s for s in self.waiting if s.budget <= 0]  # nothing to prefill for
+        self.waiting = [s for s in self.waiting if s.budget > 0]
+        room = self.max_batch_size - len(self.active)
+        admitted, self.waiting = self.waiting[:room], self.waiting[room:]
+        batch_tokens = len(self.active) + sum(len(s.prompt) for s in admitted)
+        if batch_tokens:
+            time.sleep(self.step_time[0] + self.step_time[1] * batch_tokens)
+            self.steps += 1
+            self.processed_tokens += batch_tokens
+        self.active += admitted
+        partial, running = [], []
+        for sequence in self.active:
+            sequence.generated += 1
+            if sequence.generated >= sequence.budget:
+                finished.append(sequence)
+                continue
+            running.append(sequence)
+            interval = sequence.sampling.get("streaming_interval", 0)
+            sequence.since += 1
+            if interval > 0 and sequence.since >= interval:
+                tokens = _generate(sequence.prompt, sequence.generated)[sequence.streamed :]
+                partial.append([sequence.request_id, tokens])
+                sequence.streamed, sequence.since = sequence.generated, 0
+        self.active = running
+        if partial:
+            self.socket.send(_encode([int(Headers.PARTIAL_REPLY), partial]))
+        if finished:
+            self._send_records([self._record(s, "COMPLETED") for s in finished])
+
+    def _heartbeat(self) -> None:
+        now = time.monotonic()
+        if now < self._next_heartbeat:
+            return
+        self._next_heartbeat = now + self.heartbeat_interval_s
+        report = {
+            "data_parallel_rank": self.rank,
+            "queued": len(self.waiting),
+            "active": len(self.active),
+            "steps": self.steps,
+            "processed_tokens": self.processed_tokens,
+            "paused": self.paused,
+        }
+        self.socket.send(_encode([int(Headers.HEARTBEAT), report]))
+
+    def serve(self) -> None:
+        """Register, then step while there is work; block (up to a heartbeat) when idle."""
+        self.register()
+        sock = self.socket
+        running = True
+        while running:
+            busy = (self.waiting or self.active) and not self.paused
+            timeout = 0 if busy else int(self.heartbeat_interval_s * 1000)
+            submits: list[list[Any]] = []
+            if sock.poll(timeout):
+                try:
+                    while True:
+                        if not self.handle(_decode(sock.recv(zmq.NOBLOCK)), submits):
+                            running = False
+                except zmq.Again:
+                    pass
+            self.answer(submits)
+            if running and not self.paused:
+                self.step()
+            self._heartbeat()
+        sock.close()
+        self.context.term()
+
+
+def spawn(
+    address: str,
+    rank: int,
+    megatron_style: bool = False,
+    step_time: tuple[float, float] | None = None,
+    max_batch_size: int = 16,
+    heartbeat_interval_s: float = 1.0,
+) -> subprocess.Popen:
+    """Start one fake engine in its own process (honest measurements, real sockets).
+
+    ``step_time=(a, b)``: a SteppedFakeEngine whose steps take ``a + b * batch_tokens`` s."""
     command = [sys.executable, "-m", "megatron_coord.fake_engine", address, "--rank", str(rank)]
     if megatron_style:
         command.append("--megatron")
+    if step_time is not None:
+        command += ["--step-time", f"{step_time[0]},{step_time[1]}"]
+        command += ["--max-batch-size", str(max_batch_size)]
+        command += ["--heartbeat", str(heartbeat_interval_s)]
     return subprocess.Popen(command)
 
 
@@ -211,8 +375,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("address")
     parser.add_argument("--rank", type=int, default=0)
     parser.add_argument("--megatron", action="store_true", help="register like Megatron 0.16")
+    parser.add_argument(
+        "--step-time", help="A,B: steps take A + B * batch_tokens seconds (SteppedFakeEngine)"
+    )
+    parser.add_argument("--max-batch-size", type=int, default=16, help="with --step-time")
+    parser.add_argument("--heartbeat", type=float, default=1.0, help="seconds between reports")
     args = parser.parse_args(argv)
-    FakeEngine(args.address, args.rank, megatron_style=args.megatron).serve()
+    if args.step_time is None:
+        FakeEngine(args.address, args.rank, megatron_style=args.megatron).serve()
+        return
+    base, per_token = (float(x) for x in args.step_time.split(","))
+    SteppedFakeEngine(
+        args.address,
+        args.rank,
+        step_time=(base, per_token),
+        max_batch_size=args.max_batch_size,
+        heartbeat_interval_s=args.heartbeat,
+        megatron_style=args.megatron,
+    ).serve()
 
 
 if __name__ == "__main__":
