@@ -30,6 +30,8 @@ from __future__ import annotations
 import errno
 import logging
 import re
+import threading
+import time
 from collections import Counter, deque
 from multiprocessing.connection import Connection
 from typing import Annotated, Any
@@ -37,6 +39,8 @@ from typing import Annotated, Any
 import msgspec
 import zmq
 
+from .auth import ServerAuth, check_bind
+from .elastic import ElasticMixin
 from .protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorCode,
@@ -150,7 +154,7 @@ def _batch_detokenizer(tokenizer: Any):
 class _Engine:
     """What the coordinator knows about one registered engine (TP-coordinator)."""
 
-    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load", "alive")
+    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load", "alive", "info")
 
     def __init__(self, identity: bytes, rank: int | None, ours: bool, arrival: int) -> None:
         self.identity = identity
@@ -183,7 +187,7 @@ class _Stream:
         return ""
 
 
-class DataParallelInferenceCoordinator:
+class DataParallelInferenceCoordinator(ElasticMixin):
     """Routes requests from clients to data-parallel engines and their results back.
 
     Binds a ROUTER (``host`` option, 127.0.0.1 by default; a port in use falls back to a random
@@ -193,7 +197,15 @@ class DataParallelInferenceCoordinator:
 
     Options (keyword, all optional): ``host``, ``max_message_bytes`` (ZMQ_MAXMSGSIZE),
     ``routing`` ("round_robin", the default, or "least_loaded": see routing.py), ``log_level``,
-    ``registration_timeout`` (seconds, None = wait forever, as Megatron does).
+    ``registration_timeout`` (seconds, None = wait forever, as Megatron does). ``data_parallel_size=0``: serve at once and let engines join and
+    leave at any time (the standalone coordinator).
+
+    Fault and security options (elastic.py, limits.py, auth.py): ``engine_timeout`` (seconds
+    of silence before an engine of ours is dead, 3), ``max_outstanding`` and
+    ``max_outstanding_per_engine`` (``overloaded`` past them), ``request_timeout`` (seconds,
+    None), ``shutdown_grace`` (seconds in-flight requests get after SIGTERM/SIGINT, 10),
+    ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a non-loopback bind without
+    keys, with a loud warning).
     """
 
     def __init__(
@@ -205,9 +217,12 @@ class DataParallelInferenceCoordinator:
         deterministic_mode: bool = False,
         **options: Any,
     ) -> None:
-        if type(data_parallel_size) is not int or data_parallel_size < 1:
-            raise ValueError("data_parallel_size must be a positive integer")
+        if type(data_parallel_size) is not int or data_parallel_size < 0:
+            raise ValueError("data_parallel_size must be a non-negative integer (0: any number)")
         host = options.pop("host", "127.0.0.1")
+        auth_keys = options.pop("auth_keys", None)
+        insecure_no_auth = bool(options.pop("insecure_no_auth", False))
+        self._init_elastic(options)
         max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         routing = options.pop("routing", "round_robin")
         log_level = options.pop("log_level", None)
@@ -223,8 +238,11 @@ class DataParallelInferenceCoordinator:
         self._detokenize_batch = _batch_detokenizer(self.tokenizer)
         self.max_message_bytes = max_message_bytes
 
+        check_bind(host, auth_keys, insecure_no_auth)
         self.context = zmq.Context()
+        self._auth = ServerAuth(self.context, auth_keys) if auth_keys is not None else None
         self.router_socket = self._bind(host, inference_coordinator_port, max_message_bytes)
+        self._start_monitor()
         self.addr = self.router_socket.getsockopt_string(zmq.LAST_ENDPOINT)
         if pipe_connection is not None:
             pipe_connection.send(self.addr)
@@ -243,7 +261,8 @@ class DataParallelInferenceCoordinator:
         self._sampling_cache: dict[bytes, tuple[msgspec.Raw, bool]] = {}
         self._pause_acks: set[bytes] = set()
         self._stop_acks: set[bytes] = set()
-        self._early_frames: list[list[bytes]] = []
+        self._early_frames: list[tuple[list[bytes], int | None]] = []
+        self._acks_done: set[Headers] = set()  # PAUSE/STOP acknowledged by every engine
         self._running = False
         self._stopping = False  # STOP was relayed: engines accept nothing but STOP_ACK now
 
@@ -255,7 +274,7 @@ class DataParallelInferenceCoordinator:
             routing, self.identities_of_data_parallel_ranks, deterministic=deterministic_mode
         )
         self._tracks_load = self.routing_policy.tracks_load
-        logger.info("coordinator: %d engine(s) registered", data_parallel_size)
+        logger.info("coordinator: %d engine(s) registered", len(self.engines))
 
     # ------------------------------------------------------------------ setup
 
@@ -267,6 +286,8 @@ class DataParallelInferenceCoordinator:
         sock.setsockopt(zmq.RCVHWM, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         sock.setsockopt(zmq.LINGER, 1000)
+        if self._auth is not None:
+            self._auth.apply(sock)
         if port is not None:
             try:
                 sock.bind(f"tcp://{host}:{port}")
@@ -294,11 +315,13 @@ class DataParallelInferenceCoordinator:
                     f"only {len(self.engines)} of {self.data_parallel_size} engines registered "
                     f"within {timeout} s"
                 )
-            frames = sock.recv_multipart()
+            parts = sock.recv_multipart(copy=False)
+            self._stranger_fd = parts[-1].get(zmq.SRCFD)  # learned by the registration
+            frames = [part.bytes for part in parts]
             if len(frames) == 2 and self._try_register(frames[0], frames[1]):
                 continue
             if len(self._early_frames) < _MAX_EARLY_FRAMES:
-                self._early_frames.append(frames)
+                self._early_frames.append((frames, self._stranger_fd))
             else:
                 logger.warning("dropping a frame that arrived before engines registered")
 
@@ -319,16 +342,24 @@ class DataParallelInferenceCoordinator:
             logger.warning("bad registration from %r: %s", identity, exc)
             self._send_error(identity, None, ErrorCode.MALFORMED, f"bad REGISTER: {exc}")
             return True
-        return self._add_engine(identity, rank, ours=True)
+        return self._add_engine(identity, rank, ours=True, info=info)
 
-    def _add_engine(self, identity: bytes, rank: int | None, ours: bool) -> bool:
+    def _add_engine(
+        self, identity: bytes, rank: int | None, ours: bool, info: dict | None = None
+    ) -> bool:
         if identity in self.engines:
             logger.warning("engine %r registered twice; ignoring the second registration", identity)
             return True
         if any(rank is not None and e.data_parallel_rank == rank for e in self.engines.values()):
             logger.warning("two engines claim data-parallel rank %s", rank)
-        self.engines[identity] = _Engine(identity, rank, ours, len(self.engines))
+        engine = _Engine(identity, rank, ours, len(self.engines) + self.engines_lost)
+        engine.info = info
+        self.engines[identity] = engine
         logger.info("engine %r registered (dp rank %s)", identity, rank)
+        if hasattr(self, "routing_policy"):  # serving already: an engine joining
+            self._join(identity, ours)
+        else:
+            self._joined(identity, ours)
         return True
 
     # ------------------------------------------------------------------ public API
@@ -347,22 +378,30 @@ class DataParallelInferenceCoordinator:
         recv = _zmq_recv
         rcvmore = _zmq_get
         handle = self._handle
+        known = self._monitor.identity_to_fd  # peers whose connection is known: fast path
         self._running = True
+        self._now = time.monotonic()
         early, self._early_frames = self._early_frames, []
-        for frames in early:
+        for frames, fd in early:
+            self._stranger_fd = fd
             self._handle_frames(frames)
         self._flush()
+        items = self._poll_items()
+        monitor = self._monitor.socket
         while self._running:
-            identity = recv(sock, 0)
-            payload = recv(sock, 0)
-            if rcvmore(sock, _RCVMORE):
-                self._handle_frames([identity, payload, *self._rest(sock)])
-            else:
-                handle(identity, payload)
+            # Block until a frame, a monitor event, a signal or the next deadline (liveness,
+            # request timeouts, shutdown grace): timers cost nothing while nothing is due.
+            ready = zmq.zmq_poll(items, self._poll_timeout_ms())
+            self._now = time.monotonic()
+            if self._wake_r is not None:
+                self._drain_wakeups()
             try:
                 while self._running:
                     identity = recv(sock, _NOBLOCK)
-                    payload = recv(sock, _NOBLOCK)  # a message's frames arrive together
+                    if identity in known:
+                        payload = recv(sock, _NOBLOCK)  # a message's frames arrive together
+                    else:
+                        payload = self._recv_stranger(sock)
                     if rcvmore(sock, _RCVMORE):
                         self._handle_frames([identity, payload, *self._rest(sock)])
                     else:
@@ -371,6 +410,14 @@ class DataParallelInferenceCoordinator:
                 pass
             if self._pending:
                 self._flush()
+            self._after_wakeup(any(item[0] is monitor for item in ready))
+
+    def _recv_stranger(self, sock: zmq.Socket) -> bytes:
+        """The payload of a peer not known yet, noting its connection's file descriptor (read
+        by the registration or CONNECT it may be, so a closed connection can be traced)."""
+        frame = _zmq_recv(sock, _NOBLOCK, False)
+        self._stranger_fd = frame.get(zmq.SRCFD)
+        return frame.bytes
 
     @staticmethod
     def _rest(sock: zmq.Socket) -> list[bytes]:
@@ -383,6 +430,9 @@ class DataParallelInferenceCoordinator:
     def stop(self) -> None:
         """Close the socket and the ZMQ context."""
         self._running = False
+        self._close_elastic()
+        if self._auth is not None:
+            self._auth.stop()
         self.router_socket.close()
         self.context.term()
 
@@ -412,6 +462,8 @@ class DataParallelInferenceCoordinator:
             deterministic_mode,
             **options,
         )
+        if threading.current_thread() is threading.main_thread():
+            coordinator.install_signal_handlers()  # SIGTERM/SIGINT: graceful shutdown
         ready_event.set()
         try:
             coordinator.start()
@@ -475,6 +527,7 @@ class DataParallelInferenceCoordinator:
             raise ProtocolError(ErrorCode.UNKNOWN_HEADER, f"unknown header {header}")
 
     def _handle_engine(self, engine: _Engine, header: int, payload: bytes) -> None:
+        self._heard_from(engine)
         if header == 4:
             self._on_engine_reply(engine, payload)
         elif header == Headers.PARTIAL_REPLY:
@@ -486,6 +539,7 @@ class DataParallelInferenceCoordinator:
             self._on_engine_error(engine, payload)
         elif header == Headers.HEARTBEAT:
             _, engine.load = self._decode(_heartbeat_decoder, payload)
+            self._on_heartbeat(engine)
             if self._tracks_load:
                 self.routing_policy.on_load_report(engine.identity, engine.load)
         elif payload == b"" or header == Headers.REGISTER:
@@ -501,7 +555,17 @@ class DataParallelInferenceCoordinator:
         if header == 1:
             self._on_connect(identity, payload)
         elif payload == b"" or header == Headers.REGISTER:
-            logger.warning("late engine registration from %r ignored (all ranks present)", identity)
+            self._try_register(identity, payload)  # an engine joining (or coming back)
+        elif header == Headers.HEARTBEAT:
+            # An engine of ours that was declared dead (silent too long) but lives: take it back.
+            _, info = self._decode(_heartbeat_decoder, payload)
+            rank = info.get("data_parallel_rank")
+            rank = rank if type(rank) is int and rank >= 0 else None
+            logger.warning("engine %r, declared dead, is alive: registering it again", identity)
+            self._add_engine(identity, rank, ours=True, info=info)
+            engine = self.engines[identity]
+            engine.load = info
+            self._on_heartbeat(engine)
         else:
             logger.warning("message from %r, which never sent CONNECT", identity)
             if header == -1:
@@ -533,7 +597,8 @@ class DataParallelInferenceCoordinator:
             if exc.errno != errno.EHOSTUNREACH:
                 raise
             logger.info("peer %r is gone; dropped a message for it", identity)
-            self.clients.pop(identity, None)
+            if identity in self.clients:
+                self._gone_clients.add(identity)  # its requests are freed after this wake-up
             return False
 
     def _speaks_ours(self, identity: bytes) -> bool:
@@ -559,6 +624,7 @@ class DataParallelInferenceCoordinator:
         del self._inflight[(client, client_request_id)]
         self._prompt_text.pop(request_id, None)
         self._streams.pop(request_id, None)
+        self._release(engine, request_id)
         if self._tracks_load:
             self.routing_policy.on_finish(engine, request_id, generated)
         return client, client_request_id
@@ -580,6 +646,8 @@ class DataParallelInferenceCoordinator:
             raise ProtocolError(ErrorCode.MALFORMED, 'CONNECT takes no fields or {"protocol": n}')
         if identity in self.clients:
             logger.info("client %r connected again", identity)
+        else:
+            self._monitor.learn(identity, self._stranger_fd)  # to notice when it vanishes
         self.clients[identity] = ours
         self._send(identity, _HEADER_ONLY[Headers.CONNECT_ACK])
 
@@ -631,13 +699,14 @@ class DataParallelInferenceCoordinator:
             raise ProtocolError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
         sampling, streaming, budget = self._sampling_params(sampling_raw)
 
+        engine = self._admit()  # no_engine / overloaded / shutting_down refuse it here
         request_id = self.next_request_id
         self.next_request_id = request_id + 1
-        engine = self.routing_policy.choose()
         self.request_id_to_client_id[request_id] = client
         self.request_id_to_client_request_id[request_id] = client_request_id
         self._request_engine[request_id] = engine
         self._inflight[key] = request_id
+        self._admitted(engine, request_id)
         if prompt.__class__ is str:
             self._prompt_text[request_id] = prompt
             self._pending.append([engine, request_id, None, sampling, prompt])
@@ -670,11 +739,16 @@ class DataParallelInferenceCoordinator:
                         self.routing_policy.on_prompt_tokens(item[1], len(item[2]))
         send = self._send
         submit = int(Headers.SUBMIT_REQUEST)
-        for engine, request_id, prompt, sampling, _ in pending:
-            if prompt is None:
-                continue  # tokenization failed; the client already has its error
-            if not send(engine, _encode((submit, request_id, prompt, sampling))):
-                self._fail(request_id, ErrorCode.ENGINE_FAILED, "the engine is gone")
+        submitted = self._submitted  # kept until the request ends: resent if its engine dies
+        request_engine = self._request_engine
+        for item in pending:
+            if item[2] is not None:  # None: tokenization failed, the client has its error
+                submitted[item[1]] = item[2] = _encode((submit, item[1], item[2], item[3]))
+        for engine, request_id, frame, _, _ in pending:
+            # An engine found dead during this loop has had its requests moved or failed.
+            moved = frame is None or request_engine.get(request_id) != engine
+            if not moved and not send(engine, frame):
+                self._engine_unreachable(engine, request_id)
 
     def _tokenize(self, items: list[list[Any]]) -> None:
         """Tokenize the text prompts of ``items`` in place (one call; per item on failure)."""
@@ -714,6 +788,12 @@ class DataParallelInferenceCoordinator:
             self._send(engine, message)
         if header == Headers.UNPAUSE:
             self._pause_acks.clear()
+            self._acks_done.discard(Headers.PAUSE_ACK)
+        elif header in (Headers.PAUSE, Headers.STOP):
+            ack = Headers.PAUSE_ACK if header == Headers.PAUSE else Headers.STOP_ACK
+            self._acks_done.discard(ack)
+            if not self.identities_of_data_parallel_ranks:  # nobody to wait for
+                self._all_acked(ack)
 
     def _on_abort(self, client: bytes, payload: bytes) -> None:
         _, client_request_id = self._decode(_client_id_decoder, payload)
@@ -736,6 +816,8 @@ class DataParallelInferenceCoordinator:
                 "outstanding_requests": outstanding[engine.identity],
                 "outstanding_tokens": self._outstanding_tokens(engine.identity),
                 "load": engine.load,
+                "identity": engine.identity.hex(),
+                "info": engine.info,
             }
             for engine in (self.engines[i] for i in self.identities_of_data_parallel_ranks)
         ]
@@ -743,6 +825,9 @@ class DataParallelInferenceCoordinator:
             "engines": engines,
             "requests_in_flight": len(self._request_engine),
             "clients": len(self.clients),
+            "engines_lost": self.engines_lost,
+            "requests_resubmitted": self.requests_resubmitted,
+            "maps": self._map_sizes(),  # every per-request map: all 0 when nothing is in flight
         }
         self._send(client, _encode([int(Headers.STATS), stats]))
 
@@ -762,8 +847,13 @@ class DataParallelInferenceCoordinator:
             logger.warning("engine %r acked %s twice", engine.identity, header.name)
             return
         acks.add(engine.identity)
-        if len(acks) < self.data_parallel_size:
+        if header in self._acks_done or not set(self.identities_of_data_parallel_ranks) <= acks:
             return
+        self._all_acked(header)
+
+    def _all_acked(self, header: Headers) -> None:
+        """Every live engine acknowledged PAUSE or STOP: tell every client and engine."""
+        self._acks_done.add(header)
         message = _HEADER_ONLY[header]
         for client in list(self.clients):
             self._send(client, message)

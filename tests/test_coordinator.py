@@ -327,7 +327,7 @@ def test_coordinator_rejects_bad_constructor_arguments():
     from megatron_coord.coordinator import DataParallelInferenceCoordinator
 
     with pytest.raises(ValueError, match="data_parallel_size"):
-        DataParallelInferenceCoordinator(None, 0, ByteTokenizer())
+        DataParallelInferenceCoordinator(None, -1, ByteTokenizer())  # 0: any number
     with pytest.raises(TypeError, match="tokenizer"):
         DataParallelInferenceCoordinator(None, 1, object())
     with pytest.raises(TypeError, match="unknown coordinator options"):

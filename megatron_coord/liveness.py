@@ -1,0 +1,130 @@
+"""Knowing when a peer of the coordinator's ROUTER is gone: socket events and heartbeat silence.
+
+Two independent signals, because engines speak two protocols:
+
+* ``PeerMonitor``: a ZMQ socket monitor on the ROUTER reports ``EVENT_DISCONNECTED`` with the
+  file descriptor of the closed connection. The coordinator learns each peer's descriptor once,
+  from the ``SRCFD`` property of its first frame (engine registration, client CONNECT), so the
+  hot path never pays for it. This is the only way to notice the death of an engine that speaks
+  Megatron-core 0.16's protocol (no heartbeats), and it notices a killed process at once (the
+  kernel closes its sockets). ZMTP heartbeats on the ROUTER turn a silent peer (a machine that
+  vanished without closing its TCP connection) into the same event.
+* ``SilenceClock``: engines of our protocol send HEARTBEAT load reports about every second; an
+  engine from which nothing at all arrived for ``timeout`` seconds is declared dead even though
+  its connection looks open (a hung process, a stuck step).
+
+Neither class touches the coordinator's request maps: they only say *who* is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Iterable
+
+import zmq
+
+logger = logging.getLogger("megatron_coord.liveness")
+
+# Default seconds of silence after which an engine of our protocol is declared dead. Engines
+# report every second, so three missed reports are needed before anyone is failed over.
+DEFAULT_ENGINE_TIMEOUT_S = 3.0
+_EVENT = struct.Struct("=HI")  # libzmq monitor event frame: uint16 event, uint32 value (fd)
+
+
+class PeerMonitor:
+    """Maps ROUTER peers to their connection's file descriptor and reports closed ones.
+
+    ``learn(identity, fd)`` is called once per peer (at registration or CONNECT);
+    ``disconnected()`` drains the monitor socket and returns the identities whose connection
+    closed since the last call. A descriptor reused by a new connection is safe: the old
+    connection's event is queued before its descriptor is closed, so the coordinator drains the
+    monitor (``disconnected()``) before it learns a new peer's descriptor.
+    """
+
+    def __init__(self, router: zmq.Socket, heartbeat_timeout_s: float | None = None) -> None:
+        if heartbeat_timeout_s is not None:
+            # ZMTP PINGs: a peer that stops answering them is disconnected (EVENT_DISCONNECTED).
+            ivl = max(100, int(heartbeat_timeout_s * 1000) // 3)
+            router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+            router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout_s * 1000))
+        self.socket = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._fd_to_identity: dict[int, bytes] = {}
+        # Public: the coordinator's hot loop reads it to tell known peers from new ones.
+        self.identity_to_fd: dict[bytes, int] = {}
+        self._gone: list[bytes] = []  # found by learn() before the coordinator asked
+
+    def learn(self, identity: bytes, fd: int | None) -> None:
+        """Remember which connection ``identity`` came in on (``fd`` from the frame's SRCFD)."""
+        if fd is None or fd < 0:
+            return
+        self.forget(identity)
+        if fd in self._fd_to_identity:
+            # A reused descriptor: the old connection's close event is queued; take it first.
+            self._gone += self._drain()
+            previous = self._fd_to_identity.pop(fd, None)
+            if previous is not None:  # its event was lost: it is gone all the same
+                self.identity_to_fd.pop(previous, None)
+                self._gone.append(previous)
+        self._fd_to_identity[fd] = identity
+        self.identity_to_fd[identity] = fd
+
+    def forget(self, identity: bytes) -> None:
+        """Stop watching ``identity`` (it left by other means)."""
+        fd = self.identity_to_fd.pop(identity, None)
+        if fd is not None and self._fd_to_identity.get(fd) == identity:
+            del self._fd_to_identity[fd]
+
+    @property
+    def pending(self) -> bool:
+        """Whether learn() already found closed connections the coordinator has not heard of."""
+        return bool(self._gone)
+
+    def disconnected(self) -> list[bytes]:
+        """Identities whose connection closed (drains every queued monitor event)."""
+        gone, self._gone = self._gone, []
+        return gone + self._drain()
+
+    def _drain(self) -> list[bytes]:
+        gone: list[bytes] = []
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return gone
+            if not frames or len(frames[0]) != _EVENT.size:
+                continue
+            event, fd = _EVENT.unpack(frames[0])
+            if event != zmq.EVENT_DISCONNECTED:
+                continue
+            identity = self._fd_to_identity.pop(fd, None)
+            if identity is not None:
+                self.identity_to_fd.pop(identity, None)
+                gone.append(identity)
+
+    def close(self) -> None:
+        self.socket.close(0)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Map sizes (for the STATS debug view: they must not grow without bound)."""
+        return {"peer_fds": len(self.identity_to_fd)}
+
+
+class SilenceClock:
+    """Last time each heartbeating engine was heard from; who has been silent too long."""
+
+    def __init__(self, timeout_s: float) -> None:
+        if not timeout_s > 0:
+            raise ValueError("engine_timeout must be a positive number of seconds")
+        self.timeout_s = timeout_s
+
+    def next_deadline(self, last_seen: Iterable[float]) -> float | None:
+        """The earliest moment one of the engines could be declared dead (None: none watched)."""
+        earliest = min(last_seen, default=None)
+        return None if earliest is None else earliest + self.timeout_s
+
+    def silent(self, last_seen: dict[bytes, float], now: float) -> list[bytes]:
+        """Engines not heard from for longer than the timeout."""
+        limit = now - self.timeout_s
+        return [identity for identity, seen in last_seen.items() if seen < limit]
