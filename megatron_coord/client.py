@@ -40,6 +40,27 @@ class RequestError(Exception):
         self.message = message
 
 
+def _stream_tail(
+    request_id: int, record: dict[str, Any], streamed_tokens: int, streamed_text: str
+) -> dict[str, Any] | None:
+    """The partial result a stream still owes before its final record (None: nothing)."""
+    try:
+        request = record["requests"][0]
+        tokens = request["generated_tokens"]
+        text = request.get("generated_text")
+    except (KeyError, IndexError, TypeError):
+        return None
+    if isinstance(tokens, list) and len(tokens) == 2 and tokens[0] == "tensor":
+        tokens = tokens[1]  # Megatron's serialized tensor
+    if not isinstance(tokens, list) or not isinstance(text, str):
+        return None
+    rest_tokens = tokens[streamed_tokens:]
+    rest_text = text[len(streamed_text) :] if text.startswith(streamed_text) else ""
+    if not rest_tokens and not rest_text:
+        return None
+    return {"request_id": request_id, "tokens": rest_tokens, "text": rest_text}
+
+
 class InferenceClient:
     """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring)."""
 
@@ -127,12 +148,18 @@ class InferenceClient:
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"request_id", "tokens", "text"}`` per partial result, then the final record.
 
-        Closing the iterator before the final record (``break`` out of ``async for``,
-        ``aclose()``, cancellation) aborts the request, so its engine slot is freed."""
+        The partials' tokens and texts concatenate to the final record's ``generated_tokens``
+        and ``generated_text``: what the last streamed chunk did not carry (the tokens of the
+        final step, text held back inside a multi-byte character) comes as one last partial
+        just before the record. Closing the iterator before the final record (``break`` out of
+        ``async for``, ``aclose()``, cancellation) aborts the request, freeing its engine slot.
+        """
         request_id = self._submit(prompt, sampling_params, streaming=True)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
         ended = False
+        streamed_tokens = 0
+        streamed_text = ""
         try:
             while True:
                 item = await queue.get()
@@ -142,6 +169,13 @@ class InferenceClient:
                 if isinstance(item, Exception):
                     ended = True
                     raise item
+                if "requests" in item:
+                    tail = _stream_tail(request_id, item, streamed_tokens, streamed_text)
+                    if tail is not None:
+                        yield tail
+                else:
+                    streamed_tokens += len(item["tokens"])
+                    streamed_text += item["text"]
                 yield item
         finally:
             self._streams.pop(request_id, None)
