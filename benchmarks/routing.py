@@ -10,7 +10,7 @@ lognormal prompt lengths, Pareto generation lengths (heavy tail), Poisson arriva
 prompts. Latency is submit -> final record at the client; makespan is first submit -> last
 record.
 
-Run: ``python benchmarks/routing.py [--requests 600 --rate 30 --seed 0]``. Prints JSON, writes
+Run: ``python benchmarks/routing.py [--requests 600 --rate 80 --seed 0]``. Prints JSON, writes
 benchmarks/results/routing.json and benchmarks/results/routing.png (latency CDFs).
 """
 
@@ -148,15 +148,15 @@ def plot(results: dict[str, dict[str, Any]], path: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--requests", type=int, default=600)
-    parser.add_argument("--rate", type=float, default=30.0, help="arrivals per second")
+    parser.add_argument("--rate", type=float, default=80.0, help="arrivals per second")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--replicas", type=int, default=4)
     parser.add_argument("--prompt-mu", type=float, default=4.0, help="lognormal mu (e^4 = 55)")
     parser.add_argument("--max-prompt", type=int, default=2048)
     parser.add_argument("--generate-min", type=int, default=8, help="Pareto scale")
     parser.add_argument("--max-generate", type=int, default=1024)
-    parser.add_argument("--step-base", type=float, default=0.002, help="A (s)")
-    parser.add_argument("--step-per-token", type=float, default=0.0001, help="B (s per token)")
+    parser.add_argument("--step-base", type=float, default=0.0005, help="A (s)")
+    parser.add_argument("--step-per-token", type=float, default=0.00025, help="B (s per token)")
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
