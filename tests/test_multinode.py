@@ -10,8 +10,10 @@ torchrun's c10d rendezvous ignores ``--node-rank`` (it orders the agents itself)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -135,10 +137,15 @@ class TwoNodes:
         return found
 
     def kill(self) -> None:
+        """After a failure: end the agents, then any worker a killed agent left behind (only
+        processes carrying this launch's marker). A passing test finds nothing to end here."""
         for agent in self.agents:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait()
+        for pid in _processes_with(self.marker):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.mark.parametrize("rdzv", ["c10d", "static"])
@@ -153,10 +160,11 @@ def test_generate_two_nodes_one_world(tmp_path, checkpoint, tokenizer, expected,
     )  # fmt: skip
     try:
         codes = nodes.wait()
+        leftovers = _processes_with(nodes.marker)  # before kill() ends any straggler
     finally:
         nodes.kill()
     assert codes == [0, 0], nodes.output()
-    assert _processes_with(nodes.marker) == []
+    assert leftovers == []
     # Only global rank 0 (the client's rank) writes completions.
     written = [k for k, path in enumerate(outputs) if path.exists()]
     assert len(written) == 1, nodes.output()
@@ -209,10 +217,11 @@ def test_serve_two_nodes_tp2_outside_client(tmp_path, checkpoint, tokenizer, exp
         by_node = nodes.ranks_by_node()
         served = asyncio.run(_serve_session(address, tokenizer, expected))
         codes = nodes.wait()
+        leftovers = _processes_with(nodes.marker)  # before kill() ends any straggler
     finally:
         nodes.kill()
     assert codes == [0, 0], nodes.output()
-    assert _processes_with(nodes.marker) == []
+    assert leftovers == []
     # Each node runs one contiguous pair of global ranks, i.e. one whole TP group.
     assert sorted(map(sorted, by_node)) == [[0, 1], [2, 3]], by_node
     replica_of_node = [{rank // 2 for rank in ranks} for ranks in by_node]
