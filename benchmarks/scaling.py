@@ -194,27 +194,35 @@ def code_version() -> dict[str, Any]:
     }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Keep the docstring's layout and show every option's default."""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--duration", type=float, default=3.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds first")
-    parser.add_argument("--replicas", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument(
+        "--replicas", type=int, nargs="+", default=[1, 2, 4, 8], help="replica counts to measure"
+    )
     parser.add_argument(
         "--engines",
         nargs="+",
         choices=["simulated", "instant"],
         default=["simulated", "instant"],
-        help="which engine kinds to measure (default both)",
+        help="which engine kinds to measure",
     )
     parser.add_argument("--clients", type=int, default=2, help="load-client processes")
     parser.add_argument("--window", type=int, default=32, help="requests in flight per client")
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--generate-tokens", type=int, default=8)
-    parser.add_argument("--step-ms", type=float, default=5.0, help="simulated decode step")
+    parser.add_argument("--prompt-tokens", type=int, default=128, help="tokens per prompt")
+    parser.add_argument(
+        "--generate-tokens", type=int, default=8, help="tokens per request (simulated: steps)"
+    )
+    parser.add_argument("--step-ms", type=float, default=5.0, help="simulated decode step (ms)")
     parser.add_argument("--max-batch", type=int, default=8, help="simulated engine batch size")
-    parser.add_argument("--output", default=os.path.join(RESULTS, "scaling.json"))
+    parser.add_argument(
+        "--output", default=os.path.join(RESULTS, "scaling.json"), help="where the JSON goes"
+    )
     args = parser.parse_args()
     for name in ("duration", "step_ms"):
         if getattr(args, name) <= 0:
