@@ -246,8 +246,8 @@ def plot_routing(results: str) -> list[str]:
     workload, replicas = data.get("workload", {}), data.get("replicas", {})
     fig.suptitle(
         f"Routing policies: {workload.get('requests', '?')} requests at "
-        f"{workload.get('rate_per_s', '?')}/s over {replicas.get('count', '?')} simulated replicas "
-        f"({data.get('host', 'CPU host')})",
+        f"{workload.get('rate_per_s', '?')}/s over {replicas.get('count', '?')} simulated replicas, "
+        f"host {data.get('host', '?')}",
         fontsize=11,
     )
     return [save(fig, results, "routing_latency.png")]
