@@ -4,7 +4,8 @@ loopback, global rank 0 spawns the coordinator, and the replicas of both nodes s
 torchrun's c10d rendezvous ignores ``--node-rank`` (it orders the agents itself), so global rank
 0, and with it the coordinator, may land on either node; the static rendezvous honours
 ``--node-rank``. Both are exercised. Every process binds and dials 127.0.0.1 only
-(``--local-addr`` sets MASTER_ADDR; GLOO_SOCKET_IFNAME keeps gloo on the loopback device).
+(``--local-addr`` sets MASTER_ADDR; GLOO_SOCKET_IFNAME keeps gloo on the loopback device),
+and on CPU even where a GPU is present (see TwoNodes).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ class TwoNodes:
             env = _env(self.marker, tmp_path)
             env["MEGATRON_COORD_TEST_NODE"] = self.node_markers[k]
             env["GLOO_SOCKET_IFNAME"] = "lo"
+            # Both "nodes" share this machine's GPUs, where LOCAL_RANK 0 of each would pick the
+            # same GPU (NCCL refuses two ranks on one device): the launch runs on CPU and gloo.
+            env["CUDA_VISIBLE_DEVICES"] = ""
             # Per-node arguments: "{node}" in an argument becomes this node's rank.
             node_args = [a.replace("{node}", str(k)) for a in args]
             command = _torchrun_node(k, nproc, rdzv, port, run_id, script, *node_args)
