@@ -8,6 +8,11 @@ not given) and prints its address; clients (megatron_coord.InferenceClient, or M
 connect there. Every rank serves until a client sends STOP (``await client.stop_engines()``),
 or until Ctrl-C / SIGTERM; the coordinator process ends with the launch. With --http-port,
 global rank 0 also serves the OpenAI-compatible HTTP API (megatron_coord.http_server).
+
+With --coordinator-address tcp://H:P the job spawns no coordinator: its replicas register with
+an existing one (``python -m megatron_coord.coordinator --port P``), which outlives them, so a
+replica that dies fails alone and a restarted job joins again. A joined replica that hears
+nothing from the coordinator for --coordinator-timeout seconds says so and exits non-zero.
 """
 
 from __future__ import annotations
@@ -30,6 +35,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=None, help="coordinator port (default: random)")
     parser.add_argument(
         "--address-file", help="also write the coordinator's address to this file (rank 0)"
+    )
+    parser.add_argument(
+        "--coordinator-address",
+        default=None,
+        help="register this job's replicas with the coordinator at tcp://H:P instead of "
+        "spawning one (see python -m megatron_coord.coordinator)",
+    )
+    parser.add_argument(
+        "--coordinator-timeout",
+        type=float,
+        default=10.0,
+        help="with --coordinator-address: seconds of silence from the coordinator after which "
+        "the replicas exit non-zero (default 10)",
     )
     parser.add_argument(
         "--http-port",
@@ -83,8 +101,17 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    replica = Replica(options_from_args(args, port=args.port))
-    if replica.is_global_rank0:
+    options = options_from_args(args, port=args.port)
+    options.coordinator_address = args.coordinator_address
+    options.coordinator_timeout_s = args.coordinator_timeout
+    replica = Replica(options)
+    if args.coordinator_address is not None:
+        if replica.state.is_tp_coordinator:
+            print(
+                f"replica {replica.state.dp_rank} joined the coordinator at {replica.address}",
+                flush=True,
+            )
+    elif replica.is_global_rank0:
         print(f"coordinator listening at {replica.address}", flush=True)
         if args.address_file:
             with open(args.address_file + ".tmp", "w") as f:

@@ -979,3 +979,11 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             if self.clients.get(client):  # only our clients understand PARTIAL_REPLY
                 client_request_id = self.request_id_to_client_request_id[request_id]
                 self._send(client, _encode([header, client_request_id, tokens, text]))
+
+
+if __name__ == "__main__":  # python -m megatron_coord.coordinator: the standalone coordinator
+    import sys
+
+    from megatron_coord.standalone import main
+
+    sys.exit(main())

@@ -16,6 +16,7 @@ Every rank of a replica runs ``EngineServer.run``. Each iteration:
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -69,6 +70,9 @@ class EngineServer:
         idle_timeout_s: float = 1.0,
         coordinator_alive: Callable[[], bool] | None = None,
         heartbeat_interval_s: float | None = None,
+        identity: bytes | None = None,
+        coordinator_timeout_s: float | None = None,
+        auth_keys: str | None = None,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -98,6 +102,13 @@ class EngineServer:
         self.heartbeat_interval_s = heartbeat_interval_s
         self._next_heartbeat = 0.0
         self._heard_from_coordinator = False
+        # A replica that joined an outside coordinator (launch --coordinator-address): it
+        # heartbeats from the start, asks for answers, and gives up after this much silence.
+        self.identity = identity or engine_identity(state.dp_rank)
+        self.coordinator_timeout_s = coordinator_timeout_s
+        self.auth_keys = auth_keys
+        self.coordinator_address = coordinator_address
+        self._last_heard = time.monotonic()
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
@@ -107,19 +118,24 @@ class EngineServer:
     def _connect(self, address: str) -> None:
         self.context = zmq.Context()
         sock = self.context.socket(zmq.DEALER)
-        sock.setsockopt(zmq.IDENTITY, engine_identity(self.state.dp_rank))
+        sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.LINGER, 2000)
+        if self.auth_keys is not None:
+            from .auth import apply_client
+
+            apply_client(sock, self.auth_keys)
         sock.connect(address)
         self.socket = sock
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
-        self._send(
-            [
-                Headers.REGISTER,
-                {"data_parallel_rank": self.state.dp_rank, "protocol": PROTOCOL_VERSION},
-            ]
-        )
+        info: dict[str, Any] = {
+            "data_parallel_rank": self.state.dp_rank,
+            "protocol": PROTOCOL_VERSION,
+        }
+        if self.coordinator_timeout_s is not None:  # joined: say who we are, ask for answers
+            info.update(pid=os.getpid(), host=socket.gethostname(), heartbeat_reply=True)
+        self._send([Headers.REGISTER, info])
 
     def _send(self, message: list[Any]) -> None:
         assert self.socket is not None
@@ -202,9 +218,14 @@ class EngineServer:
                 except zmq.Again:
                     break
                 self._heard_from_coordinator = True
+                self._last_heard = time.monotonic()
                 self._parse(frame, inputs)
-        if self.heartbeat_interval_s is not None and self._heard_from_coordinator:
+        joined = self.coordinator_timeout_s is not None
+        if self.heartbeat_interval_s is not None and (self._heard_from_coordinator or joined):
             self._maybe_heartbeat()
+        if joined and not self.stop_received and self._coordinator_silent():
+            self.coordinator_lost = True
+            self.shutdown_requested = True
         if self.coordinator_alive is not None and not self.coordinator_alive():
             if not self.stop_received:  # after STOP its exit is expected
                 log.error("rank %d: the coordinator process died", self.state.rank)
@@ -214,10 +235,24 @@ class EngineServer:
             inputs.signals.append(SHUTDOWN_SIGNAL)
         return inputs
 
+    def _coordinator_silent(self) -> bool:
+        """True (and logged) once the coordinator has not answered for coordinator_timeout_s."""
+        silent = time.monotonic() - self._last_heard
+        if silent <= self.coordinator_timeout_s:
+            return False
+        log.error(
+            "rank %d: lost the coordinator at %s: no message and no answer to our heartbeats "
+            "for %.1f s; exiting",
+            self.state.rank,
+            self.coordinator_address,
+            silent,
+        )
+        return True
+
     def load_report(self) -> dict[str, Any]:
         """What this replica tells the coordinator in a HEARTBEAT."""
         engine = self.engine
-        return {
+        report = {
             "data_parallel_rank": self.state.dp_rank,
             "queued": len(engine.waiting),
             "active": len(engine.active),
@@ -230,6 +265,9 @@ class EngineServer:
             "paused": self.paused,
             "suspended": self.suspended,
         }
+        if self.coordinator_timeout_s is not None:
+            report["heartbeat_reply"] = True  # a re-registration by HEARTBEAT keeps asking
+        return report
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()
@@ -248,6 +286,8 @@ class EngineServer:
             self._parse_request(message, inputs)
         elif header == Headers.ABORT and len(message) == 2 and type(message[1]) is int:
             inputs.signals += [ABORT_SIGNAL, message[1]]
+        elif header == Headers.HEARTBEAT:
+            pass  # the coordinator's answer to ours: it is alive (noted by _collect)
         elif header in _FORWARDED_SIGNALS:
             inputs.signals.append(int(header))
         else:

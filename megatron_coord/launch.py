@@ -150,6 +150,12 @@ class ReplicaOptions:
     idle_timeout_s: float = 1.0
     heartbeat_interval_s: float | None = 1.0
     coordinator_options: dict[str, Any] = field(default_factory=dict)
+    # Join an outside coordinator (python -m megatron_coord.coordinator) instead of spawning
+    # one: this job's replicas then fail alone, and leave it after coordinator_timeout_s of
+    # silence from it. auth_keys: CURVE key directory (megatron_coord.auth) for the socket.
+    coordinator_address: str | None = None
+    coordinator_timeout_s: float = 10.0
+    auth_keys: str | None = None
 
 
 class Replica:
@@ -179,14 +185,29 @@ class Replica:
             idle_timeout_s=options.idle_timeout_s,
             coordinator_alive=self.coordinator.is_alive if self.coordinator is not None else None,
             heartbeat_interval_s=options.heartbeat_interval_s,
+            **self._join_options(),
         )
+
+    def _join_options(self) -> dict[str, Any]:
+        """EngineServer options for a replica joining an outside coordinator (else none but
+        auth): a unique identity, so a restarted replica or another job never collides."""
+        out: dict[str, Any] = {"auth_keys": self.options.auth_keys}
+        if self.options.coordinator_address is not None:
+            suffix = os.urandom(4).hex().encode()
+            out["identity"] = b"mp-coord-%d-%s" % (self.state.dp_rank, suffix)
+            out["coordinator_timeout_s"] = self.options.coordinator_timeout_s
+        return out
 
     def _share_coordinator_address(self) -> str:
         """Rank 0 spawns the coordinator; every rank learns its address."""
+        if self.options.coordinator_address is not None:
+            return self.options.coordinator_address
         box: list[Any] = [None]
         if self.state.rank == 0:
             try:
                 options = {"host": self.options.coordinator_host}
+                if self.options.auth_keys is not None:
+                    options["auth_keys"] = self.options.auth_keys
                 options.update(self.options.coordinator_options)
                 self.coordinator, address, self.ready_event = spawn_coordinator(
                     self.state.data_parallel_size,
@@ -217,7 +238,7 @@ class Replica:
             self.shutdown()
         if self.server.coordinator_lost:
             # A non-zero exit makes torchrun end the other replicas too.
-            raise RuntimeError("the coordinator process died; shutting the launch down")
+            raise RuntimeError("the coordinator was lost; shutting the launch down")
 
     def shutdown(self) -> None:
         """Close sockets, end the coordinator process (rank 0), leave the process group."""
@@ -283,6 +304,18 @@ def add_replica_arguments(parser: Any) -> None:
         "balances the cumulative routed work, a pure function of the request sequence)",
     )
     parser.add_argument(
+        "--auth-keys",
+        default=None,
+        help="CURVE key directory (python -m megatron_coord.auth generate DIR): the coordinator "
+        "admits only holders of an authorized key, and the engines use one",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --coordinator-host without --auth-keys (anyone who reaches "
+        "the port can use and stop the service)",
+    )
+    parser.add_argument(
         "--deterministic-mode",
         action="store_true",
         help="requests without a seed sample with one derived from their prompt, so the same "
@@ -301,7 +334,8 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         deterministic_mode=args.deterministic_mode,
         dtype=getattr(torch, args.dtype),
         coordinator_host=args.coordinator_host,
-        coordinator_options={"routing": args.routing},
+        coordinator_options={"routing": args.routing, "insecure_no_auth": args.insecure_no_auth},
+        auth_keys=args.auth_keys,
     )
 
 

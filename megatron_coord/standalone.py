@@ -1,0 +1,134 @@
+"""The standalone coordinator: ``python -m megatron_coord.coordinator --port P [--host H] ...``.
+
+Inside one torchrun world the death of any rank ends the whole world, so replicas that must fail
+alone run as separate torchrun jobs that register with a coordinator living outside all of them
+(``launch/serve.py --coordinator-address tcp://H:P``). This coordinator starts with no engine
+(``data_parallel_size=0``): replicas join and leave at any time; a request that arrives while
+none is registered gets a ``no_engine`` ERROR at once. SIGTERM/SIGINT: new requests are refused
+with ``shutting_down``, those in flight get ``--shutdown-grace`` seconds, then it exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from .liveness import DEFAULT_ENGINE_TIMEOUT_S
+
+logger = logging.getLogger("megatron_coord.standalone")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m megatron_coord.coordinator",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--port", type=int, required=True, help="TCP port to bind (0: any free)")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="interface to bind (default 127.0.0.1). Anything but loopback needs --auth-keys "
+        "or --insecure-no-auth",
+    )
+    parser.add_argument(
+        "--tokenizer",
+        default=None,
+        help="checkpoint or tokenizer directory (default: the embedded default model's)",
+    )
+    parser.add_argument("--routing", default="round_robin", help="round_robin or least_loaded")
+    parser.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=DEFAULT_ENGINE_TIMEOUT_S,
+        help="seconds without a message after which a heartbeating engine is dead (default 3)",
+    )
+    parser.add_argument("--max-outstanding", type=int, default=None, help="requests in flight")
+    parser.add_argument(
+        "--max-outstanding-per-engine", type=int, default=None, help="requests per engine"
+    )
+    parser.add_argument(
+        "--request-timeout",
+        type=float,
+        default=None,
+        help="seconds after which a request fails with 'timeout' and is aborted (default: none)",
+    )
+    parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=10.0,
+        help="seconds in-flight requests get after SIGTERM/SIGINT (default 10)",
+    )
+    parser.add_argument(
+        "--auth-keys",
+        default=None,
+        help="CURVE key directory (python -m megatron_coord.auth generate DIR): only clients "
+        "and engines holding an authorized key get in",
+    )
+    parser.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="allow a non-loopback --host without authentication (anyone reaching the port "
+        "can use and stop the service)",
+    )
+    parser.add_argument("--address-file", default=None, help="also write the bound address here")
+    parser.add_argument("--log-level", default="INFO")
+    return parser.parse_args(argv)
+
+
+def coordinator_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Coordinator keyword options from the parsed command line."""
+    options: dict[str, Any] = {
+        "host": args.host,
+        "routing": args.routing,
+        "engine_timeout": args.engine_timeout,
+        "request_timeout": args.request_timeout,
+        "shutdown_grace": args.shutdown_grace,
+        "auth_keys": args.auth_keys,
+        "insecure_no_auth": args.insecure_no_auth,
+    }
+    if args.max_outstanding is not None:
+        options["max_outstanding"] = args.max_outstanding
+    if args.max_outstanding_per_engine is not None:
+        options["max_outstanding_per_engine"] = args.max_outstanding_per_engine
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    from .coordinator import DataParallelInferenceCoordinator
+    from .tokenizer import load_tokenizer
+
+    if args.tokenizer is None:
+        from .checkpoint import default_checkpoint_dir
+
+        args.tokenizer = default_checkpoint_dir()
+    try:
+        coordinator = DataParallelInferenceCoordinator(
+            None, 0, load_tokenizer(args.tokenizer), args.port, **coordinator_options(args)
+        )
+    except (ValueError, FileNotFoundError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    coordinator.install_signal_handlers()
+    print(f"coordinator listening at {coordinator.addr}", flush=True)
+    if args.address_file:
+        with open(args.address_file + ".tmp", "w") as f:
+            f.write(coordinator.addr)
+        os.replace(args.address_file + ".tmp", args.address_file)
+    try:
+        coordinator.start()
+    finally:
+        coordinator.stop()
+    logger.info("coordinator shut down")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""kill -9 of a real replica mid-load: two replicas as separate torchrun jobs joined to a
+standalone coordinator (python -m megatron_coord.coordinator), a tiny Llama, gloo on CPU.
+
+Every request gets exactly one answer (the killed replica's were resent to the survivor: none
+of them had streamed), the survivor serves new requests, a restarted replica registers and gets
+traffic, a client STOP ends every process cleanly, and the coordinator's maps end empty.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import msgspec
+import pytest
+import zmq
+from test_engine import make_tiny_checkpoint
+
+from megatron_coord.fault_harness import (
+    ReplicaJob,
+    StandaloneCoordinator,
+    StatsProbe,
+    processes_with,
+)
+
+pytestmark = pytest.mark.torchrun
+
+ENGINE_TIMEOUT_S = 1.5
+N_REQUESTS = 160
+N_TOKENS = 24
+# The resent requests still have to be computed by the survivor after the death is noticed;
+# this bound is generous for a loaded 2-core machine (the benchmark reports the real time).
+ANSWER_MARGIN_S = 90.0
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-llama-faults"))
+    make_tiny_checkpoint(path)
+    return path
+
+
+class RawClient:
+    """A DEALER speaking our protocol that counts every reply per request id."""
+
+    def __init__(self, address: str) -> None:
+        self.context = zmq.Context()
+        self.sock = self.context.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(address)
+        self.send([1, {"protocol": 1}])
+        assert self.recv(30.0) == [2]
+        self.answers: dict[int, list[list]] = {}
+
+    def send(self, message: list) -> None:
+        self.sock.send(msgspec.msgpack.encode(message))
+
+    def recv(self, timeout: float) -> list | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        return msgspec.msgpack.decode(self.sock.recv())
+
+    def submit(self, request_id: int, prompt: list[int]) -> None:
+        params = {"num_tokens_to_generate": N_TOKENS, "top_k": 1}
+        self.send([3, request_id, prompt, params])
+        self.answers[request_id] = []
+
+    def collect(self, timeout: float) -> None:
+        """Receive one message (ENGINE_REPLY or ERROR) and file it under its request id."""
+        message = self.recv(timeout)
+        assert message is not None, f"no answer within {timeout} s"
+        assert message[0] in (4, 100), message
+        self.answers[message[1]].append(message)
+
+    def unanswered(self) -> int:
+        return sum(1 for replies in self.answers.values() if not replies)
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.context.term()
+
+
+def _prompt(i: int) -> list[int]:
+    return [(i * 7 + k) % 200 + 1 for k in range(4 + i % 5)]
+
+
+def test_kill9_replica_mid_load(checkpoint):
+    coordinator = StandaloneCoordinator(checkpoint, "--engine-timeout", str(ENGINE_TIMEOUT_S))
+    jobs: list[ReplicaJob] = []
+    probe = client = None
+    try:
+        probe = StatsProbe(coordinator.address)
+        replica_args = ("--max-batch-size", "4", "--coordinator-timeout", "30")
+        jobs = [ReplicaJob(coordinator.address, checkpoint, *replica_args) for _ in range(2)]
+        stats = probe.wait_for(lambda s: len(s["engines"]) == 2, 180, "two replicas registered")
+        victim = stats["engines"][0]
+        victim_pid = victim["info"]["pid"]
+        (victim_job,) = [job for job in jobs if victim_pid in processes_with(job.marker)]
+        (survivor_job,) = [job for job in jobs if job is not victim_job]
+        survivor_identity = stats["engines"][1]["identity"]
+        assert stats["engines"][0]["identity"] != survivor_identity
+
+        client = RawClient(coordinator.address)
+        for i in range(N_REQUESTS):
+            client.submit(i, _prompt(i))
+        for _ in range(8):  # the load runs on both replicas
+            client.collect(120.0)
+        before = probe.stats()
+        victim_load = [e for e in before["engines"] if e["identity"] == victim["identity"]]
+        assert victim_load and victim_load[0]["outstanding_requests"] > 0
+        os.kill(victim_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        while client.unanswered():
+            client.collect(ENGINE_TIMEOUT_S + ANSWER_MARGIN_S)
+        last_answer_s = time.monotonic() - killed_at
+        assert last_answer_s < ENGINE_TIMEOUT_S + ANSWER_MARGIN_S
+        assert client.recv(0.5) is None  # nothing more: no request answered twice
+
+        # Exactly one answer each, and a result, not an error: nothing had streamed, so the
+        # killed replica's requests were resent to the survivor.
+        for request_id, replies in client.answers.items():
+            assert len(replies) == 1, (request_id, replies)
+            assert replies[0][0] == 4, replies[0]
+            assert len(replies[0][2]["requests"][0]["generated_tokens"]) == N_TOKENS
+        after = probe.stats()
+        assert after["engines_lost"] == 1
+        assert after["requests_resubmitted"] > 0
+        assert [e["identity"] for e in after["engines"]] == [survivor_identity]
+        assert victim_job.wait(60) != 0  # torchrun reports its killed rank
+
+        # The survivor serves new requests.
+        for i in range(N_REQUESTS, N_REQUESTS + 6):
+            client.submit(i, _prompt(i))
+        for _ in range(6):
+            client.collect(120.0)
+        assert client.unanswered() == 0
+
+        # A restarted replica registers and gets traffic.
+        jobs.append(ReplicaJob(coordinator.address, checkpoint, *replica_args))
+        stats = probe.wait_for(lambda s: len(s["engines"]) == 2, 180, "the replica came back")
+        (new,) = [e for e in stats["engines"] if e["identity"] != survivor_identity]
+        for i in range(N_REQUESTS + 6, N_REQUESTS + 30):
+            client.submit(i, _prompt(i))
+        for _ in range(24):
+            client.collect(120.0)
+        assert all(len(r) == 1 and r[0][0] == 4 for r in client.answers.values())
+        probe.wait_for(
+            lambda s: any(
+                e["identity"] == new["identity"] and (e["load"] or {}).get("generated_tokens", 0)
+                for e in s["engines"]
+            ),
+            30,
+            "the restarted replica generated tokens",
+        )
+        final = probe.stats()
+        assert final["requests_in_flight"] == 0
+        assert {k: v for k, v in final["maps"].items() if k != "peer_fds"} == dict.fromkeys(
+            final["maps"].keys() - {"peer_fds"}, 0
+        )
+
+        # STOP ends the live replicas and the coordinator, all with status 0.
+        client.send([10])
+        message = client.recv(60.0)
+        while message is not None and message[0] != 11:
+            message = client.recv(60.0)
+        assert message == [11]
+        assert coordinator.wait(60) == 0
+        assert survivor_job.wait(60) == 0
+        assert jobs[2].wait(60) == 0
+        for job in jobs:
+            assert processes_with(job.marker) == []
+    finally:
+        for closable in (client, probe):
+            if closable is not None:
+                closable.close()
+        for job in jobs:
+            job.kill()
+        coordinator.kill()
