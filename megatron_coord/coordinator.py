@@ -66,6 +66,8 @@ _partial_decoder = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, list[NonNe
 _engine_error_decoder = msgspec.msgpack.Decoder(tuple[int, int, str, str])
 _heartbeat_decoder = msgspec.msgpack.Decoder(tuple[int, dict[str, Any]])
 _client_id_decoder = msgspec.msgpack.Decoder(tuple[int, int | str])
+# msgspec raises UnicodeDecodeError, not a MsgspecError, for a str that is not UTF-8.
+_DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError)
 _MEGATRON_IDENTITY = re.compile(rb"^mp-coord-(\d+)$")
 
 _HEADER_ONLY = {h: _encode([int(h)]) for h in Headers}
@@ -100,7 +102,7 @@ def _describe(payload: bytes) -> ProtocolError:
     """Why a frame that failed the fast path is bad (for the ERROR reply)."""
     try:
         message = _any_decoder.decode(payload)
-    except msgspec.DecodeError as exc:
+    except _DECODE_ERRORS as exc:
         return ProtocolError(ErrorCode.MALFORMED, f"frame is not valid msgpack: {exc}")
     if not isinstance(message, list) or not message:
         return ProtocolError(ErrorCode.MALFORMED, "a message must be a non-empty msgpack list")
@@ -113,7 +115,7 @@ def _client_request_id_of(payload: bytes) -> Any:
     """Best-effort client_request_id of a rejected message, so the client can match the error."""
     try:
         message = _any_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except _DECODE_ERRORS:
         return None
     if isinstance(message, list) and len(message) > 1 and type(message[1]) in (int, str):
         return message[1]
@@ -556,7 +558,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             self._on_connect(identity, payload)
         elif payload == b"" or header == Headers.REGISTER:
             self._try_register(identity, payload)  # an engine joining (or coming back)
-        elif header == Headers.HEARTBEAT:
+        elif header == Headers.HEARTBEAT and self._was_declared_dead(identity):
             # An engine of ours that was declared dead (silent too long) but lives: take it back.
             _, info = self._decode(_heartbeat_decoder, payload)
             rank = info.get("data_parallel_rank")
@@ -578,7 +580,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
     def _decode(decoder: msgspec.msgpack.Decoder, payload: bytes) -> Any:
         try:
             return decoder.decode(payload)
-        except msgspec.MsgspecError as exc:
+        except _DECODE_ERRORS as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad message: {exc}") from None
 
     @staticmethod
@@ -662,7 +664,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             return cached
         try:
             data = _any_decoder.decode(key)
-        except msgspec.DecodeError as exc:
+        except _DECODE_ERRORS as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad sampling params: {exc}") from None
         clean_dict = validate_sampling_params(data)
         clean = (
@@ -678,7 +680,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
     def _on_submit(self, client: bytes, payload: bytes) -> None:
         try:
             _, client_request_id, prompt_raw, sampling_raw = _submit_decoder.decode(payload)
-        except msgspec.MsgspecError as exc:
+        except _DECODE_ERRORS as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad SUBMIT_REQUEST: {exc}") from None
         if self._stopping:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the engines are stopping")
@@ -690,7 +692,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             )
         try:
             prompt = _prompt_decoder.decode(prompt_raw)
-        except msgspec.MsgspecError as exc:
+        except _DECODE_ERRORS as exc:
             raise ProtocolError(
                 ErrorCode.INVALID_REQUEST,
                 f"prompt must be a string or a list of non-negative token ids: {exc}",

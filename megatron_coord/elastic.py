@@ -51,6 +51,7 @@ logger = logging.getLogger("megatron_coord.coordinator")
 _encode = msgspec.msgpack.Encoder().encode
 _HEARTBEAT_REPLY = _encode([int(Headers.HEARTBEAT), {}])
 DEFAULT_SHUTDOWN_GRACE_S = 10.0
+_MAX_DEAD_REMEMBERED = 4096
 
 
 class ElasticMixin:
@@ -82,6 +83,9 @@ class ElasticMixin:
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
         self.engines_lost = 0  # engines declared dead so far (STATS)
+        # Identities of engines declared dead, newest last (bounded): only these may come back
+        # with a bare HEARTBEAT; any other newcomer must REGISTER.
+        self._dead_engines: dict[bytes, None] = {}
         self.requests_resubmitted = 0
 
     def _start_monitor(self) -> None:
@@ -241,6 +245,10 @@ class ElasticMixin:
         if engine.identity in self._last_seen:
             self._last_seen[engine.identity] = self._now
 
+    def _was_declared_dead(self, identity: bytes) -> bool:
+        """Whether ``identity`` is an engine this coordinator declared dead (it may return)."""
+        return self._dead_engines.pop(identity, 0) is None
+
     def _on_heartbeat(self, engine: Any) -> None:
         """An engine that heartbeats is watched for silence from now on; engines that asked
         (``"heartbeat_reply": true`` in REGISTER or HEARTBEAT) get an answer, so they notice
@@ -265,6 +273,9 @@ class ElasticMixin:
             return
         engine.alive = False
         self.engines_lost += 1
+        self._dead_engines[identity] = None
+        if len(self._dead_engines) > _MAX_DEAD_REMEMBERED:
+            del self._dead_engines[next(iter(self._dead_engines))]
         self._last_seen.pop(identity, None)
         self._monitor.forget(identity)
         if identity in self.identities_of_data_parallel_ranks:

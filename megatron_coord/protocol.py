@@ -97,7 +97,7 @@ def decode(frame: bytes) -> list[Any]:
     """Decode one frame into ``[Headers, *fields]``, raising ProtocolError if it is not one."""
     try:
         message = _decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:  # a str that is not UTF-8
         raise ProtocolError(ErrorCode.MALFORMED, f"frame is not valid msgpack: {exc}") from None
     if not isinstance(message, list) or not message:
         raise ProtocolError(ErrorCode.MALFORMED, "a message must be a non-empty msgpack list")
