@@ -69,8 +69,10 @@ class InferenceClient:
         inference_coordinator_address: str,
         connect_timeout: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        auth_keys: str | None = None,
     ) -> None:
         self.address = inference_coordinator_address
+        self.auth_keys = auth_keys  # CURVE key directory (megatron_coord.auth), if required
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
         self.context: zmq.asyncio.Context | None = None
@@ -93,6 +95,10 @@ class InferenceClient:
         self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
+        if self.auth_keys is not None:
+            from .auth import apply_client
+
+            apply_client(self.socket, self.auth_keys)
         self.socket.connect(self.address)
         self.running.set()
         self.paused.clear()

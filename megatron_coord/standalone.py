@@ -102,9 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    from .auth import check_bind
     from .coordinator import DataParallelInferenceCoordinator
     from .tokenizer import load_tokenizer
 
+    try:
+        check_bind(args.host, args.auth_keys, args.insecure_no_auth)  # before any slow work
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if args.tokenizer is None:
         from .checkpoint import default_checkpoint_dir
 
