@@ -829,6 +829,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             "clients": len(self.clients),
             "engines_lost": self.engines_lost,
             "requests_resubmitted": self.requests_resubmitted,
+            "shutting_down": self._shutdown_deadline is not None,
             "maps": self._map_sizes(),  # every per-request map: all 0 when nothing is in flight
         }
         self._send(client, _encode([int(Headers.STATS), stats]))
@@ -917,8 +918,9 @@ class DataParallelInferenceCoordinator(ElasticMixin):
                         if text is not None:
                             request["prompt"] = text
                         else:
-                            jobs.append((index, request, "prompt"))
-                            token_lists.append(_tokens_of(request["prompt_tokens"]))
+                            prompt_tokens = _tokens_of(request["prompt_tokens"])  # may raise:
+                            jobs.append((index, request, "prompt"))  # then append nothing
+                            token_lists.append(prompt_tokens)
                     jobs.append((index, request, "generated_text"))
                     token_lists.append(generated)
             except (KeyError, TypeError, ProtocolError) as exc:

@@ -75,8 +75,16 @@ class StandaloneCoordinator:
 class ReplicaJob:
     """One torchrun job whose replica(s) join the coordinator at ``address``."""
 
-    def __init__(self, address: str, model: str, *args: str, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        address: str,
+        model: str,
+        *args: str,
+        env: dict[str, str] | None = None,
+        log_path: str | None = None,
+    ) -> None:
         self.marker = uuid.uuid4().hex
+        self.log_path = log_path
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
             "--rdzv-backend", "static", "--master-addr", "127.0.0.1",
@@ -84,10 +92,21 @@ class ReplicaJob:
             os.path.join(ROOT, "launch", "serve.py"), "--model", model,
             "--coordinator-address", address, *args,
         ]  # fmt: skip
-        self.process = subprocess.Popen(command, env=_env(self.marker, env), cwd=ROOT)
+        log = open(log_path, "wb") if log_path else None  # noqa: SIM115 - the child's
+        try:
+            self.process = subprocess.Popen(
+                command, env=_env(self.marker, env), cwd=ROOT, stdout=log, stderr=log
+            )
+        finally:
+            if log is not None:
+                log.close()
 
     def wait(self, timeout: float = 60.0) -> int:
         return self.process.wait(timeout)
+
+    def log(self) -> str:
+        with open(self.log_path, encoding="utf-8", errors="replace") as f:
+            return f.read()
 
     def kill(self) -> None:
         """End the whole job (agent and ranks): for cleanup."""

@@ -190,3 +190,24 @@ def test_vanished_client_requests_are_aborted_and_forgotten():
     coord.coordinator.request_shutdown()
     watcher.send(105)  # wakes the loop, which then shuts down (nothing in flight)
     coord.join()
+
+
+def test_record_without_prompt_tokens_fails_only_that_request():
+    """A token-prompt record lacking prompt_tokens is malformed: engine_failed, no crash."""
+    coord = ThreadedCoordinator(0)
+    assert coord.ready.wait(30)
+    client = Peer(coord.address).connect_ours()
+    engine = _register(coord.address, 0)
+    _wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    client.send(3, "bad", [65], PARAMS)
+    client.send(3, "good", [66], PARAMS)
+    ids = [engine.recv()[1] for _ in range(2)]
+    bad = {"request_id": ids[0], "generated_tokens": [1]}
+    good = {"request_id": ids[1], "prompt_tokens": [66], "generated_tokens": [67]}
+    engine.send(4, [{"requests": [bad]}, {"requests": [good]}])
+    replies = {m[1]: m for m in (client.recv(), client.recv())}
+    assert replies["bad"][:3] == [100, "bad", "engine_failed"]
+    assert replies["good"][2]["requests"][0]["generated_text"] == "C"
+    engine.close()
+    _wait_stats(client, lambda s: not s["engines"], "engine left")
+    _stop(coord, client)
