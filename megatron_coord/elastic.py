@@ -332,8 +332,7 @@ class ElasticMixin:
             self._engine_requests.pop(dead, None)
         self._engine_requests[engine] = self._engine_requests.get(engine, 0) + 1
         if self._tracks_load:
-            self.routing_policy.on_finish(dead, request_id)
-            self.routing_policy.on_submit(engine, request_id)
+            self.routing_policy.on_resubmit(dead, engine, request_id)
         self.requests_resubmitted += 1
         if not self._send(engine, payload):
             self._fail(request_id, ErrorCode.ENGINE_FAILED, "no engine could take the request")

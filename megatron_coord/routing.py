@@ -66,6 +66,11 @@ class RoutingPolicy:
     def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
         """``engine`` sent a HEARTBEAT load report."""
 
+    def on_resubmit(self, old: Identity, new: Identity, request_id: int) -> None:
+        """``request_id`` moved from ``old`` (dead) to ``new``, where it starts over."""
+        self.on_finish(old, request_id)
+        self.on_submit(new, request_id)
+
 
 class RoundRobin(RoutingPolicy):
     """Cycle over the engines in their order (arrival order, or dp-rank order when deterministic)."""
@@ -266,6 +271,17 @@ class LeastLoaded(RoutingPolicy):
             if not tracked.prefilled:
                 seen += tracked.prompt
             self._seen[tracked.engine] += seen
+
+    def on_resubmit(self, old: Identity, new: Identity, request_id: int) -> None:
+        """The request keeps its size and starts over on ``new`` (nothing of it was seen)."""
+        tracked = self._requests.get(request_id)
+        if tracked is None:
+            return  # deterministic mode: the cumulative routed work stays where it was routed
+        if tracked.engine in self._load:
+            self._load[tracked.engine] -= tracked.remaining
+        tracked.engine, tracked.generated, tracked.prefilled = new, 0, False
+        if new in self._load:
+            self._load[new] += tracked.remaining
 
     def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
         if self.deterministic or engine not in self._reported:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_coord.routing import LeastLoaded, make_policy
+from megatron_coord.routing import LeastLoaded, RoutingPolicy, make_policy
 
 A, B, C, D = b"a", b"b", b"c", b"d"
 
@@ -142,3 +142,15 @@ def test_deterministic_mode_is_a_pure_function_of_the_request_sequence():
     assert _replay(1, interleave_timing=True) == base
     assert _replay(2, interleave_timing=True) == base
     assert len(set(base)) == 3  # and it still balances
+
+
+def test_a_resubmitted_request_moves_its_whole_size():
+    policy = LeastLoaded([A, B, C])
+    route(policy, 0, [1] * 10, 30)  # A: 40
+    policy.remove_engine(A)  # A died; the coordinator resends the request to B
+    policy.on_resubmit(A, B, 0)
+    assert policy.loads() == {B: 40, C: 0}
+    policy.on_finish(B, 0, generated=30)
+    assert policy.loads() == {B: 0, C: 0}
+    base = RoutingPolicy([A, B])  # the default hook is finish + submit
+    base.on_resubmit(A, B, 0)
