@@ -177,3 +177,52 @@ def test_kill9_replica_mid_load(checkpoint):
         for job in jobs:
             job.kill()
         coordinator.kill()
+
+
+def test_joined_replica_that_loses_the_coordinator_says_so_and_exits(checkpoint, tmp_path):
+    coordinator = StandaloneCoordinator(checkpoint)
+    log = str(tmp_path / "replica.log")
+    job = None
+    try:
+        probe = StatsProbe(coordinator.address)
+        job = ReplicaJob(
+            coordinator.address, checkpoint, "--coordinator-timeout", "2", log_path=log
+        )
+        probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "replica registered")
+        probe.close()
+        coordinator.process.kill()  # kill -9: no goodbye to anyone
+        coordinator.process.wait()
+        assert job.wait(60) != 0
+        assert "lost the coordinator" in job.log()
+        assert processes_with(job.marker) == []
+    finally:
+        if job is not None:
+            job.kill()
+        coordinator.kill()
+
+
+def test_sigterm_to_a_launch_answers_every_in_flight_request(checkpoint, tmp_path):
+    """A launch with its own coordinator: SIGTERM mid-load ends every process, and every
+    request in flight gets an answer (its result, or an error saying why), none hangs."""
+    from test_launch import _Server
+
+    server = _Server(tmp_path, checkpoint, 2, 1, "--max-batch-size", "2")
+    client = None
+    try:
+        client = RawClient(server.address)
+        for i in range(40):
+            client.submit(i, _prompt(i))
+        client.collect(120.0)  # the load is running
+        server.proc.send_signal(signal.SIGTERM)
+        while client.unanswered():
+            client.collect(60.0)
+        errors = [r[0] for r in client.answers.values() if r[0][0] == 100]
+        assert errors, "SIGTERM came after the whole load finished"
+        assert {e[2] for e in errors} <= {"no_engine", "shutting_down", "engine_failed"}
+        assert all(len(r) == 1 for r in client.answers.values())
+        server.wait()  # torchrun reports the signal its way; what matters is that all exit
+        assert processes_with(server.marker) == []
+    finally:
+        if client is not None:
+            client.close()
+        server.kill()
