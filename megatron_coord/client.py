@@ -80,6 +80,7 @@ class InferenceClient:
         self.completion_futures: dict[int, asyncio.Future] = {}
         self.request_submission_times: dict[int, float] = {}
         self._streams: dict[int, asyncio.Queue] = {}
+        self._aborting: set[int] = set()  # aborts sent, reply not yet received: sent once
         self.next_request_id = 0
         self.listener_task: asyncio.Task | None = None
         self.running = asyncio.Event()
@@ -163,17 +164,14 @@ class InferenceClient:
         request_id = self._submit(prompt, sampling_params, streaming=True)
         queue: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = queue
-        ended = False
         streamed_tokens = 0
         streamed_text = ""
         try:
             while True:
                 item = await queue.get()
                 if item is _END:
-                    ended = True
                     return
                 if isinstance(item, Exception):
-                    ended = True
                     raise item
                 if "requests" in item:
                     tail = _stream_tail(request_id, item, streamed_tokens, streamed_text)
@@ -184,14 +182,23 @@ class InferenceClient:
                     streamed_text += item["text"]
                 yield item
         finally:
-            self._streams.pop(request_id, None)
+            # Still registered: its final record or error never came (the listener unregisters
+            # a stream when it delivers its end), so the request still runs somewhere.
+            live = self._streams.pop(request_id, None) is not None
             self.request_submission_times.pop(request_id, None)
-            if not ended and self.socket is not None:
+            if live and self.socket is not None:
                 self.abort_request(request_id)
 
     def abort_request(self, future_or_id: asyncio.Future | int) -> None:
-        """Ask the engine holding the request to abort it; its future gets the final record."""
+        """Ask the engine holding the request to abort it; its future gets the final record.
+
+        Repeated aborts of a request still in flight send one ABORT (a stream closed after an
+        explicit abort does not send a second one)."""
         request_id = getattr(future_or_id, "request_id", future_or_id)
+        if request_id in self._aborting:
+            return
+        if request_id in self.completion_futures or request_id in self._streams:
+            self._aborting.add(request_id)
         self.socket.send(_encode([int(Headers.ABORT), request_id]))
 
     # ------------------------------------------------------------------ replies
@@ -235,6 +242,7 @@ class InferenceClient:
             self.stopped.set()
 
     def _on_reply(self, request_id: int, record: dict[str, Any]) -> None:
+        self._aborting.discard(request_id)
         started = self.request_submission_times.pop(request_id, None)
         if started is not None:
             record["latency"] = time.perf_counter() - started
@@ -243,7 +251,7 @@ class InferenceClient:
             if not future.done():
                 future.set_result(record)
             return
-        queue = self._streams.get(request_id)
+        queue = self._streams.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(record)
             queue.put_nowait(_END)
@@ -251,6 +259,8 @@ class InferenceClient:
             logger.warning("client: reply for unknown request %r", request_id)
 
     def _on_error(self, request_id: Any, code: str, text: str) -> None:
+        if type(request_id) is int:
+            self._aborting.discard(request_id)
         error = RequestError(code, text)
         self.request_submission_times.pop(request_id, None)
         future = self.completion_futures.pop(request_id, None)
@@ -258,7 +268,7 @@ class InferenceClient:
             if not future.done():
                 future.set_exception(error)
             return
-        queue = self._streams.get(request_id)
+        queue = self._streams.pop(request_id, None)
         if queue is not None:
             queue.put_nowait(error)
             return

@@ -138,3 +138,27 @@ def test_abort_is_routed_only_to_the_holding_replica(serving):  # noqa: F811 (th
     done, again, last_error = run(go())
     assert done["requests"][0]["generated_tokens"] == again["requests"][0]["generated_tokens"]
     assert last_error is not None and last_error.code == "invalid_request"
+
+
+@one_slot
+def test_no_second_abort_after_the_stream_ended(serving):  # noqa: F811 (the imported fixture)
+    """Abort twice, let the ABORTED record arrive unread, then close the stream (what the HTTP
+    layer does): no further ABORT goes out, which would come back as an error."""
+
+    async def go():
+        client = await _started(serving.address)
+        stream = client.add_request_streaming(PROMPT, {**LONG, "streaming_interval": 1})
+        first = await stream.__anext__()
+        client.abort_request(first["request_id"])
+        client.abort_request(first["request_id"])  # still in flight: not sent again
+        # One slot: this completes after the abort freed it, so the ABORTED record (sent
+        # first, on the same sockets) has reached the client, unread in the stream's queue.
+        await client.add_request(PROMPT, SHORT)
+        await stream.aclose()
+        after = await client.add_request(PROMPT, SHORT)  # an error would arrive before this
+        await _finish(client)
+        return after, client.last_error
+
+    after, last_error = run(go())
+    assert len(after["requests"][0]["generated_tokens"]) == SHORT["num_tokens_to_generate"]
+    assert last_error is None
