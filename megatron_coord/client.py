@@ -183,11 +183,12 @@ class InferenceClient:
                 yield item
         finally:
             # Still registered: its final record or error never came (the listener unregisters
-            # a stream when it delivers its end), so the request still runs somewhere.
-            live = self._streams.pop(request_id, None) is not None
-            self.request_submission_times.pop(request_id, None)
-            if live and self.socket is not None:
+            # a stream when it delivers its end), so the request still runs somewhere. Aborted
+            # while registered, so a later abort_request of the same id is not sent again.
+            if request_id in self._streams and self.socket is not None:
                 self.abort_request(request_id)
+            self._streams.pop(request_id, None)
+            self.request_submission_times.pop(request_id, None)
 
     def abort_request(self, future_or_id: asyncio.Future | int) -> None:
         """Ask the engine holding the request to abort it; its future gets the final record.
