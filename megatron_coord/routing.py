@@ -190,22 +190,29 @@ class LeastLoaded(RoutingPolicy):
     # ------------------------------------------------------------------ choice
 
     def choose(self, request: Any = None) -> Identity:
+        """The least-loaded engine; scanning starts after the last pick, so ties rotate.
+
+        O(engines) with the load computed inline: this runs once per request."""
         engines = self.engines
         count = len(engines)
         if not count:
             raise LookupError("no engine is registered")
-        start = self._next if self._next < count else 0
-        best_index = start
-        best = self.load(engines[start])
-        for offset in range(1, count):
-            if best == 0:
-                break
-            index = start + offset
-            if index >= count:
-                index -= count
-            load = self.load(engines[index])
-            if load < best:
+        own, reported, seen = self._load, self._reported, self._seen
+        index = self._next if self._next < count else 0
+        best_index, best = index, None
+        for _ in range(count):
+            engine = engines[index]
+            load = own[engine]
+            unseen = reported[engine] - seen[engine]
+            if unseen > 0:
+                load -= unseen
+            if best is None or load < best:
                 best, best_index = load, index
+                if load <= 0:
+                    break  # idle: nothing can beat it
+            index += 1
+            if index == count:
+                index = 0
         self._next = best_index + 1
         return engines[best_index]
 

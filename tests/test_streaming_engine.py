@@ -120,3 +120,7 @@ def test_token_prompt_streams_every_step(serving, tokenizer):
     # One token per step; the final step's token comes in the tail partial before the record.
     assert all(len(p["tokens"]) == 1 for p in partials)
     assert unary["requests"][0]["generated_tokens"] == request["generated_tokens"]
+    # The HEARTBEAT's processed_tokens (least-loaded routing's correction) counts prompt tokens
+    # prefilled plus tokens generated, for both requests.
+    work = 2 * (len(prompt) + len(request["generated_tokens"]))
+    assert serving.server.load_report()["processed_tokens"] == work
