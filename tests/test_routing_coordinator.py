@@ -144,3 +144,25 @@ def test_a_burst_avoids_the_replica_holding_a_long_request(deploy):
     assert short_ranks == [1 - long_rank] * 6  # 6 x 8 tokens < 310 tokens
     long_rank, short_ranks = _ranks_of_a_burst(deploy, "round_robin")
     assert short_ranks.count(long_rank) == 3  # round robin alternates regardless of size
+
+
+def test_deterministic_least_loaded_ignores_replies_and_reports():
+    """deterministic_mode: the cumulative routed work decides, so finishing a request or a load
+    report (timing) never changes where the next one goes."""
+    coord = ThreadedCoordinator(2, routing="least_loaded", deterministic_mode=True)
+    engines = _registered(coord, 2)  # deterministic order: by data-parallel rank
+    client = Peer(coord.address).connect_ours()
+    sizes = [(20, 10), (5, 5), (5, 5), (5, 5), (5, 5)]  # 30, then four of 10 tokens
+    for request_id, (prompt, generate) in enumerate(sizes):
+        client.send(3, request_id, [7] * prompt, {"num_tokens_to_generate": generate})
+    engine_of = {message[1]: index for index, message in (_receiver(engines) for _ in sizes)}
+    # 30 on rank 0; rank 1 takes 10, 20, 30; the tie at 30/30 continues round robin: rank 0.
+    assert engine_of == {0: 0, 1: 1, 2: 1, 3: 1, 4: 0}
+    record = {"requests": [{"request_id": 0, "prompt_tokens": [7] * 20, "generated_tokens": [1]}]}
+    engines[0].send(4, [record])  # request 0 ends early on rank 0 ...
+    engines[0].send(102, {"processed_tokens": 40})  # ... and rank 0 reports its progress
+    assert client.recv()[:2] == [4, 0]
+    client.send(3, 5, [7] * 5, {"num_tokens_to_generate": 5})
+    # Routed work: rank 0 = 40, rank 1 = 30, whatever finished: rank 1.
+    assert _receiver(engines)[0] == 1
+    _stop(client, engines, coord)
