@@ -1,0 +1,227 @@
+"""Load held while replicas are killed (kill -9) and restarted; prints JSON.
+
+A standalone coordinator (python -m megatron_coord.coordinator) serves two replicas, each its own
+torchrun job (launch/serve.py --coordinator-address) of the embedded default model. A closed-loop
+client keeps ``--concurrency`` requests in flight. First a fault-free phase measures the baseline
+throughput; then, during the fault phase, one replica's serving rank is SIGKILLed every
+``--kill-every`` seconds (alternating) and a fresh job is started in its place at once.
+
+Reported: requests/s held (fault-free and with faults), requests lost (submitted but never
+answered: must be 0), errors by code, and per kill: time until the coordinator declared the
+engine dead (``detect_s``, from STATS) and time until every request that was in flight at the
+kill was answered (``last_affected_answer_s``; an upper bound on the affected requests, since it
+includes those on the survivor), and time until the restarted replica registered.
+
+    python benchmarks/faults.py [--duration 30] [--baseline 10] [--concurrency 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from megatron_coord.checkpoint import default_checkpoint_dir  # noqa: E402
+from megatron_coord.client import InferenceClient, RequestError  # noqa: E402
+from megatron_coord.coordinator_stats import CoordinatorStats  # noqa: E402
+from megatron_coord.fault_harness import (  # noqa: E402
+    ReplicaJob,
+    StandaloneCoordinator,
+    StatsProbe,
+)
+from megatron_coord.sampling_params import SamplingParams  # noqa: E402
+
+PROMPTS = ["The quick brown fox", "Data parallel inference", "Hello world", "One two three"]
+
+
+class Load:
+    """Closed-loop load: ``concurrency`` workers, each submitting the next request at once."""
+
+    def __init__(self, client: InferenceClient, concurrency: int, tokens: int) -> None:
+        self.client = client
+        self.concurrency = concurrency
+        self.params = SamplingParams(num_tokens_to_generate=tokens, top_k=1)
+        self.outstanding: dict[int, float] = {}
+        self.answered_at: dict[int, float] = {}
+        self.completed = 0
+        self.errors: Counter[str] = Counter()
+        self.submitted = 0
+        self.running = True
+
+    async def worker(self, index: int) -> None:
+        while self.running:
+            request_id = self.submitted
+            self.submitted += 1
+            self.outstanding[request_id] = time.monotonic()
+            try:
+                await self.client.add_request(PROMPTS[request_id % len(PROMPTS)], self.params)
+                self.completed += 1
+            except RequestError as exc:
+                self.errors[exc.code] += 1
+            del self.outstanding[request_id]
+            self.answered_at[request_id] = time.monotonic()
+
+    async def run(self, seconds: float) -> dict[str, float]:
+        """Run for ``seconds`` plus the drain; requests/s over the measured window."""
+        start_completed = self.completed
+        workers = [asyncio.create_task(self.worker(i)) for i in range(self.concurrency)]
+        started = time.monotonic()
+        await asyncio.sleep(seconds)
+        done = self.completed - start_completed
+        elapsed = time.monotonic() - started
+        self.running = False
+        await asyncio.wait(workers, timeout=120)
+        return {"seconds": round(elapsed, 2), "completed": done, "rps": round(done / elapsed, 1)}
+
+
+async def _wait_engines(stats: CoordinatorStats, count: int, timeout: float) -> float:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        view = await stats.query(5.0)
+        if view is not None and len(view["engines"]) == count:
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"{count} engines did not register within {timeout} s")
+
+
+async def _kill_one(
+    load: Load,
+    stats: CoordinatorStats,
+    jobs: list[ReplicaJob],
+    address: str,
+    model: str,
+    fault: str,
+) -> dict[str, float]:
+    """Fault the oldest replica's serving rank, start a replacement, measure recovery.
+
+    ``kill9``: SIGKILL (the coordinator sees the connection close). ``hang``: SIGSTOP (the
+    connection stays open; only heartbeat silence reveals it), SIGKILLed once declared dead."""
+    view = await stats.query(5.0)
+    victim = view["engines"][0]
+    lost_before = view["engines_lost"]
+    in_flight = set(load.outstanding)
+    pid = victim["info"]["pid"]
+    os.kill(pid, signal.SIGKILL if fault == "kill9" else signal.SIGSTOP)
+    killed = time.monotonic()
+    jobs.append(ReplicaJob(address, model, *REPLICA_ARGS))  # the restart
+    detect = None
+    while detect is None:
+        view = await stats.query(5.0)
+        if view is not None and view["engines_lost"] > lost_before:
+            detect = time.monotonic() - killed
+        else:
+            await asyncio.sleep(0.01)
+    if fault == "hang":
+        os.kill(pid, signal.SIGKILL)
+    while in_flight & set(load.outstanding):
+        await asyncio.sleep(0.01)
+    last = max((load.answered_at.get(r, killed) for r in in_flight), default=killed) - killed
+    await _wait_engines(stats, 2, 300)
+    rejoin = time.monotonic() - killed
+    return {
+        "fault": fault,
+        "detect_s": round(detect, 3),
+        "in_flight_at_kill": len(in_flight),
+        "last_affected_answer_s": round(last, 3),
+        "restart_registered_s": round(rejoin, 1),
+    }
+
+
+async def _session(args: argparse.Namespace, address: str, jobs: list, model: str) -> dict:
+    stats = CoordinatorStats(address)
+    await _wait_engines(stats, 2, 300)
+    client = InferenceClient(address)
+    await client.start()
+    try:
+        baseline = await Load(client, args.concurrency, args.tokens).run(args.baseline)
+        load = Load(client, args.concurrency, args.tokens)
+        kills: list[dict] = []
+
+        end = time.monotonic() + args.duration
+
+        async def injector() -> None:
+            """Alternate kill -9 and hang faults; none starts in the last 5 s of the phase."""
+            for n in range(1_000_000):
+                await asyncio.sleep(args.kill_every)
+                if time.monotonic() > end - 5.0:
+                    return
+                fault = ("kill9", "hang")[n % 2]
+                kills.append(await _kill_one(load, stats, jobs, address, model, fault))
+
+        task = asyncio.create_task(injector())
+        faulted = await load.run(args.duration)
+        await task  # a fault under way is measured to its end
+        lost = load.submitted - load.completed - sum(load.errors.values())
+        final = await stats.query(5.0)
+        return {
+            "baseline": baseline,
+            "with_faults": faulted,
+            "requests_submitted": load.submitted,
+            "requests_completed": load.completed,
+            "requests_lost": lost,
+            "errors": dict(load.errors),
+            "kills": kills,
+            "coordinator": {
+                "engines_lost": final["engines_lost"],
+                "requests_resubmitted": final["requests_resubmitted"],
+                "requests_in_flight_after": final["requests_in_flight"],
+            },
+        }
+    finally:
+        client.stop()
+        stats.close()
+
+
+REPLICA_ARGS = ("--max-batch-size", "8")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--duration", type=float, default=30.0, help="fault phase, seconds")
+    parser.add_argument("--baseline", type=float, default=10.0, help="fault-free phase, seconds")
+    parser.add_argument("--kill-every", type=float, default=10.0)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
+    parser.add_argument("--coordinator-log-level", default="ERROR")
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "faults.json"))
+    args = parser.parse_args()
+    model = default_checkpoint_dir()
+    coordinator = StandaloneCoordinator(model, "--log-level", args.coordinator_log_level)
+    jobs = [ReplicaJob(coordinator.address, model, *REPLICA_ARGS) for _ in range(2)]
+    try:
+        result = asyncio.run(_session(args, coordinator.address, jobs, model))
+        probe = StatsProbe(coordinator.address)
+        probe.socket.send(b"\x91\x0a")  # STOP: every live replica and the coordinator exit
+        probe.close()
+        coordinator.wait(60)
+    finally:
+        for job in jobs:
+            job.kill()
+        coordinator.kill()
+    result["config"] = {
+        "model": "embedded default (4-layer hidden-256 Llama, GPT-2 vocab)",
+        "replicas": 2,
+        "replica_args": list(REPLICA_ARGS),
+        "concurrency": args.concurrency,
+        "tokens_per_request": args.tokens,
+        "kill_every_s": args.kill_every,
+        "engine_timeout_s": 3.0,
+        "host": f"{os.cpu_count()}-core CPU, gloo, shared machine",
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
