@@ -785,6 +785,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
         if self._stopping:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the engines are stopping")
         self._stopping = header == Headers.STOP
+        self._note_control(header)  # engines that join later catch up (elastic.py)
         message = _HEADER_ONLY[header]
         for engine in self.identities_of_data_parallel_ranks:
             self._send(engine, message)

@@ -86,6 +86,8 @@ class ElasticMixin:
         # Identities of engines declared dead, newest last (bounded): only these may come back
         # with a bare HEARTBEAT; any other newcomer must REGISTER.
         self._dead_engines: dict[bytes, None] = {}
+        self._paused = False  # the clients' last PAUSE/UNPAUSE and SUSPEND/RESUME
+        self._suspended = False
         self.requests_resubmitted = 0
 
     def _start_monitor(self) -> None:
@@ -218,11 +220,24 @@ class ElasticMixin:
 
     # ------------------------------------------------------------------ engines
 
+    def _note_control(self, header: Headers) -> None:
+        if header in (Headers.PAUSE, Headers.UNPAUSE):
+            self._paused = header == Headers.PAUSE
+        elif header in (Headers.SUSPEND, Headers.RESUME):
+            self._suspended = header == Headers.SUSPEND
+
     def _join(self, identity: bytes, ours: bool) -> None:
-        """An engine registered while serving: route to it from now on."""
+        """An engine registered while serving: route to it from now on, in the state the
+        clients put the others in (paused, suspended, stopping)."""
         self.identities_of_data_parallel_ranks.append(identity)
         self.routing_policy.add_engine(identity)
         self._joined(identity, ours)
+        if self._stopping:
+            catch_up = [Headers.STOP]
+        else:
+            catch_up = [Headers.PAUSE] * self._paused + [Headers.SUSPEND] * self._suspended
+        for header in catch_up:
+            self._send(identity, _encode([int(header)]))
         logger.info(
             "engine %r joined; %d engine(s) now",
             identity,

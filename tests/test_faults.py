@@ -211,3 +211,29 @@ def test_record_without_prompt_tokens_fails_only_that_request():
     engine.close()
     _wait_stats(client, lambda s: not s["engines"], "engine left")
     _stop(coord, client)
+
+
+def test_engine_joining_while_paused_is_paused_too():
+    coord = ThreadedCoordinator(0)
+    assert coord.ready.wait(30)
+    client = Peer(coord.address).connect_ours()
+    engines = [spawn(coord.address, 0)]
+    try:
+        _wait_stats(client, lambda s: len(s["engines"]) == 1, "first engine joined")
+        client.send(5)
+        assert client.recv() == [6]
+        engines.append(spawn(coord.address, 1))  # joins a paused service
+        _wait_stats(client, lambda s: len(s["engines"]) == 2, "second engine joined")
+        for i in range(4):
+            client.send(3, i, "w", PARAMS)
+        stats = _wait_stats(client, lambda s: s["requests_in_flight"] == 4, "routed")
+        assert [e["outstanding_requests"] for e in stats["engines"]] == [2, 2]
+        assert not client.poll(300)  # neither engine answers while paused
+        client.send(7)
+        assert sorted(client.recv()[1] for _ in range(4)) == [0, 1, 2, 3]
+        _stop(coord, client)
+        for engine in engines:
+            assert engine.wait(30) == 0
+    finally:
+        for engine in engines:
+            engine.kill()
