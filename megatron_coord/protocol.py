@@ -39,10 +39,13 @@ class Headers(enum.IntEnum):
     # coord -> client: [ERROR, client_request_id | None, code: str, message: str]
     # engine -> coord: [ERROR, request_id, code, message] (that request failed on the engine)
     ERROR = 100
-    # engine -> coord: [REGISTER, {"data_parallel_rank": int, "protocol": int, ...}]
+    # engine -> coord: [REGISTER, {"data_parallel_rank": int, "protocol": int, ...}]; joined
+    # replicas add "pid", "host" and "heartbeat_reply": true (shown in STATS engines[].info)
     REGISTER = 101
     # engine -> coord: [HEARTBEAT, {"queued": int, "active": int, "free_kv_tokens": int,
     # "processed_tokens": int (cumulative prompt tokens prefilled + tokens generated), ...}]
+    # coord -> engine: [HEARTBEAT, {}] answers each HEARTBEAT of an engine that asked for it
+    # ("heartbeat_reply": true), so the engine can tell a lost coordinator from a quiet one.
     HEARTBEAT = 102
     # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids]], ...]]
     # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text]
@@ -50,8 +53,10 @@ class Headers(enum.IntEnum):
     # client -> coord: [ABORT, client_request_id]; coord -> engine: [ABORT, request_id]
     ABORT = 104
     # client -> coord: [STATS]; coord -> client: [STATS, {"engines": [{"data_parallel_rank",
-    # "alive", "outstanding_requests", "outstanding_tokens", "load": last HEARTBEAT dict}, ...],
-    # "requests_in_flight": int, "clients": int}] (for health checks and metrics)
+    # "alive", "outstanding_requests", "outstanding_tokens", "load": last HEARTBEAT dict,
+    # "identity": hex, "info": REGISTER dict}, ...], "requests_in_flight": int, "clients": int,
+    # "engines_lost": int, "requests_resubmitted": int, "shutting_down": bool,
+    # "maps": {per-request or per-peer map: size}}] (health checks, metrics, tests)
     STATS = 105
 
 
