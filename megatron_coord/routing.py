@@ -152,7 +152,10 @@ class LeastLoaded(RoutingPolicy):
         self.deterministic = deterministic
         self._load: dict[Identity, int] = {}  # own accounting: outstanding tokens
         self._seen: dict[Identity, int] = {}  # processed tokens that replies showed
-        self._reported: dict[Identity, int] = {}  # last processed_tokens of a HEARTBEAT
+        self._reported: dict[Identity, int] = {}  # last processed_tokens of a HEARTBEAT - base
+        # processed_tokens counts from the engine process's start, which may predate its
+        # (re)registration here: its first report sets the baseline (None: no report yet).
+        self._base: dict[Identity, int | None] = {}
         self._requests: dict[int, _Tracked] = {}
         self._next = 0  # round-robin start of the tie-breaking scan
         self._chars = 0  # calibration of the text-prompt estimate
@@ -166,13 +169,14 @@ class LeastLoaded(RoutingPolicy):
         self._load[engine] = 0
         self._seen[engine] = 0
         self._reported[engine] = 0
+        self._base[engine] = None
 
     def remove_engine(self, engine: Identity) -> None:
         index = self.engines.index(engine)
         super().remove_engine(engine)
         if index < self._next:
             self._next -= 1
-        for table in (self._load, self._seen, self._reported):
+        for table in (self._load, self._seen, self._reported, self._base):
             del table[engine]
 
     def load(self, engine: Identity) -> int:
@@ -294,8 +298,13 @@ class LeastLoaded(RoutingPolicy):
         if self.deterministic or engine not in self._reported:
             return
         processed = report.get("processed_tokens")
-        if type(processed) is int and processed >= 0:
-            self._reported[engine] = processed
+        if type(processed) is not int or processed < 0:
+            return
+        base = self._base[engine]
+        if base is None or processed < base:  # first report, or the engine restarted
+            # Conservative: whatever it processed unseen so far is not corrected for.
+            base = self._base[engine] = processed - self._seen[engine]
+        self._reported[engine] = processed - base
 
 
 POLICIES: dict[str, Callable[..., RoutingPolicy]] = {

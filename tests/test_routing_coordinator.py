@@ -63,6 +63,8 @@ def _outstanding(client: Peer) -> dict[int, int]:
 def test_heartbeat_progress_steers_the_next_request():
     coord = ThreadedCoordinator(2, routing="least_loaded")
     engines = _registered(coord, 2)
+    for engine in engines:  # fresh engines report first, before any work: the baseline
+        engine.send(102, {"processed_tokens": 0})
     client = Peer(coord.address).connect_ours()
     client.send(3, 0, [7] * 10, {"num_tokens_to_generate": 20})  # 30 tokens of work
     a, message = _receiver(engines)

@@ -51,6 +51,7 @@ def test_streamed_tokens_and_finishes_take_work_off():
 
 def test_heartbeats_correct_only_what_replies_did_not_show():
     policy = LeastLoaded([A, B])
+    policy.on_load_report(A, {"processed_tokens": 0})  # the baseline: a fresh engine
     route(policy, 0, [1] * 10, 20)  # A: 30 tokens, not streaming
     assert policy.load(A) == 30
     policy.on_load_report(A, {"processed_tokens": 15})  # prefill + 5 tokens done on A
@@ -70,6 +71,7 @@ def test_heartbeats_correct_only_what_replies_did_not_show():
 
 def test_heartbeat_and_streaming_together_do_not_double_count():
     policy = LeastLoaded([A])
+    policy.on_load_report(A, {"processed_tokens": 0})
     route(policy, 0, [1] * 10, 20)
     policy.on_tokens(A, 0, 5)  # seen: 10 prompt + 5 generated
     policy.on_load_report(A, {"processed_tokens": 15})
@@ -154,3 +156,18 @@ def test_a_resubmitted_request_moves_its_whole_size():
     assert policy.loads() == {B: 0, C: 0}
     base = RoutingPolicy([A, B])  # the default hook is finish + submit
     base.on_resubmit(A, B, 0)
+
+
+def test_an_engine_that_comes_back_reports_from_a_new_baseline():
+    """processed_tokens counts from the engine process's start: an engine that re-registers
+    (declared dead while hung, then back) must not look idle for all its past work."""
+    policy = LeastLoaded([A, B])
+    policy.remove_engine(A)
+    policy.add_engine(A)
+    policy.on_submit(A, 0, [1] * 10, 20)  # A: 30
+    policy.on_load_report(A, {"processed_tokens": 5000})  # first report after joining: baseline
+    assert policy.load(A) == 30
+    policy.on_load_report(A, {"processed_tokens": 5012})  # 12 tokens of progress since
+    assert policy.load(A) == 18
+    policy.on_load_report(A, {"processed_tokens": 3})  # a restarted process: new baseline
+    assert policy.load(A) == 30
