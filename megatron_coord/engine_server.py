@@ -121,6 +121,10 @@ class EngineServer:
         sock.setsockopt(zmq.IDENTITY, self.identity)
         sock.setsockopt(zmq.MAXMSGSIZE, DEFAULT_MAX_MESSAGE_BYTES)
         sock.setsockopt(zmq.LINGER, 2000)
+        if self.coordinator_timeout_s is not None:
+            # Joined: a send that cannot leave (no connection, e.g. refused by CURVE) must not
+            # block the replica forever.
+            sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.coordinator_timeout_s * 1000)))
         if self.auth_keys is not None:
             from .auth import apply_client
 
@@ -139,7 +143,19 @@ class EngineServer:
 
     def _send(self, message: list[Any]) -> None:
         assert self.socket is not None
-        self.socket.send(encode(message))
+        try:
+            self.socket.send(encode(message))
+        except zmq.Again:  # only with SNDTIMEO (joined replicas)
+            if not self.coordinator_lost:
+                log.error(
+                    "rank %d: lost the coordinator at %s: a message could not be sent for "
+                    "%.1f s (not running, or refusing our key?); exiting",
+                    self.state.rank,
+                    self.coordinator_address,
+                    self.coordinator_timeout_s,
+                )
+            self.coordinator_lost = True
+            self.shutdown_requested = True
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM ask for a clean shutdown; a wake-up socket interrupts the idle poll."""

@@ -226,3 +226,48 @@ def test_sigterm_to_a_launch_answers_every_in_flight_request(checkpoint, tmp_pat
         if client is not None:
             client.close()
         server.kill()
+
+
+def test_auth_keys_let_a_replica_in_and_keep_a_keyless_one_out(checkpoint, tmp_path):
+    import asyncio
+
+    from megatron_coord import InferenceClient, SamplingParams
+    from megatron_coord.auth import generate
+
+    keys = str(tmp_path / "keys")
+    generate(keys)
+    coordinator = StandaloneCoordinator(checkpoint, "--auth-keys", keys)
+    jobs: list[ReplicaJob] = []
+    probe = None
+    try:
+        probe = StatsProbe(coordinator.address, auth_keys=keys)
+        jobs.append(ReplicaJob(coordinator.address, checkpoint, "--auth-keys", keys))
+        log = str(tmp_path / "keyless.log")
+        keyless = ReplicaJob(coordinator.address, checkpoint, "--coordinator-timeout", "3",
+                             log_path=log)  # fmt: skip
+        jobs.append(keyless)
+        probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "keyed replica registered")
+        assert keyless.wait(120) != 0  # never heard back: it gives up
+        assert "lost the coordinator" in keyless.log()
+        assert len(probe.stats()["engines"]) == 1
+
+        async def one_request() -> str:
+            client = InferenceClient(coordinator.address, auth_keys=keys)
+            await client.start()
+            try:
+                params = SamplingParams(num_tokens_to_generate=3, top_k=1)
+                record = await asyncio.wait_for(client.add_request([5, 6, 7], params), 60)
+                await client.stop_engines()
+                return record["requests"][0]["generated_tokens"]
+            finally:
+                client.stop()
+
+        assert len(asyncio.run(one_request())) == 3
+        assert coordinator.wait(60) == 0
+        assert jobs[0].wait(60) == 0
+    finally:
+        if probe is not None:
+            probe.close()
+        for job in jobs:
+            job.kill()
+        coordinator.kill()
