@@ -50,6 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the replicas exit non-zero (default 10)",
     )
     parser.add_argument(
+        "--coordinator-reconnect",
+        action="store_true",
+        help="with --coordinator-address: when the coordinator is lost, abort this job's "
+        "requests and keep trying to register again (a restarted coordinator at the same "
+        "address gets the replicas back) instead of exiting",
+    )
+    parser.add_argument(
         "--http-port",
         type=int,
         default=None,
@@ -104,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     options = options_from_args(args, port=args.port)
     options.coordinator_address = args.coordinator_address
     options.coordinator_timeout_s = args.coordinator_timeout
+    options.coordinator_reconnect = args.coordinator_reconnect
     replica = Replica(options)
     if args.coordinator_address is not None:
         if replica.state.is_tp_coordinator:

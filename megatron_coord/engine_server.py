@@ -73,6 +73,7 @@ class EngineServer:
         identity: bytes | None = None,
         coordinator_timeout_s: float | None = None,
         auth_keys: str | None = None,
+        reconnect: bool = False,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -109,6 +110,10 @@ class EngineServer:
         self.auth_keys = auth_keys
         self.coordinator_address = coordinator_address
         self._last_heard = time.monotonic()
+        # Joined, with reconnect: a lost coordinator is waited for (re-register every
+        # coordinator_timeout_s) instead of ending the replica.
+        self.reconnect = reconnect
+        self._reconnect_pending = False
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
@@ -131,6 +136,7 @@ class EngineServer:
             apply_client(sock, self.auth_keys)
         sock.connect(address)
         self.socket = sock
+        self._registered_at = time.monotonic()
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         info: dict[str, Any] = {
@@ -146,16 +152,66 @@ class EngineServer:
         try:
             self.socket.send(encode(message))
         except zmq.Again:  # only with SNDTIMEO (joined replicas)
-            if not self.coordinator_lost:
-                log.error(
-                    "rank %d: lost the coordinator at %s: a message could not be sent for "
-                    "%.1f s (not running, or refusing our key?); exiting",
-                    self.state.rank,
-                    self.coordinator_address,
-                    self.coordinator_timeout_s,
-                )
-            self.coordinator_lost = True
-            self.shutdown_requested = True
+            self._lose_coordinator(
+                f"a message could not be sent for {self.coordinator_timeout_s:g} s (not "
+                "running, or refusing our key?)"
+            )
+
+    def _lose_coordinator(self, why: str) -> None:
+        """The coordinator is gone: exit (non-zero), or with ``reconnect`` register again."""
+        if self.coordinator_lost or self._reconnect_pending:
+            return
+        if self.reconnect:
+            log.warning(
+                "rank %d: lost the coordinator at %s: %s; aborting this replica's requests and "
+                "waiting to register again",
+                self.state.rank,
+                self.coordinator_address,
+                why,
+            )
+            self._reconnect_pending = True
+            return
+        log.error(
+            "rank %d: lost the coordinator at %s: %s; exiting",
+            self.state.rank,
+            self.coordinator_address,
+            why,
+        )
+        self.coordinator_lost = True
+        self.shutdown_requested = True
+
+    def _not_known(self) -> None:
+        """The coordinator answers us as a stranger: it restarted at the same address, or it
+        declared this replica dead. Its requests are no longer ours: register afresh (joined
+        replicas only; at most once a second)."""
+        if self.coordinator_timeout_s is None or self._reconnect_pending:
+            return
+        if time.monotonic() - self._registered_at < 1.0:
+            return
+        log.warning(
+            "rank %d: the coordinator at %s does not know this replica; registering again",
+            self.state.rank,
+            self.coordinator_address,
+        )
+        self._reconnect_pending = True
+
+    def _register_again(self, inputs: StepInputs) -> None:
+        """Drop every request (the old coordinator's), then connect and REGISTER afresh."""
+        self._reconnect_pending = False
+        engine = self.engine
+        for request_id in [r.request_id for r in engine.waiting] + list(engine.active):
+            inputs.signals += [ABORT_SIGNAL, request_id]
+        if self.paused:
+            inputs.signals.append(int(Headers.UNPAUSE))
+        if self.suspended:
+            inputs.signals.append(int(Headers.RESUME))
+        self.socket.close(0)
+        self.context.term()
+        self._last_heard = time.monotonic()
+        self._next_heartbeat = 0.0
+        self._connect(self.coordinator_address)
+        if self._wake_r is not None:
+            self.poller.register(self._wake_r, zmq.POLLIN)
 
     def install_signal_handlers(self) -> None:
         """SIGINT/SIGTERM ask for a clean shutdown; a wake-up socket interrupts the idle poll."""
@@ -239,9 +295,14 @@ class EngineServer:
         joined = self.coordinator_timeout_s is not None
         if self.heartbeat_interval_s is not None and (self._heard_from_coordinator or joined):
             self._maybe_heartbeat()
-        if joined and not self.stop_received and self._coordinator_silent():
-            self.coordinator_lost = True
-            self.shutdown_requested = True
+        if joined and not self.stop_received:
+            silent = time.monotonic() - self._last_heard
+            if silent > self.coordinator_timeout_s:
+                self._lose_coordinator(
+                    f"no message and no answer to our heartbeats for {silent:.1f} s"
+                )
+            if self._reconnect_pending and not self.shutdown_requested:
+                self._register_again(inputs)
         if self.coordinator_alive is not None and not self.coordinator_alive():
             if not self.stop_received:  # after STOP its exit is expected
                 log.error("rank %d: the coordinator process died", self.state.rank)
@@ -250,20 +311,6 @@ class EngineServer:
         if self.shutdown_requested:
             inputs.signals.append(SHUTDOWN_SIGNAL)
         return inputs
-
-    def _coordinator_silent(self) -> bool:
-        """True (and logged) once the coordinator has not answered for coordinator_timeout_s."""
-        silent = time.monotonic() - self._last_heard
-        if silent <= self.coordinator_timeout_s:
-            return False
-        log.error(
-            "rank %d: lost the coordinator at %s: no message and no answer to our heartbeats "
-            "for %.1f s; exiting",
-            self.state.rank,
-            self.coordinator_address,
-            silent,
-        )
-        return True
 
     def load_report(self) -> dict[str, Any]:
         """What this replica tells the coordinator in a HEARTBEAT."""
@@ -304,6 +351,8 @@ class EngineServer:
             inputs.signals += [ABORT_SIGNAL, message[1]]
         elif header == Headers.HEARTBEAT:
             pass  # the coordinator's answer to ours: it is alive (noted by _collect)
+        elif header == Headers.ERROR and len(message) == 4 and message[2] == "not_connected":
+            self._not_known()
         elif header in _FORWARDED_SIGNALS:
             inputs.signals.append(int(header))
         else:

@@ -155,6 +155,7 @@ class ReplicaOptions:
     # silence from it. auth_keys: CURVE key directory (megatron_coord.auth) for the socket.
     coordinator_address: str | None = None
     coordinator_timeout_s: float = 10.0
+    coordinator_reconnect: bool = False  # wait to register again instead of exiting
     auth_keys: str | None = None
 
 
@@ -196,6 +197,7 @@ class Replica:
             suffix = os.urandom(4).hex().encode()
             out["identity"] = b"mp-coord-%d-%s" % (self.state.dp_rank, suffix)
             out["coordinator_timeout_s"] = self.options.coordinator_timeout_s
+            out["reconnect"] = self.options.coordinator_reconnect
         return out
 
     def _share_coordinator_address(self) -> str:

@@ -271,3 +271,48 @@ def test_auth_keys_let_a_replica_in_and_keep_a_keyless_one_out(checkpoint, tmp_p
         for job in jobs:
             job.kill()
         coordinator.kill()
+
+
+def test_reconnecting_replica_registers_with_a_restarted_coordinator(checkpoint, tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    first = StandaloneCoordinator(checkpoint, "--port", str(port))
+    second = job = probe = client = None
+    log = str(tmp_path / "replica.log")
+    try:
+        probe = StatsProbe(first.address)
+        job = ReplicaJob(first.address, checkpoint, "--coordinator-timeout", "2",
+                         "--coordinator-reconnect", log_path=log)  # fmt: skip
+        probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "replica registered")
+        probe.close()
+        first.process.kill()
+        first.process.wait()
+        second = StandaloneCoordinator(checkpoint, "--port", str(port))
+        assert second.address == first.address
+        probe = StatsProbe(second.address)
+        probe.wait_for(lambda s: len(s["engines"]) == 1, 120, "replica registered again")
+        assert job.process.poll() is None  # it waited instead of exiting
+        client = RawClient(second.address)
+        client.submit(0, _prompt(0))
+        client.collect(120.0)
+        assert client.answers[0][0][0] == 4
+        client.send([10])
+        message = client.recv(60.0)
+        while message is not None and message != [11]:
+            message = client.recv(60.0)
+        assert message == [11]
+        assert second.wait(60) == 0
+        assert job.wait(60) == 0
+        assert "registering again" in job.log() or "register again" in job.log()
+    finally:
+        for closable in (client, probe):
+            if closable is not None:
+                closable.close()
+        if job is not None:
+            job.kill()
+        for coordinator in (first, second):
+            if coordinator is not None:
+                coordinator.kill()
