@@ -3,16 +3,20 @@
 A standalone coordinator (python -m megatron_coord.coordinator) serves two replicas, each its own
 torchrun job (launch/serve.py --coordinator-address) of the embedded default model. A closed-loop
 client keeps ``--concurrency`` requests in flight. First a fault-free phase measures the baseline
-throughput; then, during the fault phase, one replica's serving rank is SIGKILLed every
-``--kill-every`` seconds (alternating) and a fresh job is started in its place at once.
+throughput; then, during the fault phase, every ``--kill-every`` seconds one replica's serving
+rank is faulted, alternately SIGKILLed ("kill9": its connection closes) and SIGSTOPped ("hang":
+only heartbeat silence reveals it; SIGKILLed once declared dead), and a fresh job is started in
+its place at once. Last, an overload phase sends ``--burst`` requests at once against the
+coordinator's limit of ``MAX_OUTSTANDING`` in flight.
 
 Reported: requests/s held (fault-free and with faults), requests lost (submitted but never
-answered: must be 0), errors by code, and per kill: time until the coordinator declared the
-engine dead (``detect_s``, from STATS) and time until every request that was in flight at the
-kill was answered (``last_affected_answer_s``; an upper bound on the affected requests, since it
-includes those on the survivor), and time until the restarted replica registered.
+answered: must be 0), errors by code, and per fault: time until the coordinator declared the
+engine dead (``detect_s``, from STATS), time until every request that was in flight at the
+fault was answered (``last_affected_answer_s``; an upper bound on the affected requests, since
+it includes those on the survivor), and time until the restarted replica registered; for the
+overload: answers by kind, none lost or doubled, the coordinator's RSS before/peak/after.
 
-    python benchmarks/faults.py [--duration 30] [--baseline 10] [--concurrency 16]
+    python benchmarks/faults.py [--duration 40] [--baseline 10] [--kill-every 6]
 """
 
 from __future__ import annotations
@@ -181,6 +185,56 @@ async def _session(args: argparse.Namespace, address: str, jobs: list, model: st
 
 
 REPLICA_ARGS = ("--max-batch-size", "8")
+MAX_OUTSTANDING = 256  # the coordinator's limit in this benchmark (overload phase)
+
+
+def _rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    return float("nan")
+
+
+def overload(address: str, pid: int, burst: int, tokens: int) -> dict:
+    """``burst`` requests sent at once (many times the limit): each gets exactly one answer,
+    a result or ``overloaded``, and the coordinator's memory stays bounded."""
+    import msgspec
+    import zmq
+
+    context = zmq.Context()
+    sock = context.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(address)
+    encode, decode = msgspec.msgpack.encode, msgspec.msgpack.decode
+    sock.send(encode([1, {"protocol": 1}]))
+    assert decode(sock.recv()) == [2]
+    rss_before = _rss_mib(pid)
+    params = {"num_tokens_to_generate": tokens, "top_k": 1}
+    started = time.monotonic()
+    for i in range(burst):
+        sock.send(encode([3, i, PROMPTS[i % len(PROMPTS)], params]))
+    answers: Counter[str] = Counter()
+    seen: Counter[int] = Counter()
+    rss_peak = rss_before
+    while sum(seen.values()) < burst and sock.poll(120_000):
+        message = decode(sock.recv())
+        seen[message[1]] += 1
+        answers["completed" if message[0] == 4 else message[2]] += 1
+        if sum(seen.values()) % 1000 == 0:
+            rss_peak = max(rss_peak, _rss_mib(pid))
+    elapsed = time.monotonic() - started
+    sock.close(0)
+    context.term()
+    return {
+        "burst": burst,
+        "limit_max_outstanding": MAX_OUTSTANDING,
+        "answers": dict(answers),
+        "answered_twice": sum(1 for n in seen.values() if n > 1),
+        "requests_lost": burst - len(seen),
+        "seconds": round(elapsed, 2),
+        "coordinator_rss_mib": {"before": rss_before, "peak": rss_peak, "after": _rss_mib(pid)},
+    }
 
 
 def main() -> None:
@@ -191,13 +245,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
     parser.add_argument("--coordinator-log-level", default="ERROR")
+    parser.add_argument("--burst", type=int, default=20000, help="overload phase requests")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "faults.json"))
     args = parser.parse_args()
     model = default_checkpoint_dir()
-    coordinator = StandaloneCoordinator(model, "--log-level", args.coordinator_log_level)
+    coordinator = StandaloneCoordinator(
+        model,
+        "--log-level",
+        args.coordinator_log_level,
+        "--max-outstanding",
+        str(MAX_OUTSTANDING),
+    )
     jobs = [ReplicaJob(coordinator.address, model, *REPLICA_ARGS) for _ in range(2)]
     try:
         result = asyncio.run(_session(args, coordinator.address, jobs, model))
+        pid = coordinator.process.pid
+        result["overload"] = overload(coordinator.address, pid, args.burst, args.tokens)
         probe = StatsProbe(coordinator.address)
         probe.socket.send(b"\x91\x0a")  # STOP: every live replica and the coordinator exit
         probe.close()
@@ -214,6 +277,7 @@ def main() -> None:
         "tokens_per_request": args.tokens,
         "kill_every_s": args.kill_every,
         "engine_timeout_s": 3.0,
+        "max_outstanding": MAX_OUTSTANDING,
         "host": f"{os.cpu_count()}-core CPU, gloo, shared machine",
     }
     text = json.dumps(result, indent=2)
