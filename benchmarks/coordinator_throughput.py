@@ -29,6 +29,9 @@ import msgspec
 import zmq
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import percentiles  # noqa: E402
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
 from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, spawn  # noqa: E402
@@ -37,15 +40,6 @@ from megatron_coord.sampling_params import SamplingParams  # noqa: E402
 _encode = msgspec.msgpack.Encoder().encode
 _reply_decoder = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw])
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50/p90/p99 in milliseconds."""
-    if not samples:
-        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan")}
-    ordered = sorted(samples)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3  # noqa: E731
-    return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
 
 
 # ---------------------------------------------------------------------- load client
@@ -210,25 +204,18 @@ def stop_procs(procs: list[Any]) -> None:
             proc.join()
 
 
-def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Requests/s and latency percentiles of one system under the windowed load."""
-    address, procs = start_system(name, args.engines)
+def run_load(address: str, handshake: bool, args: argparse.Namespace, procs: list[Any]) -> list:
+    """Drive ``address`` with ``args.clients`` load clients released together; their latencies.
+
+    ``procs`` (the system under test) are stopped with the clients, whatever happens.
+    """
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
+    load = (address, handshake, args.window, args.prompt_tokens, args.generate_tokens, start)
     clients = [
         ctx.Process(
             target=load_client,
-            args=(
-                address,
-                name != "zmq_proxy",
-                args.window,
-                args.prompt_tokens,
-                args.generate_tokens,
-                start,
-                args.warmup,
-                args.duration,
-                results,
-            ),
+            args=(*load, args.warmup, args.duration, results),
             daemon=True,
         )
         for _ in range(args.clients)
@@ -245,6 +232,13 @@ def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
             client.join(30)
     finally:
         stop_procs(clients + procs)
+    return latencies
+
+
+def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Requests/s and latency percentiles of one system under the windowed load."""
+    address, procs = start_system(name, args.engines)
+    latencies = run_load(address, name != "zmq_proxy", args, procs)
     return {"requests_per_s": len(latencies) / args.duration, **percentiles(latencies)}
 
 

@@ -29,21 +29,12 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import percentiles  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MODEL = "bench"
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    """p50/p90/p99 in milliseconds."""
-    if not samples:
-        return {"p50_ms": float("nan"), "p90_ms": float("nan"), "p99_ms": float("nan")}
-    ordered = sorted(samples)
-
-    def pick(q: float) -> float:
-        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3, 3)
-
-    return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
 
 
 def request_bytes(prompt_tokens: int, max_tokens: int) -> bytes:
@@ -125,7 +116,7 @@ def http_load(args: argparse.Namespace, port: int) -> dict[str, Any]:
         "requests_per_s": round(len(latencies) / args.duration, 1),
         "requests": len(latencies),
         "errors": len(errors),
-        **percentiles(latencies),
+        **percentiles(latencies, 3),
     }
 
 
@@ -152,7 +143,7 @@ async def direct_load(args: argparse.Namespace, address: str) -> dict[str, Any]:
     return {
         "requests_per_s": round(len(latencies) / args.duration, 1),
         "requests": len(latencies),
-        **percentiles(latencies),
+        **percentiles(latencies, 3),
     }
 
 
@@ -175,7 +166,7 @@ def single_request_latency(url: str, args: argparse.Namespace) -> dict[str, Any]
                     if first is None and line.startswith("data: {"):
                         first = time.perf_counter() - start
             ttft.append(first)
-    return {"unary": percentiles(unary), "stream_ttft": percentiles(ttft)}
+    return {"unary": percentiles(unary, 3), "stream_ttft": percentiles(ttft, 3)}
 
 
 def free_port() -> int:

@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from coordinator_throughput import load_client, percentiles, stop_procs  # noqa: E402
+from _common import percentiles  # noqa: E402
+from coordinator_throughput import run_load, stop_procs  # noqa: E402
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
 from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, spawn  # noqa: E402
@@ -149,34 +150,12 @@ def start_deployment(kind: str, replicas: int, args: argparse.Namespace) -> tupl
 def measure(kind: str, replicas: int, args: argparse.Namespace) -> dict[str, Any]:
     """Requests/s and latency percentiles of one deployment under the fixed load."""
     address, procs = start_deployment(kind, replicas, args)
-    ctx = multiprocessing.get_context("spawn")
-    start, results = ctx.Event(), ctx.Queue()
-    load = (address, True, args.window, args.prompt_tokens, args.generate_tokens, start)
-    clients = [
-        ctx.Process(
-            target=load_client,
-            args=(*load, args.warmup, args.duration, results),
-            daemon=True,
-        )
-        for _ in range(args.clients)
-    ]
-    try:
-        for client in clients:
-            client.start()
-        time.sleep(1.0)  # let the clients import and connect before the clock starts
-        start.set()
-        latencies: list[float] = []
-        for _ in clients:
-            latencies += results.get(timeout=args.warmup + args.duration + 120)
-        for client in clients:
-            client.join(30)
-    finally:
-        stop_procs(clients + procs)
+    latencies = run_load(address, True, args, procs)
     return {
         "replicas": replicas,
         "requests": len(latencies),
         "requests_per_s": round(len(latencies) / args.duration, 1),
-        **{k: round(v, 3) for k, v in percentiles(latencies).items()},
+        **percentiles(latencies, 3),
     }
 
 
