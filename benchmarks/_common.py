@@ -1,10 +1,16 @@
-"""Helpers the benchmark scripts share: latency percentiles.
+"""Helpers the benchmark scripts share: latency percentiles and writing results.
 
 Kept free of heavy imports (no zmq, torch or megatron_coord) so any benchmark can import it
 before deciding what else to load.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 def percentiles(samples: list[float], digits: int | None = None) -> dict[str, float]:
@@ -18,3 +24,11 @@ def percentiles(samples: list[float], digits: int | None = None) -> dict[str, fl
         return ms if digits is None else round(ms, digits)
 
     return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
+
+
+def write_results(name: str, out: dict[str, Any]) -> None:
+    """Write ``out`` to benchmarks/results/``name`` and print it (the JSON a benchmark reports)."""
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, name), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out, indent=1), flush=True)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import random
 import subprocess
@@ -31,6 +30,10 @@ import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _common import write_results  # noqa: E402
+
 ROOT = os.path.dirname(HERE)
 
 
@@ -224,10 +227,7 @@ def main() -> None:
         "overhead_best": 1 - e2e["best_tokens_per_s"] / local["best_tokens_per_s"],
         "engine_server_loop": loop,
     }
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "engine_overhead.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out, indent=1))
+    write_results("engine_overhead.json", out)
 
 
 if __name__ == "__main__":

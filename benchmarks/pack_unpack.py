@@ -9,7 +9,6 @@ benchmarks/results/pack_unpack.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import sys
@@ -19,6 +18,10 @@ import numpy as np
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _common import write_results  # noqa: E402
+
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
 from test_pack import reference_pack, reference_unpack  # noqa: E402  (pure-Python reference)
@@ -133,10 +136,7 @@ def main() -> None:
             },
         }
     out = {"benchmark": "pack_unpack", "unit": "microseconds per call", "cases": results}
-    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    with open(os.path.join(HERE, "results", "pack_unpack.json"), "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out, indent=1))
+    write_results("pack_unpack.json", out)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,15 @@ same number of words. Rank 0 prints JSON and writes benchmarks/results/tp_broadc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from _common import write_results  # noqa: E402
 
 
 def _inputs(n_requests: int, n_tokens: int):
@@ -87,10 +89,7 @@ def worker(steps: int) -> None:
             "unit": "microseconds per step (rank 0)",
             "cases": results,
         }
-        os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-        with open(os.path.join(HERE, "results", "tp_broadcast.json"), "w") as f:
-            json.dump(out, f, indent=1)
-        print(json.dumps(out, indent=1), flush=True)
+        write_results("tp_broadcast.json", out)
     dist.destroy_process_group()
 
 
