@@ -81,10 +81,29 @@ def grouped_bars(
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     if log:
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))  # 0.1, 10, not 10^1
+        plain_log_y(ax)
     ax.margins(y=0.15)
     ax.grid(axis="y", alpha=0.3, which="both" if log else "major")
+
+
+def value_bars(
+    ax: Axes, labels: Sequence[str], values: Sequence[float], fmt: str, ylabel: str, color: Any
+) -> None:
+    """One bar per label, each labelled with its value (``fmt``), on a y grid."""
+    bars = ax.bar(labels, values, color=color)
+    ax.bar_label(bars, [fmt.format(v) for v in values], fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.margins(y=0.15)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def plain_log_y(ax: Axes, minor: bool = False) -> None:
+    """A log y axis labelled 0.1, 10 (not 10^1); ``minor``: label the minor ticks too."""
+    ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    if minor:
+        ax.yaxis.set_minor_formatter(plain)
 
 
 def save(fig: Figure, results: str, name: str) -> str:
@@ -150,10 +169,7 @@ def plot_scaling(results: str) -> list[str]:
             ax.axhline(floor, ls="--", color="gray", label=f"no queueing ({floor:g} ms)")
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(x) for x in xs])
-        ax.set_yscale("log")
-        plain = FuncFormatter(lambda v, _: f"{v:g}")
-        ax.yaxis.set_major_formatter(plain)
-        ax.yaxis.set_minor_formatter(plain)
+        plain_log_y(ax, minor=True)
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_xlabel("data-parallel replicas (engine processes)")
         ax.set_ylabel("request latency (ms, log scale)")
@@ -178,16 +194,13 @@ def plot_coordinator(results: str) -> list[str]:
 
     fig, axes = plt.subplots(1, 3 if single else 2, figsize=(16 if single else 11, 4.8))
     ax = axes[0]
-    bars = ax.bar(labels, [loaded[s]["requests_per_s"] for s in systems], color=colors)
-    ax.bar_label(bars, [f"{loaded[s]['requests_per_s']:,.0f}" for s in systems], fontsize=8)
-    ax.set_ylabel("throughput (requests/s)")
+    rps = [loaded[s]["requests_per_s"] for s in systems]
+    value_bars(ax, labels, rps, "{:,.0f}", "throughput (requests/s)", colors)
     ax.set_title(
         f"Throughput: {cfg['engines']} instant engines, "
         f"{cfg['clients']} clients x {cfg['window']} in flight",
         fontsize=9,
     )
-    ax.margins(y=0.15)
-    ax.grid(axis="y", alpha=0.3)
     grouped_bars(
         axes[1],
         labels,
@@ -237,12 +250,9 @@ def plot_routing(results: str) -> list[str]:
     )
     axes[0].set_title("Latency percentiles", fontsize=9)
     axes[0].legend(fontsize=8)
-    bars = axes[1].bar(names, [policies[p]["makespan_s"] for p in names], color="#55a868")
-    axes[1].bar_label(bars, [f"{policies[p]['makespan_s']:.2f}" for p in names], fontsize=8)
-    axes[1].set_ylabel("time to finish every request (s)")
+    makespans = [policies[p]["makespan_s"] for p in names]
+    value_bars(axes[1], names, makespans, "{:.2f}", "time to finish every request (s)", "#55a868")
     axes[1].set_title("Makespan", fontsize=9)
-    axes[1].margins(y=0.15)
-    axes[1].grid(axis="y", alpha=0.3)
     workload, replicas = data.get("workload", {}), data.get("replicas", {})
     fig.suptitle(
         f"Routing policies: {workload.get('requests', '?')} requests at "
@@ -278,17 +288,13 @@ def plot_http(results: str) -> list[str]:
             for name, key in keys.items()
         ]
         rps = [data[key]["requests_per_s"] for key in keys.values()]
-        bars = ax.bar(labels, rps, color=["#4c72b0", "#8c8c8c"])
-        ax.bar_label(bars, [f"{v:,.1f}" for v in rps], fontsize=8)
-        ax.set_ylabel("throughput (requests/s)")
+        value_bars(ax, labels, rps, "{:,.1f}", "throughput (requests/s)", ["#4c72b0", "#8c8c8c"])
         cfg = data["config"]
         ax.set_title(
             f"{label}: {cfg['replicas']} replicas, {cfg['max_tokens']} tokens out, "
             f"{cfg['clients']} client x {cfg['window']} in flight",
             fontsize=9,
         )
-        ax.margins(y=0.15)
-        ax.grid(axis="y", alpha=0.3)
     fig.suptitle(f"HTTP front end vs direct client ({machine_note(data)})", fontsize=11)
     return [save(fig, results, "http_throughput.png")]
 
