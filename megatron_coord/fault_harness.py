@@ -88,7 +88,7 @@ class ReplicaJob:
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
             "--rdzv-backend", "static", "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "--node-rank", "0", "--nnodes", "1",
+            "--master-port", str(free_port()), "--node-rank", "0", "--nnodes", "1",
             os.path.join(ROOT, "launch", "serve.py"), "--model", model,
             "--coordinator-address", address, *args,
         ]  # fmt: skip
@@ -118,7 +118,8 @@ class ReplicaJob:
         self.process.wait()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

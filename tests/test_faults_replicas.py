@@ -15,6 +15,7 @@ import time
 import msgspec
 import pytest
 import zmq
+from _procs import ServeLaunch
 from test_engine import make_tiny_checkpoint
 
 from megatron_coord.fault_harness import (
@@ -204,9 +205,7 @@ def test_joined_replica_that_loses_the_coordinator_says_so_and_exits(checkpoint,
 def test_sigterm_to_a_launch_answers_every_in_flight_request(checkpoint, tmp_path):
     """A launch with its own coordinator: SIGTERM mid-load ends every process, and every
     request in flight gets an answer (its result, or an error saying why), none hangs."""
-    from test_launch import _Server
-
-    server = _Server(tmp_path, checkpoint, 2, 1, "--max-batch-size", "2")
+    server = ServeLaunch(tmp_path, checkpoint, 2, 1, "--max-batch-size", "2")
     client = None
     try:
         client = RawClient(server.address)

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from _procs import free_port
 from conftest import start_coordinator
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -486,12 +487,6 @@ def test_health_and_metrics_when_the_coordinator_is_gone() -> None:
 
 
 # --------------------------------------------------------------------------- command line
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_command_line_server(stack: Stack) -> None:

@@ -4,21 +4,19 @@ replicas of a tiny seeded Llama), checked against transformers' own greedy gener
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
-import sys
 import time
 import uuid
 
 import httpx
 import openai
 import pytest
+from _procs import launch_env, processes_with, torchrun
 from prometheus_client.parser import text_string_to_metric_families
 from test_engine import EOS, hf_greedy, make_tiny_checkpoint
 
 pytestmark = pytest.mark.torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Hello world", "The quick brown fox"]
 N_TOKENS = 8
 MODEL = "tiny-llama"
@@ -50,18 +48,10 @@ class Launch:
     def __init__(self, tmp_path, checkpoint: str) -> None:
         self.log = tmp_path / "serve.log"
         self.marker = uuid.uuid4().hex  # inherited by every process of the launch
-        env = dict(
-            os.environ,
-            OMP_NUM_THREADS="1",
-            MEGATRON_COORD_CACHE=str(tmp_path / "c"),
-            MEGATRON_COORD_TEST_MARKER=self.marker,
+        env = launch_env(self.marker, tmp_path)
+        command = torchrun(
+            2, "serve.py", "--model", checkpoint, "--http-port", "0", "--served-model-name", MODEL
         )
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-            "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
-            os.path.join(ROOT, "launch", "serve.py"), "--model", checkpoint,
-            "--http-port", "0", "--served-model-name", MODEL,
-        ]  # fmt: skip
         with open(self.log, "w") as out:
             self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         self.url = self._wait_for("OpenAI-compatible API at ").split()[0].removesuffix("/v1")
@@ -103,19 +93,7 @@ class Launch:
 
     def processes(self) -> list[int]:
         """Live processes of this launch (torchrun, ranks, coordinator, HTTP server)."""
-        needle = f"MEGATRON_COORD_TEST_MARKER={self.marker}".encode()
-        found = []
-        for entry in filter(str.isdigit, os.listdir("/proc")):
-            try:
-                with open(f"/proc/{entry}/environ", "rb") as f:
-                    if needle not in f.read().split(b"\0"):
-                        continue
-                with open(f"/proc/{entry}/stat") as f:
-                    if f.read().split()[2] != "Z":
-                        found.append(int(entry))
-            except OSError:
-                continue
-        return found
+        return processes_with(self.marker)
 
     def kill(self) -> None:
         if self.proc.poll() is None:

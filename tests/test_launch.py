@@ -8,15 +8,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import uuid
 
 import pytest
+from _procs import ServeLaunch, cmdline, launch_env, processes_with, torchrun
 from test_engine import hf_greedy, make_tiny_checkpoint
 
 pytestmark = pytest.mark.torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Data parallel inference", "x y z"]
 N_TOKENS = 8
 
@@ -35,53 +34,19 @@ def tokenizer(checkpoint):
     return load_tokenizer(checkpoint)
 
 
-def _env(marker: str, tmp_path) -> dict[str, str]:
-    env = dict(os.environ)
-    env["MEGATRON_COORD_TEST_MARKER"] = marker  # inherited by every process of the launch
-    env["MEGATRON_COORD_CACHE"] = str(tmp_path / "cache")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def _torchrun(nproc: int, script: str, *args: str) -> list[str]:
-    return [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-        "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
-        os.path.join(ROOT, "launch", script), *args,
-    ]  # fmt: skip
-
-
-def _processes_with(marker: str) -> list[int]:
-    """PIDs of live processes that inherited ``marker`` (any process of the launch)."""
-    needle = f"MEGATRON_COORD_TEST_MARKER={marker}".encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    with open(f"/proc/{entry}/stat") as s:
-                        if s.read().split()[2] != "Z":
-                            pids.append(int(entry))
-        except OSError:
-            continue
-    return pids
-
-
 def _generate(tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> list[dict]:
     marker = uuid.uuid4().hex
     out = tmp_path / f"out-{marker}.json"
-    cmd = _torchrun(
+    cmd = torchrun(
         nproc, "generate.py", "--model", checkpoint, "--tensor-parallel-size", str(tp),
         *[a for p in PROMPTS for a in ("--prompt", p)],
         "--num-tokens-to-generate", str(N_TOKENS), "--output-json", str(out), *extra,
     )  # fmt: skip
     proc = subprocess.run(
-        cmd, env=_env(marker, tmp_path), capture_output=True, text=True, timeout=150
+        cmd, env=launch_env(marker, tmp_path), capture_output=True, text=True, timeout=150
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    assert _processes_with(marker) == []
+    assert processes_with(marker) == []
     completions = json.loads(out.read_text())
     assert [c["prompt"] for c in completions] == PROMPTS
     for c in completions:
@@ -115,34 +80,6 @@ def test_generate_greedy_matches_transformers_at_tp1_and_tp2(tmp_path, checkpoin
     for completion, prompt, tokens in zip(tp2, prompts, expected, strict=True):
         reference = _hf_log_probs(checkpoint, prompt, tokens)
         assert completion["generated_log_probs"] == pytest.approx(reference, abs=1e-4)
-
-
-class _Server:
-    """A serve.py launch; ``address`` is read from its first line of output."""
-
-    def __init__(self, tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> None:
-        self.marker = uuid.uuid4().hex
-        cmd = _torchrun(
-            nproc, "serve.py", "--model", checkpoint, "--tensor-parallel-size", str(tp), *extra
-        )
-        self.proc = subprocess.Popen(
-            cmd, env=_env(self.marker, tmp_path), stdout=subprocess.PIPE, text=True
-        )
-        self.address = None
-        for line in self.proc.stdout:  # blocks until rank 0 prints the address
-            if line.startswith("coordinator listening at "):
-                self.address = line.split()[-1]
-                break
-        assert self.address is not None, "serve.py exited without printing its address"
-
-    def wait(self) -> int:
-        self.proc.stdout.read()
-        return self.proc.wait(timeout=60)
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 async def _serve_session(address: str, tokenizer, expected_greedy) -> dict:
@@ -198,13 +135,15 @@ async def _serve_session(address: str, tokenizer, expected_greedy) -> dict:
 
 def test_serve_two_replicas_control_and_clean_stop(tmp_path, checkpoint, tokenizer):
     expected = hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)
-    server = _Server(tmp_path, checkpoint, 4, 2, "--deterministic-mode", "--max-batch-size", "4")
+    server = ServeLaunch(
+        tmp_path, checkpoint, 4, 2, "--deterministic-mode", "--max-batch-size", "4"
+    )
     try:
         found = asyncio.run(_serve_session(server.address, tokenizer, expected))
         assert server.wait() == 0
     finally:
         server.kill()
-    assert _processes_with(server.marker) == []
+    assert processes_with(server.marker) == []
     assert found["greedy_ranks"] == {0, 1}
     assert found["sampled_ranks"] == {0, 1}
     assert all(tokens == found["sampled"][0] for tokens in found["sampled"])
@@ -237,9 +176,9 @@ def _idle_cpu(pids: list[int], seconds: float) -> dict[int, float]:
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_ends_every_process(tmp_path, checkpoint, signum):
-    server = _Server(tmp_path, checkpoint, 2, 2)
+    server = ServeLaunch(tmp_path, checkpoint, 2, 2)
     try:
-        pids = _processes_with(server.marker)
+        pids = processes_with(server.marker)
         assert len(pids) >= 4  # torchrun, 2 ranks, the coordinator
         if signum == signal.SIGTERM:
             # Idle, the TP-coordinator blocks on its socket and the follower in the broadcast:
@@ -247,7 +186,7 @@ def test_signal_ends_every_process(tmp_path, checkpoint, signum):
             ranks = [
                 pid
                 for pid in pids
-                if "serve.py" in _cmdline(pid) and "distributed.run" not in _cmdline(pid)
+                if "serve.py" in cmdline(pid) and "distributed.run" not in cmdline(pid)
             ]
             assert len(ranks) == 2
             assert all(used < 0.5 for used in _idle_cpu(ranks, 2.0).values())
@@ -255,28 +194,20 @@ def test_signal_ends_every_process(tmp_path, checkpoint, signum):
         server.wait()
     finally:
         server.kill()
-    assert _processes_with(server.marker) == []
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+    assert processes_with(server.marker) == []
 
 
 def test_losing_the_coordinator_ends_the_launch(tmp_path, checkpoint):
-    server = _Server(tmp_path, checkpoint, 2, 1)  # two replicas, each its own TP-coordinator
+    server = ServeLaunch(tmp_path, checkpoint, 2, 1)  # two replicas, each its own TP-coordinator
     try:
         (coordinator,) = [
-            pid for pid in _processes_with(server.marker) if "spawn_main" in _cmdline(pid)
+            pid for pid in processes_with(server.marker) if "spawn_main" in cmdline(pid)
         ]
         os.kill(coordinator, signal.SIGKILL)
         assert server.wait() != 0  # rank 0 fails, and torchrun ends rank 1
     finally:
         server.kill()
-    assert _processes_with(server.marker) == []
+    assert processes_with(server.marker) == []
 
 
 def test_reachable_address():

@@ -15,7 +15,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,12 +22,11 @@ import uuid
 from pathlib import Path
 
 import pytest
+from _procs import ROOT, cmdline, free_port, launch_env, processes_with
 from test_engine import hf_greedy, make_tiny_checkpoint
-from test_launch import _cmdline, _env, _processes_with
 
 pytestmark = pytest.mark.torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Data parallel inference", "x y z"]
 N_TOKENS = 6
 LAUNCH_TIMEOUT_S = 150
@@ -52,12 +50,6 @@ def tokenizer(checkpoint):
 def expected(checkpoint, tokenizer) -> list[list[int]]:
     """transformers' greedy tokens for PROMPTS: what every replica must produce."""
     return hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _torchrun_node(
@@ -84,10 +76,10 @@ class TwoNodes:
         self.marker = uuid.uuid4().hex
         self.node_markers = [f"{self.marker}-node{k}" for k in range(2)]
         self.logs = [tmp_path / f"node{k}-{self.marker}.log" for k in range(2)]
-        port, run_id = _free_port(), f"multinode-{self.marker}"
+        port, run_id = free_port(), f"multinode-{self.marker}"
         self.agents = []
         for k in range(2):
-            env = _env(self.marker, tmp_path)
+            env = launch_env(self.marker, tmp_path)
             env["MEGATRON_COORD_TEST_NODE"] = self.node_markers[k]
             env["GLOO_SOCKET_IFNAME"] = "lo"
             # Both "nodes" share this machine's GPUs, where LOCAL_RANK 0 of each would pick the
@@ -124,8 +116,8 @@ class TwoNodes:
     def ranks_by_node(self) -> list[set[int]]:
         """The global RANK of every worker process, grouped by the node that started it."""
         found: list[set[int]] = [set(), set()]
-        for pid in _processes_with(self.marker):
-            if "spawn_main" in _cmdline(pid):
+        for pid in processes_with(self.marker):
+            if "spawn_main" in cmdline(pid):
                 continue  # the coordinator process (it inherits rank 0's environment)
             try:
                 with open(f"/proc/{pid}/environ", "rb") as f:
@@ -147,7 +139,7 @@ class TwoNodes:
             if agent.poll() is None:
                 agent.kill()
                 agent.wait()
-        for pid in _processes_with(self.marker):
+        for pid in processes_with(self.marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -164,7 +156,7 @@ def test_generate_two_nodes_one_world(tmp_path, checkpoint, tokenizer, expected,
     )  # fmt: skip
     try:
         codes = nodes.wait()
-        leftovers = _processes_with(nodes.marker)  # before kill() ends any straggler
+        leftovers = processes_with(nodes.marker)  # before kill() ends any straggler
     finally:
         nodes.kill()
     assert codes == [0, 0], nodes.output()
@@ -221,7 +213,7 @@ def test_serve_two_nodes_tp2_outside_client(tmp_path, checkpoint, tokenizer, exp
         by_node = nodes.ranks_by_node()
         served = asyncio.run(_serve_session(address, tokenizer, expected))
         codes = nodes.wait()
-        leftovers = _processes_with(nodes.marker)  # before kill() ends any straggler
+        leftovers = processes_with(nodes.marker)  # before kill() ends any straggler
     finally:
         nodes.kill()
     assert codes == [0, 0], nodes.output()

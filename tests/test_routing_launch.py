@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from test_launch import _Server, checkpoint  # noqa: F401
+from _procs import ServeLaunch
+from test_launch import checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.torchrun
 
@@ -40,7 +41,7 @@ async def _session(address: str) -> dict:
 
 
 def test_least_loaded_launch_routes_streams_and_aborts(tmp_path, checkpoint):  # noqa: F811
-    server = _Server(
+    server = ServeLaunch(
         tmp_path, checkpoint, 2, 1, "--routing", "least_loaded", "--max-batch-size", "1"
     )
     try:

@@ -1,0 +1,82 @@
+"""Process helpers shared by the tests that start real launches (torchrun, serve.py).
+
+Every process of a launch inherits a marker in its environment (``launch_env``), so a test can
+list what is still alive (``processes_with``) and prove nothing is left behind. The marker and
+``processes_with`` are fault_harness's, so harness jobs and test launches are found the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+from megatron_coord.fault_harness import MARKER_VARIABLE, free_port, processes_with
+
+__all__ = [
+    "ROOT",
+    "ServeLaunch",
+    "cmdline",
+    "free_port",
+    "launch_env",
+    "processes_with",
+    "torchrun",
+]
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def launch_env(marker: str, tmp_path) -> dict[str, str]:
+    """The environment of a test launch: the marker, a private cache dir, one OMP thread."""
+    env = dict(os.environ)
+    env[MARKER_VARIABLE] = marker  # inherited by every process of the launch
+    env["MEGATRON_COORD_CACHE"] = str(tmp_path / "cache")
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def torchrun(nproc: int, script: str, *args: str) -> list[str]:
+    """A single-node ``torchrun`` of ``launch/<script>`` with free ports picked by torch."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
+        os.path.join(ROOT, "launch", script), *args,
+    ]  # fmt: skip
+
+
+def cmdline(pid: int) -> str:
+    """The command line of ``pid`` ("" once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+class ServeLaunch:
+    """A ``torchrun launch/serve.py`` job; ``address`` is read from its first line of output."""
+
+    def __init__(self, tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> None:
+        self.marker = uuid.uuid4().hex
+        cmd = torchrun(
+            nproc, "serve.py", "--model", checkpoint, "--tensor-parallel-size", str(tp), *extra
+        )
+        self.proc = subprocess.Popen(
+            cmd, env=launch_env(self.marker, tmp_path), stdout=subprocess.PIPE, text=True
+        )
+        self.address = None
+        for line in self.proc.stdout:  # blocks until rank 0 prints the address
+            if line.startswith("coordinator listening at "):
+                self.address = line.split()[-1]
+                break
+        assert self.address is not None, "serve.py exited without printing its address"
+
+    def wait(self) -> int:
+        self.proc.stdout.read()
+        return self.proc.wait(timeout=60)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
