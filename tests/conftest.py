@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -158,3 +159,62 @@ class ThreadedCoordinator:
         assert self.coordinator is not None
         self.coordinator.stop()
         return self.coordinator
+
+
+# --- driving a coordinator by hand: raw engines, STATS, STOP ------------------------------------
+
+
+def elastic_coordinator(**options: Any) -> tuple[ThreadedCoordinator, Peer]:
+    """A ready coordinator with data_parallel_size=0 (engines join and leave at any time) and a
+    client of ours connected to it."""
+    coord = ThreadedCoordinator(0, **options)
+    assert coord.ready.wait(30)
+    return coord, Peer(coord.address).connect_ours()
+
+
+def register(address: str, rank: int) -> Peer:
+    """A raw engine of ours that has sent REGISTER as data-parallel rank ``rank``."""
+    engine = Peer(address)
+    engine.send(101, {"data_parallel_rank": rank, "protocol": 1})
+    return engine
+
+
+def query_stats(client: Peer) -> dict:
+    """The coordinator's STATS dict (other messages arriving first are skipped)."""
+    client.send(105)
+    message = client.recv()
+    while message[0] != 105:
+        message = client.recv()
+    return message[1]
+
+
+def wait_stats(client: Peer, predicate, what: str, timeout: float = 30.0) -> dict:
+    """Poll STATS until ``predicate`` holds; fail with ``what`` and the last STATS after
+    ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        current = query_stats(client)
+        if predicate(current):
+            return current
+        assert time.monotonic() < deadline, f"{what}: {current}"
+        time.sleep(0.02)
+
+
+def stop(coord: ThreadedCoordinator, client: Peer) -> None:
+    """STOP a coordinator whose engines ack by themselves; wait for STOP_ACK and the loop."""
+    client.send(10)
+    while client.recv() != [11]:
+        pass
+    coord.join()
+
+
+def stop_with_raw_engines(
+    coord: ThreadedCoordinator, client: Peer, engines: list[Peer]
+) -> DataParallelInferenceCoordinator:
+    """STOP, checking every raw engine is told and acking for it; the stopped coordinator."""
+    client.send(10)
+    for engine in engines:
+        assert engine.recv() == [10]
+        engine.send(11)
+    assert client.recv() == [11]
+    return coord.join()

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from conftest import Peer, ThreadedCoordinator
+from conftest import Peer, ThreadedCoordinator, register, stop_with_raw_engines
 
 from megatron_coord import InferenceClient, SamplingParams
 from megatron_coord.fake_engine import ByteTokenizer, spawn
@@ -152,9 +152,7 @@ def test_extra_record_keys_pass_through(deploy):
 
 def test_pause_ack_only_after_every_engine_and_stop_ends_the_loop():
     coord = ThreadedCoordinator(2)
-    engines = [Peer(coord.address) for _ in range(2)]
-    for rank, engine in enumerate(engines):
-        engine.send(101, {"data_parallel_rank": rank, "protocol": 1})
+    engines = [register(coord.address, rank) for rank in range(2)]
     assert coord.ready.wait(30)
     client = Peer(coord.address).connect_ours()
     other = Peer(coord.address).connect_ours()
@@ -200,18 +198,12 @@ def test_suspend_resume_relayed_to_every_engine():
         client.send(header)
         for engine in engines:
             assert engine.recv() == [header]
-    client.send(10)
-    for engine in engines:
-        assert engine.recv() == [10]
-        engine.send(11)
-    assert client.recv() == [11]
-    coord.join()
+    stop_with_raw_engines(coord, client, engines)
 
 
 def test_per_request_state_is_freed_in_every_path():
     coord = ThreadedCoordinator(1)
-    engine = Peer(coord.address)
-    engine.send(101, {"data_parallel_rank": 0, "protocol": 1})
+    engine = register(coord.address, 0)
     assert coord.ready.wait(30)
     client = Peer(coord.address).connect_ours()
     gone = Peer(coord.address).connect_ours()
@@ -248,11 +240,7 @@ def test_per_request_state_is_freed_in_every_path():
     engine.send(4, [{"requests": [{"request_id": rid_e, **bad}]}])
     header, request_id, code, _ = client.recv()
     assert (header, request_id, code) == (100, "e", "engine_failed")
-    client.send(10)
-    assert engine.recv() == [10]
-    engine.send(11)
-    assert client.recv() == [11]
-    coordinator = coord.join()
+    coordinator = stop_with_raw_engines(coord, client, [engine])
     assert coordinator.next_request_id == 5
     assert coordinator.request_id_to_client_id == {}
     assert coordinator.request_id_to_client_request_id == {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 import zmq
-from conftest import Peer, ThreadedCoordinator
+from conftest import Peer, ThreadedCoordinator, register, stop_with_raw_engines
 
 from megatron_coord import SamplingParams
 
@@ -173,16 +173,11 @@ def test_client_that_disconnects_before_its_reply(served):
 def raw_engine():
     """A coordinator in a thread with one raw engine of ours and a client of ours."""
     coord = ThreadedCoordinator(1)
-    engine = Peer(coord.address)
-    engine.send(101, {"data_parallel_rank": 0, "protocol": 1})
+    engine = register(coord.address, 0)
     assert coord.ready.wait(30)
     client = Peer(coord.address).connect_ours()
     yield coord, engine, client
-    client.send(10)
-    assert engine.recv() == [10]
-    engine.send(11)
-    assert client.recv() == [11]
-    coordinator = coord.join()
+    coordinator = stop_with_raw_engines(coord, client, [engine])
     assert coordinator.request_id_to_client_id == {}
     assert coordinator._inflight == {}
 
@@ -273,8 +268,4 @@ def test_megatron_engine_never_receives_our_headers():
     engine.send(77)
     assert not engine.poll(300)
     client = Peer(coord.address).connect_ours()
-    client.send(10)
-    assert engine.recv() == [10]
-    engine.send(11)
-    assert client.recv() == [11]
-    coord.join()
+    stop_with_raw_engines(coord, client, [engine])

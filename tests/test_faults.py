@@ -6,61 +6,35 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
-from conftest import Peer, ThreadedCoordinator
+from conftest import (
+    Peer,
+    ThreadedCoordinator,
+    elastic_coordinator,
+    query_stats,
+    register,
+    stop,
+    wait_stats,
+)
 
 from megatron_coord.fake_engine import spawn
 
 PARAMS = {"num_tokens_to_generate": 3}
 
 
-def _stats(client: Peer) -> dict:
-    client.send(105)
-    message = client.recv()
-    while message[0] != 105:
-        message = client.recv()
-    return message[1]
-
-
-def _wait_stats(client: Peer, predicate, what: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = _stats(client)
-        if predicate(stats):
-            return stats
-        assert time.monotonic() < deadline, f"{what}: {stats}"
-        time.sleep(0.02)
-
-
-def _register(address: str, rank: int) -> Peer:
-    engine = Peer(address)
-    engine.send(101, {"data_parallel_rank": rank, "protocol": 1})
-    return engine
-
-
-def _stop(coord: ThreadedCoordinator, client: Peer) -> None:
-    client.send(10)
-    while client.recv() != [11]:
-        pass
-    coord.join()
-
-
 def test_no_engine_is_refused_at_once_then_a_joining_engine_serves():
-    coord = ThreadedCoordinator(0)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
+    coord, client = elastic_coordinator()
     client.send(3, "early", "hi", PARAMS)
     reply = client.recv()
     assert reply[:3] == [100, "early", "no_engine"]
     engine = spawn(coord.address, 0)
     try:
-        _wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+        wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
         client.send(3, "late", "hi", PARAMS)
         reply = client.recv()
         assert reply[0] == 4 and reply[1] == "late"
         assert reply[2]["requests"][0]["generated_text"] == "hih"
-        _stop(coord, client)
+        stop(coord, client)
         assert engine.wait(30) == 0
     finally:
         engine.kill()
@@ -73,17 +47,17 @@ def test_kill9_of_a_megatron_protocol_engine_is_noticed_from_its_socket():
     client = Peer(coord.address).connect_ours()
     engines = [spawn(coord.address, rank, megatron_style=True) for rank in range(2)]
     try:
-        stats = _wait_stats(client, lambda s: len(s["engines"]) == 2, "engines joined")
+        stats = wait_stats(client, lambda s: len(s["engines"]) == 2, "engines joined")
         client.send(5)  # PAUSE: the fake engines hold what they get
         assert client.recv() == [6]
         for i in range(10):
             client.send(3, i, f"p{i}", PARAMS)
-        stats = _wait_stats(client, lambda s: s["requests_in_flight"] == 10, "all routed")
+        stats = wait_stats(client, lambda s: s["requests_in_flight"] == 10, "all routed")
         assert [e["outstanding_requests"] for e in stats["engines"]] == [5, 5]
         victim = engines[0]
         os.kill(victim.pid, signal.SIGKILL)
         victim.wait()
-        stats = _wait_stats(client, lambda s: s["engines_lost"] == 1, "death noticed")
+        stats = wait_stats(client, lambda s: s["engines_lost"] == 1, "death noticed")
         assert len(stats["engines"]) == 1
         assert stats["engines"][0]["outstanding_requests"] == 10
         assert stats["requests_resubmitted"] == 5
@@ -94,8 +68,8 @@ def test_kill9_of_a_megatron_protocol_engine_is_noticed_from_its_socket():
         for a in answers:
             assert a[2]["requests"][0]["generated_text"] == (f"p{a[1]}" * 3)[:3]
         assert not client.poll(300)
-        assert _stats(client)["maps"]["request_engine"] == 0
-        _stop(coord, client)
+        assert query_stats(client)["maps"]["request_engine"] == 0
+        stop(coord, client)
         assert engines[1].wait(30) == 0
     finally:
         for engine in engines:
@@ -103,12 +77,10 @@ def test_kill9_of_a_megatron_protocol_engine_is_noticed_from_its_socket():
 
 
 def test_silent_engine_is_declared_dead_requests_move_and_it_can_come_back():
-    coord = ThreadedCoordinator(0, engine_timeout=0.5)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
-    silent = _register(coord.address, 0)
+    coord, client = elastic_coordinator(engine_timeout=0.5)
+    silent = register(coord.address, 0)
     silent.send(102, {"queued": 0})  # a heartbeating engine is watched for silence
-    _wait_stats(client, lambda s: len(s["engines"]) == 1, "silent engine joined")
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "silent engine joined")
     client.send(3, "a", [65, 66], PARAMS)
     assert silent.recv()[:3] == [3, 0, [65, 66]]
     live = spawn(coord.address, 1)  # never heartbeats, so never "silent"
@@ -117,14 +89,14 @@ def test_silent_engine_is_declared_dead_requests_move_and_it_can_come_back():
         assert reply[0] == 4 and reply[1] == "a"
         assert reply[2]["requests"][0]["generated_tokens"] == [65, 66, 65]
         assert silent.recv() == [104, 0]  # told to drop it, in case it still lives
-        stats = _stats(client)
+        stats = query_stats(client)
         assert stats["engines_lost"] == 1 and stats["requests_resubmitted"] == 1
         assert len(stats["engines"]) == 1
         silent.send(4, [{"requests": [{"request_id": 0, "generated_tokens": [1]}]}])
         assert not client.poll(300)  # a late reply from a dead engine is dropped
         silent.send(102, {"queued": 0, "data_parallel_rank": 0})  # it lives: back in
-        _wait_stats(client, lambda s: len(s["engines"]) == 2, "silent engine came back")
-        _stop(coord, client)
+        wait_stats(client, lambda s: len(s["engines"]) == 2, "silent engine came back")
+        stop(coord, client)
         assert live.wait(30) == 0
     finally:
         live.kill()
@@ -132,11 +104,9 @@ def test_silent_engine_is_declared_dead_requests_move_and_it_can_come_back():
 
 
 def test_streamed_request_fails_but_unstarted_one_moves_when_engine_closes():
-    coord = ThreadedCoordinator(0)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
-    doomed = _register(coord.address, 0)
-    _wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    coord, client = elastic_coordinator()
+    doomed = register(coord.address, 0)
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
     client.send(3, "s", "ab", {**PARAMS, "streaming_interval": 1})
     client.send(3, "n", "cd", PARAMS)
     assert doomed.recv()[1] == 0 and doomed.recv()[1] == 1
@@ -144,7 +114,7 @@ def test_streamed_request_fails_but_unstarted_one_moves_when_engine_closes():
     assert client.recv() == [103, "s", [120], "x"]  # part of "s" reached the client
     live = spawn(coord.address, 1)
     try:
-        _wait_stats(client, lambda s: len(s["engines"]) == 2, "second engine joined")
+        wait_stats(client, lambda s: len(s["engines"]) == 2, "second engine joined")
         doomed.close()
         replies = {m[1]: m for m in (client.recv(), client.recv())}
         assert replies["s"][0] == 100 and replies["s"][2] == "engine_failed"
@@ -152,9 +122,9 @@ def test_streamed_request_fails_but_unstarted_one_moves_when_engine_closes():
         assert replies["n"][0] == 4
         assert replies["n"][2]["requests"][0]["generated_text"] == "cdc"
         assert not client.poll(300)
-        stats = _stats(client)
+        stats = query_stats(client)
         assert stats["maps"]["request_engine"] == 0 and stats["maps"]["streams"] == 0
-        _stop(coord, client)
+        stop(coord, client)
         assert live.wait(30) == 0
     finally:
         live.kill()
@@ -163,17 +133,17 @@ def test_streamed_request_fails_but_unstarted_one_moves_when_engine_closes():
 def test_vanished_client_requests_are_aborted_and_forgotten():
     coord = ThreadedCoordinator(0)
     assert coord.ready.wait(30)
-    engine = _register(coord.address, 0)
+    engine = register(coord.address, 0)
     watcher = Peer(coord.address).connect_ours()
-    _wait_stats(watcher, lambda s: len(s["engines"]) == 1, "engine joined")
+    wait_stats(watcher, lambda s: len(s["engines"]) == 1, "engine joined")
     leaver = Peer(coord.address).connect_ours()
     for i in range(3):
         leaver.send(3, i, "zz", PARAMS)
     assert sorted(engine.recv()[1] for _ in range(3)) == [0, 1, 2]
-    assert _stats(watcher)["clients"] == 2
+    assert query_stats(watcher)["clients"] == 2
     leaver.close()
     assert sorted(engine.recv()[1:] for _ in range(3)) == [[0], [1], [2]]  # ABORTs
-    stats = _stats(watcher)
+    stats = query_stats(watcher)
     assert stats["clients"] == 1
     assert {k: v for k, v in stats["maps"].items() if k != "peer_fds"} == dict.fromkeys(
         stats["maps"].keys() - {"peer_fds"}, 0
@@ -194,11 +164,9 @@ def test_vanished_client_requests_are_aborted_and_forgotten():
 
 def test_record_without_prompt_tokens_fails_only_that_request():
     """A token-prompt record lacking prompt_tokens is malformed: engine_failed, no crash."""
-    coord = ThreadedCoordinator(0)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
-    engine = _register(coord.address, 0)
-    _wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    coord, client = elastic_coordinator()
+    engine = register(coord.address, 0)
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
     client.send(3, "bad", [65], PARAMS)
     client.send(3, "good", [66], PARAMS)
     ids = [engine.recv()[1] for _ in range(2)]
@@ -209,29 +177,27 @@ def test_record_without_prompt_tokens_fails_only_that_request():
     assert replies["bad"][:3] == [100, "bad", "engine_failed"]
     assert replies["good"][2]["requests"][0]["generated_text"] == "C"
     engine.close()
-    _wait_stats(client, lambda s: not s["engines"], "engine left")
-    _stop(coord, client)
+    wait_stats(client, lambda s: not s["engines"], "engine left")
+    stop(coord, client)
 
 
 def test_engine_joining_while_paused_is_paused_too():
-    coord = ThreadedCoordinator(0)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
+    coord, client = elastic_coordinator()
     engines = [spawn(coord.address, 0)]
     try:
-        _wait_stats(client, lambda s: len(s["engines"]) == 1, "first engine joined")
+        wait_stats(client, lambda s: len(s["engines"]) == 1, "first engine joined")
         client.send(5)
         assert client.recv() == [6]
         engines.append(spawn(coord.address, 1))  # joins a paused service
-        _wait_stats(client, lambda s: len(s["engines"]) == 2, "second engine joined")
+        wait_stats(client, lambda s: len(s["engines"]) == 2, "second engine joined")
         for i in range(4):
             client.send(3, i, "w", PARAMS)
-        stats = _wait_stats(client, lambda s: s["requests_in_flight"] == 4, "routed")
+        stats = wait_stats(client, lambda s: s["requests_in_flight"] == 4, "routed")
         assert [e["outstanding_requests"] for e in stats["engines"]] == [2, 2]
         assert not client.poll(300)  # neither engine answers while paused
         client.send(7)
         assert sorted(client.recv()[1] for _ in range(4)) == [0, 1, 2, 3]
-        _stop(coord, client)
+        stop(coord, client)
         for engine in engines:
             assert engine.wait(30) == 0
     finally:

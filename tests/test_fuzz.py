@@ -12,8 +12,7 @@ from __future__ import annotations
 import random
 
 import msgspec
-from conftest import Peer, ThreadedCoordinator
-from test_faults import _register, _stats, _stop, _wait_stats
+from conftest import Peer, ThreadedCoordinator, query_stats, register, stop, wait_stats
 
 from megatron_coord.fake_engine import spawn
 
@@ -106,7 +105,7 @@ def test_ten_thousand_bad_frames_among_valid_traffic():
     fuzzer = Peer(coord.address).connect_ours()
     strangers = [Peer(coord.address) for _ in range(3)]
     try:
-        _wait_stats(good, lambda s: len(s["engines"]) == 2, "engines joined")
+        wait_stats(good, lambda s: len(s["engines"]) == 2, "engines joined")
         valid = _valid_messages(rng)
         expected: dict[int, str] = {}
         sent = 0
@@ -137,23 +136,23 @@ def test_ten_thousand_bad_frames_among_valid_traffic():
         for request_id, replies in answers.items():
             assert len(replies) == 1
             assert replies[0][2]["requests"][0]["generated_text"] == expected[request_id]
-        stats = _wait_stats(good, lambda s: s["requests_in_flight"] == 0, "maps drained")
+        stats = wait_stats(good, lambda s: s["requests_in_flight"] == 0, "maps drained")
         maps = {k: v for k, v in stats["maps"].items() if k != "peer_fds"}
         assert maps == dict.fromkeys(maps, 0)
         assert coord.error is None and coord.thread.is_alive()
 
         # A registered engine sending junk: survived, and valid traffic still flows.
-        junk = _register(coord.address, 9)
-        _wait_stats(good, lambda s: len(s["engines"]) == 3, "junk engine joined")
+        junk = register(coord.address, 9)
+        wait_stats(good, lambda s: len(s["engines"]) == 3, "junk engine joined")
         for _ in range(500):
             junk.send_raw(*_fuzz_frame(rng, valid))
         junk.close()
-        _wait_stats(good, lambda s: len(s["engines"]) == 2, "junk engine left")
+        wait_stats(good, lambda s: len(s["engines"]) == 2, "junk engine left")
         good.send(3, "last", "end", {"num_tokens_to_generate": 3})
         reply = good.recv()
         assert reply[:2] == [4, "last"] and reply[2]["requests"][0]["generated_text"] == "end"
-        assert _stats(good)["maps"]["request_engine"] == 0
-        _stop(coord, good)
+        assert query_stats(good)["maps"]["request_engine"] == 0
+        stop(coord, good)
         for engine in engines:
             assert engine.wait(30) == 0
     finally:

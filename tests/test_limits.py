@@ -8,8 +8,15 @@ everything (paused); exactly the capacity is admitted, every other request gets 
 from __future__ import annotations
 
 import pytest
-from conftest import Peer, ThreadedCoordinator
-from test_faults import _register, _stats, _stop, _wait_stats
+from conftest import (
+    Peer,
+    elastic_coordinator,
+    query_stats,
+    register,
+    stop,
+    stop_with_raw_engines,
+    wait_stats,
+)
 
 from megatron_coord.fake_engine import spawn
 from megatron_coord.limits import DeadlineQueue, Limits
@@ -24,19 +31,17 @@ def _paused(client: Peer) -> None:
 
 
 def test_overload_with_ten_times_the_capacity():
-    coord = ThreadedCoordinator(0, max_outstanding=CAPACITY)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
+    coord, client = elastic_coordinator(max_outstanding=CAPACITY)
     engines = [spawn(coord.address, rank) for rank in range(2)]
     try:
-        _wait_stats(client, lambda s: len(s["engines"]) == 2, "engines joined")
+        wait_stats(client, lambda s: len(s["engines"]) == 2, "engines joined")
         _paused(client)
         for i in range(10 * CAPACITY):
             client.send(3, i, f"r{i}", PARAMS)
         refused = [client.recv() for _ in range(9 * CAPACITY)]
         assert all(m[0] == 100 and m[2] == "overloaded" for m in refused)
         assert sorted(m[1] for m in refused) == list(range(CAPACITY, 10 * CAPACITY))
-        stats = _stats(client)
+        stats = query_stats(client)
         assert stats["requests_in_flight"] == CAPACITY
         assert stats["maps"]["submitted"] == CAPACITY  # nothing queued beyond the limit
         client.send(7)
@@ -47,7 +52,7 @@ def test_overload_with_ten_times_the_capacity():
         # Capacity is back once they finished.
         client.send(3, "again", "ok", PARAMS)
         assert client.recv()[:2] == [4, "again"]
-        _stop(coord, client)
+        stop(coord, client)
         for engine in engines:
             assert engine.wait(30) == 0
     finally:
@@ -56,12 +61,10 @@ def test_overload_with_ten_times_the_capacity():
 
 
 def test_per_engine_limit_spills_to_a_free_engine_then_refuses():
-    coord = ThreadedCoordinator(0, max_outstanding_per_engine=2)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
-    busy = _register(coord.address, 0)
-    idle = _register(coord.address, 1)
-    _wait_stats(client, lambda s: len(s["engines"]) == 2, "engines joined")
+    coord, client = elastic_coordinator(max_outstanding_per_engine=2)
+    busy = register(coord.address, 0)
+    idle = register(coord.address, 1)
+    wait_stats(client, lambda s: len(s["engines"]) == 2, "engines joined")
     for i in range(5):
         client.send(3, i, "x", PARAMS)
     refused = client.recv()
@@ -73,24 +76,13 @@ def test_per_engine_limit_spills_to_a_free_engine_then_refuses():
         records = [{"requests": [{"request_id": r, "generated_tokens": [120]}]} for r in ids]
         engine.send(4, records)
     assert sorted(client.recv()[1] for _ in range(4)) == [0, 1, 2, 3]
-    _stop_with_raw_engines(coord, client, [busy, idle])
-
-
-def _stop_with_raw_engines(coord: ThreadedCoordinator, client: Peer, engines: list) -> None:
-    client.send(10)
-    for engine in engines:
-        assert engine.recv() == [10]
-        engine.send(11)
-    assert client.recv() == [11]
-    coord.join()
+    stop_with_raw_engines(coord, client, [busy, idle])
 
 
 def test_request_timeout_fails_the_request_and_aborts_it_on_the_engine():
-    coord = ThreadedCoordinator(0, request_timeout=0.3)
-    assert coord.ready.wait(30)
-    client = Peer(coord.address).connect_ours()
-    engine = _register(coord.address, 0)
-    _wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    coord, client = elastic_coordinator(request_timeout=0.3)
+    engine = register(coord.address, 0)
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
     client.send(3, "slow", "x", PARAMS)
     client.send(3, "fast", "y", PARAMS)
     assert engine.recv()[1] == 0 and engine.recv()[1] == 1
@@ -101,9 +93,9 @@ def test_request_timeout_fails_the_request_and_aborts_it_on_the_engine():
     assert engine.recv() == [104, 0]
     engine.send(4, [{"requests": [{"request_id": 0, "generated_tokens": [1]}]}])  # too late
     assert not client.poll(200)
-    stats = _stats(client)
+    stats = query_stats(client)
     assert stats["maps"]["request_engine"] == 0 and stats["maps"]["deadlines"] == 0
-    _stop_with_raw_engines(coord, client, [engine])
+    stop_with_raw_engines(coord, client, [engine])
 
 
 def test_limit_options_are_validated():

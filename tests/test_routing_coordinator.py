@@ -6,16 +6,14 @@ from __future__ import annotations
 import asyncio
 
 import zmq
-from conftest import Peer, ThreadedCoordinator
+from conftest import Peer, ThreadedCoordinator, register
 
 from megatron_coord import InferenceClient
 
 
 def _registered(coord: ThreadedCoordinator, count: int) -> list[Peer]:
     """Raw engines; engine i registers as data-parallel rank i."""
-    engines = [Peer(coord.address) for _ in range(count)]
-    for rank, engine in enumerate(engines):
-        engine.send(101, {"data_parallel_rank": rank, "protocol": 1})
+    engines = [register(coord.address, rank) for rank in range(count)]
     assert coord.ready.wait(30)
     return engines
 

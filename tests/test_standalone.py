@@ -8,9 +8,8 @@ from __future__ import annotations
 import signal
 
 import pytest
-from conftest import Peer
+from conftest import Peer, register, wait_stats
 from test_engine import make_tiny_checkpoint
-from test_faults import _register, _wait_stats
 
 from megatron_coord.fault_harness import StandaloneCoordinator
 
@@ -29,13 +28,13 @@ def test_signal_lets_in_flight_requests_finish_then_fails_the_rest(tokenizer_dir
     coordinator = StandaloneCoordinator(tokenizer_dir, "--shutdown-grace", "1.0")
     try:
         client = Peer(coordinator.address).connect_ours()
-        engine = _register(coordinator.address, 0)
-        _wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+        engine = register(coordinator.address, 0)
+        wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
         client.send(3, "finishes", [1, 2], PARAMS)
         client.send(3, "too-slow", [3, 4], PARAMS)
         held = [engine.recv()[1] for _ in range(2)]
         coordinator.signal(signum)
-        _wait_stats(client, lambda s: s["shutting_down"], "shutdown began")
+        wait_stats(client, lambda s: s["shutting_down"], "shutdown began")
         client.send(3, "new", [5], PARAMS)
         assert client.recv()[:3] == [100, "new", "shutting_down"]
         record = {"request_id": held[0], "prompt_tokens": [1, 2], "generated_tokens": [9]}
