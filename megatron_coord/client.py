@@ -247,16 +247,7 @@ class InferenceClient:
         started = self.request_submission_times.pop(request_id, None)
         if started is not None:
             record["latency"] = time.perf_counter() - started
-        future = self.completion_futures.pop(request_id, None)
-        if future is not None:
-            if not future.done():
-                future.set_result(record)
-            return
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(record)
-            queue.put_nowait(_END)
-        else:
+        if not self._hand_over(request_id, record, failed=False):
             logger.warning("client: reply for unknown request %r", request_id)
 
     def _on_error(self, request_id: Any, code: str, text: str) -> None:
@@ -264,17 +255,30 @@ class InferenceClient:
             self._aborting.discard(request_id)
         error = RequestError(code, text)
         self.request_submission_times.pop(request_id, None)
-        future = self.completion_futures.pop(request_id, None)
-        if future is not None:
-            if not future.done():
-                future.set_exception(error)
-            return
-        queue = self._streams.pop(request_id, None)
-        if queue is not None:
-            queue.put_nowait(error)
+        if self._hand_over(request_id, error, failed=True):
             return
         logger.warning("client: coordinator error: %s", error)
         self.last_error = error
+
+    def _hand_over(self, request_id: Any, outcome: Any, failed: bool) -> bool:
+        """Give a request's final outcome (record, or RequestError if ``failed``) to whoever
+        waits for it: its future, or its stream (a record then ends the stream). False if
+        nobody does."""
+        future = self.completion_futures.pop(request_id, None)
+        if future is not None:
+            if not future.done():
+                if failed:
+                    future.set_exception(outcome)
+                else:
+                    future.set_result(outcome)
+            return True
+        queue = self._streams.pop(request_id, None)
+        if queue is None:
+            return False
+        queue.put_nowait(outcome)
+        if not failed:
+            queue.put_nowait(_END)
+        return True
 
     # ------------------------------------------------------------------ control
 
