@@ -26,9 +26,10 @@ def percentiles(samples: list[float], digits: int | None = None) -> dict[str, fl
     return {"p50_ms": pick(0.50), "p90_ms": pick(0.90), "p99_ms": pick(0.99)}
 
 
-def write_results(name: str, out: dict[str, Any]) -> None:
-    """Write ``out`` to benchmarks/results/``name`` and print it (the JSON a benchmark reports)."""
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name), "w") as f:
-        json.dump(out, f, indent=1)
-    print(json.dumps(out, indent=1), flush=True)
+def write_results(path: str, out: dict[str, Any], indent: int = 1) -> None:
+    """Print ``out`` as JSON (what a benchmark reports) and write it to ``path``."""
+    text = json.dumps(out, indent=indent)
+    print(text, flush=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text + "\n")

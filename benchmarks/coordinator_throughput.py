@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import platform
@@ -31,15 +30,14 @@ import zmq
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import percentiles  # noqa: E402
+from _common import RESULTS, percentiles, write_results  # noqa: E402
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
-from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, spawn  # noqa: E402
+from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
 from megatron_coord.sampling_params import SamplingParams  # noqa: E402
 
 _encode = msgspec.msgpack.Encoder().encode
 _reply_decoder = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw])
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
 # ---------------------------------------------------------------------- load client
@@ -88,13 +86,7 @@ def load_client(
         submit(next_id)
         next_id += 1
     while sent_at:
-        frames = [sock.recv()]
-        try:
-            while True:
-                frames.append(sock.recv(zmq.NOBLOCK))
-        except zmq.Again:
-            pass
-        for frame in frames:
+        for frame in recv_ready(sock):
             header, request_id, _ = _reply_decoder.decode(frame)
             t = now()
             started = sent_at.pop(request_id)
@@ -324,11 +316,7 @@ def main() -> None:
         theirs = report["throughput"]["megatron_core_0.16.1"]["requests_per_s"]
         report["ratio_ours_over_megatron"] = ours / theirs
     report["ratio_ours_over_proxy"] = ours / report["throughput"]["zmq_proxy"]["requests_per_s"]
-    text = json.dumps(report, indent=2)
-    print(text)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as out:
-        out.write(text + "\n")
+    write_results(args.output, report, indent=2)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import write_results  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 
@@ -227,7 +227,7 @@ def main() -> None:
         "overhead_best": 1 - e2e["best_tokens_per_s"] / local["best_tokens_per_s"],
         "engine_server_loop": loop,
     }
-    write_results("engine_overhead.json", out)
+    write_results(os.path.join(RESULTS, "engine_overhead.json"), out)
 
 
 if __name__ == "__main__":

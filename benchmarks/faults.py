@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -32,6 +31,9 @@ from collections import Counter
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from _common import write_results  # noqa: E402
 
 from megatron_coord.checkpoint import default_checkpoint_dir  # noqa: E402
 from megatron_coord.client import InferenceClient, RequestError  # noqa: E402
@@ -280,11 +282,7 @@ def main() -> None:
         "max_outstanding": MAX_OUTSTANDING,
         "host": f"{os.cpu_count()}-core CPU, gloo, shared machine",
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(text + "\n")
+    write_results(args.out, result, indent=2)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import write_results  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
@@ -136,7 +136,7 @@ def main() -> None:
             },
         }
     out = {"benchmark": "pack_unpack", "unit": "microseconds per call", "cases": results}
-    write_results("pack_unpack.json", out)
+    write_results(os.path.join(RESULTS, "pack_unpack.json"), out)
 
 
 if __name__ == "__main__":

@@ -29,20 +29,18 @@ from collections import deque
 from typing import Any
 
 import msgspec
-import zmq
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from _common import percentiles  # noqa: E402
+from _common import RESULTS, percentiles, write_results  # noqa: E402
 from coordinator_throughput import run_load, stop_procs  # noqa: E402
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
-from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, spawn  # noqa: E402
+from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
 from megatron_coord.protocol import Headers  # noqa: E402
 
-RESULTS = os.path.join(HERE, "results")
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 
@@ -64,18 +62,9 @@ class SimulatedEngine(FakeEngine):
 
     def _drain(self, block: bool) -> bool:
         """Handle every ready message (waiting for one if ``block``); False after STOP_ACK."""
-        sock = self.socket
-        messages = []
-        if block:
-            messages.append(sock.recv())
-        try:
-            while True:
-                messages.append(sock.recv(zmq.NOBLOCK))
-        except zmq.Again:
-            pass
         submits: list[list[Any]] = []
         running = True
-        for raw in messages:
+        for raw in recv_ready(self.socket, block):
             running = self.handle(_decode(raw), submits) and running
         self.queue.extend(submits)
         return running
@@ -225,11 +214,7 @@ def main() -> None:
             point = measure(kind, replicas, args)
             print(json.dumps({"engines": kind, **point}), file=sys.stderr, flush=True)
             report["series"][kind].append(point)
-    text = json.dumps(report, indent=2)
-    print(text)
-    os.makedirs(os.path.dirname(args.output), exist_ok=True)
-    with open(args.output, "w") as out:
-        out.write(text + "\n")
+    write_results(args.output, report, indent=2)
 
 
 if __name__ == "__main__":

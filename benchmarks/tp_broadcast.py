@@ -20,7 +20,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
-from _common import write_results  # noqa: E402
+from _common import RESULTS, write_results  # noqa: E402
 
 
 def _inputs(n_requests: int, n_tokens: int):
@@ -89,7 +89,7 @@ def worker(steps: int) -> None:
             "unit": "microseconds per step (rank 0)",
             "cases": results,
         }
-        write_results("tp_broadcast.json", out)
+        write_results(os.path.join(RESULTS, "tp_broadcast.json"), out)
     dist.destroy_process_group()
 
 

@@ -89,6 +89,18 @@ def _generate(prompt_tokens: list[int], count: int) -> list[int]:
     return [prompt_tokens[i % n] for i in range(count)] if n else []
 
 
+def recv_ready(sock: zmq.Socket, block: bool = True) -> list[bytes]:
+    """Every message already queued on ``sock`` (after waiting for the first if ``block``), so
+    a batch of requests is handled, and answered, together."""
+    messages = [sock.recv()] if block else []
+    try:
+        while True:
+            messages.append(sock.recv(zmq.NOBLOCK))
+    except zmq.Again:
+        pass
+    return messages
+
+
 class FakeEngine:
     """One data-parallel rank that answers instantly (see the module docstring)."""
 
@@ -190,14 +202,8 @@ class FakeEngine:
         sock = self.socket
         running = True
         while running:
-            messages = [sock.recv()]
-            try:
-                while True:
-                    messages.append(sock.recv(zmq.NOBLOCK))
-            except zmq.Again:
-                pass
             submits: list[list[Any]] = []
-            for raw in messages:
+            for raw in recv_ready(sock):
                 if not self.handle(_decode(raw), submits):
                     running = False
             if submits:
