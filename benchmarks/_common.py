@@ -1,16 +1,41 @@
-"""Helpers the benchmark scripts share: latency percentiles and writing results.
+"""Helpers the benchmark scripts share: starting a coordinator, latency percentiles, writing
+results.
 
-Kept free of heavy imports (no zmq, torch or megatron_coord) so any benchmark can import it
-before deciding what else to load.
+Kept free of heavy imports at module level (megatron_coord is imported only when a coordinator
+is started) so any benchmark can import it before deciding what else to load.
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
+from collections.abc import Callable
 from typing import Any
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def start_coordinator(
+    replicas: int, entrypoint: Callable[..., None] | None = None
+) -> tuple[Any, multiprocessing.Process, Any]:
+    """A coordinator in a spawned process, started the way rank 0 of a launch starts ours
+    (``entrypoint(pipe, ready, replicas, tokenizer)``, ours unless given, with the byte
+    tokenizer): returns what it sends on its pipe (its address), the process, its ready event."""
+    from megatron_coord.coordinator import DataParallelInferenceCoordinator
+    from megatron_coord.fake_engine import ByteTokenizer
+
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    ready = ctx.Event()
+    process = ctx.Process(
+        target=entrypoint or DataParallelInferenceCoordinator.entrypoint,
+        args=(child, ready, replicas, ByteTokenizer()),
+        daemon=True,
+    )
+    process.start()
+    child.close()
+    return parent.recv(), process, ready
 
 
 def percentiles(samples: list[float], digits: int | None = None) -> dict[str, float]:

@@ -30,7 +30,7 @@ import zmq
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS, percentiles, write_results  # noqa: E402
+from _common import RESULTS, percentiles, start_coordinator, write_results  # noqa: E402
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
 from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
@@ -160,19 +160,13 @@ def proxy_engine(address: str) -> None:
 
 def start_system(name: str, engines: int) -> tuple[str, list[Any]]:
     """Start one system's coordinator (or proxy) and engines; returns (client address, procs)."""
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    ready = ctx.Event()
     target = {
         "megatron_coord": DataParallelInferenceCoordinator.entrypoint,
         "megatron_core_0.16.1": megatron_entrypoint,
         "zmq_proxy": proxy_entrypoint,
     }[name]
-    coordinator = ctx.Process(
-        target=target, args=(child, ready, engines, ByteTokenizer()), daemon=True
-    )
-    coordinator.start()
-    address = parent.recv()
+    address, coordinator, ready = start_coordinator(engines, target)
+    ctx = multiprocessing.get_context("spawn")
     procs: list[Any] = [coordinator]
     if name == "zmq_proxy":
         address, backend = address

@@ -31,7 +31,7 @@ from typing import Any
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS, percentiles  # noqa: E402
+from _common import RESULTS, percentiles, start_coordinator  # noqa: E402
 
 MODEL = "bench"
 
@@ -188,23 +188,6 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
             pass
         time.sleep(0.05)
     raise RuntimeError("the HTTP server did not become healthy")
-
-
-def start_coordinator(replicas: int) -> tuple[str, multiprocessing.Process]:
-    from megatron_coord.coordinator import DataParallelInferenceCoordinator
-    from megatron_coord.fake_engine import ByteTokenizer
-
-    ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    ready = ctx.Event()
-    process = ctx.Process(
-        target=DataParallelInferenceCoordinator.entrypoint,
-        args=(child, ready, replicas, ByteTokenizer()),
-        daemon=True,
-    )
-    process.start()
-    child.close()
-    return parent.recv(), process, ready
 
 
 def start_fake(args: argparse.Namespace) -> tuple[str, str, Any]:

@@ -34,11 +34,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from _common import RESULTS, percentiles, write_results  # noqa: E402
+from _common import RESULTS, percentiles, start_coordinator, write_results  # noqa: E402
 from coordinator_throughput import run_load, stop_procs  # noqa: E402
 
-from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
-from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
+from megatron_coord.fake_engine import FakeEngine, recv_ready, spawn  # noqa: E402
 from megatron_coord.protocol import Headers  # noqa: E402
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -108,16 +107,8 @@ def simulated_engine_main(address: str, rank: int, step_s: float, max_batch: int
 
 def start_deployment(kind: str, replicas: int, args: argparse.Namespace) -> tuple[str, list]:
     """Our coordinator and ``replicas`` engines of ``kind``, each in its own process."""
+    address, coordinator, ready = start_coordinator(replicas)
     ctx = multiprocessing.get_context("spawn")
-    parent, child = ctx.Pipe()
-    ready = ctx.Event()
-    coordinator = ctx.Process(
-        target=DataParallelInferenceCoordinator.entrypoint,
-        args=(child, ready, replicas, ByteTokenizer()),
-        daemon=True,
-    )
-    coordinator.start()
-    address = parent.recv()
     procs: list[Any] = [coordinator]
     for rank in range(replicas):
         if kind == "instant":
