@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
 stamp=.venv/.setup-stamp
-want=$(cat requirements.txt setup.py csrc/*.cpp | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.txt setup.py csrc/*.cpp scripts/setup.sh | sha256sum | cut -d' ' -f1)
 
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
@@ -15,6 +15,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   .venv/bin/pip install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
   .venv/bin/pip install --quiet torch==2.13.0
   .venv/bin/pip install --quiet -r requirements.txt
+  # Megatron-core 0.16.1 for the interop tests and the side-by-side benchmark. --no-deps: its
+  # coordinator and client need only torch, pyzmq and msgpack (already installed), and its
+  # declared dependencies would pull in packages we do not use.
+  .venv/bin/pip install --quiet --no-deps megatron-core==0.16.1 packaging
   .venv/bin/pip install --quiet --no-build-isolation --no-deps -e .
   echo "$want" > "$stamp"
 fi
