@@ -15,6 +15,16 @@ from megatron_coord.coordinator import DataParallelInferenceCoordinator
 from megatron_coord.fake_engine import ByteTokenizer, spawn
 
 
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    """A tiny seeded Llama checkpoint (test_engine.make_tiny_checkpoint), one per test module."""
+    from test_engine import make_tiny_checkpoint
+
+    path = str(tmp_path_factory.mktemp("tiny-llama"))
+    make_tiny_checkpoint(path)
+    return path
+
+
 @dataclass
 class Deployment:
     """A coordinator process, its address and the engine processes serving it."""

@@ -60,13 +60,6 @@ def hf_greedy(path: str, prompts: list[list[int]], n: int) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama"))
-    make_tiny_checkpoint(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def model(checkpoint):
     return load_model(checkpoint, single_process_state())
 

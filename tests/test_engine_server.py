@@ -7,7 +7,7 @@ import threading
 
 import pytest
 import zmq
-from test_engine import hf_greedy, make_tiny_checkpoint
+from test_engine import hf_greedy
 
 from megatron_coord.checkpoint import load_model
 from megatron_coord.engine import InferenceEngine
@@ -17,13 +17,6 @@ from megatron_coord.protocol import Headers, decode, encode
 
 GREEDY = {"top_k": 1, "num_tokens_to_generate": 6}
 PROMPT = [10, 20, 30]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-server"))
-    make_tiny_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import msgspec
 import pytest
 import zmq
 from _procs import ServeLaunch
-from test_engine import make_tiny_checkpoint
 
 from megatron_coord.fault_harness import (
     ReplicaJob,
@@ -33,13 +32,6 @@ N_TOKENS = 24
 # The resent requests still have to be computed by the survivor after the death is noticed;
 # this bound is generous for a loaded 2-core machine (the benchmark reports the real time).
 ANSWER_MARGIN_S = 90.0
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-faults"))
-    make_tiny_checkpoint(path)
-    return path
 
 
 class RawClient:

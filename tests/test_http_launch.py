@@ -13,7 +13,7 @@ import openai
 import pytest
 from _procs import launch_env, processes_with, torchrun
 from prometheus_client.parser import text_string_to_metric_families
-from test_engine import EOS, hf_greedy, make_tiny_checkpoint
+from test_engine import EOS, hf_greedy
 
 pytestmark = pytest.mark.torchrun
 
@@ -33,13 +33,6 @@ def hf_log_probs(path: str, prompt: list[int], generated: list[int]) -> list[flo
         log_probs = torch.log_softmax(model(ids).logits[0].float(), dim=-1)
     rows = range(len(prompt) - 1, len(prompt) - 1 + len(generated))
     return [log_probs[row, token].item() for row, token in zip(rows, generated, strict=True)]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-http"))
-    make_tiny_checkpoint(path)
-    return path
 
 
 class Launch:

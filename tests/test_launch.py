@@ -12,19 +12,12 @@ import uuid
 
 import pytest
 from _procs import ServeLaunch, cmdline, launch_env, processes_with, torchrun
-from test_engine import hf_greedy, make_tiny_checkpoint
+from test_engine import hf_greedy
 
 pytestmark = pytest.mark.torchrun
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Data parallel inference", "x y z"]
 N_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-launch"))
-    make_tiny_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

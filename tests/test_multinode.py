@@ -23,20 +23,13 @@ from pathlib import Path
 
 import pytest
 from _procs import ROOT, cmdline, free_port, launch_env, processes_with
-from test_engine import hf_greedy, make_tiny_checkpoint
+from test_engine import hf_greedy
 
 pytestmark = pytest.mark.torchrun
 
 PROMPTS = ["Hello world", "The quick brown fox", "abc", "Data parallel inference", "x y z"]
 N_TOKENS = 6
 LAUNCH_TIMEOUT_S = 150
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-multinode"))
-    make_tiny_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import asyncio
 
 import pytest
 from _procs import ServeLaunch
-from test_launch import checkpoint  # noqa: F401
 
 pytestmark = pytest.mark.torchrun
 

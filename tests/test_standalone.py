@@ -9,23 +9,15 @@ import signal
 
 import pytest
 from conftest import Peer, register, wait_stats
-from test_engine import make_tiny_checkpoint
 
 from megatron_coord.fault_harness import StandaloneCoordinator
 
 PARAMS = {"num_tokens_to_generate": 1}
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-standalone"))
-    make_tiny_checkpoint(path)
-    return path
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_lets_in_flight_requests_finish_then_fails_the_rest(tokenizer_dir, signum):
-    coordinator = StandaloneCoordinator(tokenizer_dir, "--shutdown-grace", "1.0")
+def test_signal_lets_in_flight_requests_finish_then_fails_the_rest(checkpoint, signum):
+    coordinator = StandaloneCoordinator(checkpoint, "--shutdown-grace", "1.0")
     try:
         client = Peer(coordinator.address).connect_ours()
         engine = register(coordinator.address, 0)
@@ -48,8 +40,8 @@ def test_signal_lets_in_flight_requests_finish_then_fails_the_rest(tokenizer_dir
         coordinator.kill()
 
 
-def test_idle_standalone_exits_at_once_on_sigterm(tokenizer_dir):
-    coordinator = StandaloneCoordinator(tokenizer_dir)
+def test_idle_standalone_exits_at_once_on_sigterm(checkpoint):
+    coordinator = StandaloneCoordinator(checkpoint)
     try:
         Peer(coordinator.address).connect_ours()
         coordinator.signal(signal.SIGTERM)

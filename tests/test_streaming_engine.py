@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import pytest
 from conftest import ThreadedCoordinator
-from test_engine import make_tiny_checkpoint
 
 from megatron_coord import InferenceClient
 from megatron_coord.checkpoint import load_model
@@ -20,13 +19,6 @@ from megatron_coord.parallel_state import single_process_state
 from megatron_coord.tokenizer import load_tokenizer
 
 PROMPT = "Grüße, 世界! naïve café 🙂"
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    path = str(tmp_path_factory.mktemp("tiny-llama-stream"))
-    make_tiny_checkpoint(path)
-    return path
 
 
 @pytest.fixture(scope="module")
