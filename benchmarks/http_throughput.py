@@ -22,7 +22,6 @@ import multiprocessing
 import os
 import pathlib
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -168,12 +167,6 @@ def single_request_latency(url: str, args: argparse.Namespace) -> dict[str, Any]
     return {"unary": percentiles(unary, 3), "stream_ttft": percentiles(ttft, 3)}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def wait_healthy(url: str, server: subprocess.Popen) -> None:
     import httpx
 
@@ -193,6 +186,7 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
 def start_fake(args: argparse.Namespace) -> tuple[str, str, Any]:
     """Coordinator + fake engines + the HTTP server as its own process; returns a stopper."""
     from megatron_coord.fake_engine import spawn
+    from megatron_coord.fault_harness import free_port
 
     address, coordinator, ready = start_coordinator(args.replicas)
     engines = [spawn(address, rank) for rank in range(args.replicas)]

@@ -15,7 +15,7 @@ import time
 import msgspec
 import pytest
 import zmq
-from _procs import ServeLaunch
+from _procs import ServeLaunch, free_port
 
 from megatron_coord.fault_harness import (
     ReplicaJob,
@@ -265,11 +265,7 @@ def test_auth_keys_let_a_replica_in_and_keep_a_keyless_one_out(checkpoint, tmp_p
 
 
 def test_reconnecting_replica_registers_with_a_restarted_coordinator(checkpoint, tmp_path):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     first = StandaloneCoordinator(checkpoint, "--port", str(port))
     second = job = probe = client = None
     log = str(tmp_path / "replica.log")
