@@ -11,9 +11,12 @@ from megatron_coord.fake_engine import ByteTokenizer
 
 @settings(max_examples=200, deadline=None)
 # A genuine trailing U+FFFD is held back like an incomplete character (the final record still
-# carries the whole text), so it is left out of the alphabet here.
+# carries the whole text), so it is left out of the alphabet here; so are lone surrogates, which
+# no UTF-8 text (hence no prompt) can hold.
 @given(
-    text=st.text(st.characters(blacklist_characters="\ufffd"), min_size=1, max_size=40),
+    text=st.text(
+        st.characters(codec="utf-8", exclude_characters="\ufffd"), min_size=1, max_size=40
+    ),
     cuts=st.lists(st.integers(1, 5), max_size=40),
 )
 def test_byte_tokens_in_any_chunking_rebuild_the_text(text, cuts):
