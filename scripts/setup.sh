@@ -11,7 +11,7 @@ want=$(cat requirements.txt setup.py csrc/*.cpp scripts/setup.sh | sha256sum | c
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import megatron_coord._C" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import torch, megatron_coord._C" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
   .venv/bin/pip install --quiet torch==2.13.0
   .venv/bin/pip install --quiet -r requirements.txt
