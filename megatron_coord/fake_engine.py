@@ -194,6 +194,7 @@ class FakeEngine:
                     record = self.record(*held)
                     record["requests"][0]["status"] = "ABORTED"
                     self.socket.send(_encode([int(Headers.ENGINE_REPLY), [record]]))
+                    break
         return True
 
     def serve(self) -> None:
@@ -341,12 +342,9 @@ class SteppedFakeEngine(FakeEngine):
             timeout = 0 if busy else int(self.heartbeat_interval_s * 1000)
             submits: list[list[Any]] = []
             if sock.poll(timeout):
-                try:
-                    while True:
-                        if not self.handle(_decode(sock.recv(zmq.NOBLOCK)), submits):
-                            running = False
-                except zmq.Again:
-                    pass
+                for raw in recv_ready(sock, block=False):
+                    if not self.handle(_decode(raw), submits):
+                        running = False
             self.answer(submits)
             if running and not self.paused:
                 self.step()
