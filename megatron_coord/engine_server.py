@@ -82,7 +82,6 @@ class EngineServer:
         self.broadcaster = TPBroadcaster(state)
         # Replica state, identical on every rank of the group (changed only by broadcast inputs).
         self.paused = False
-        self.suspended = False
         self.stop_received = False
         self.done = False
         self.steps = 0
@@ -245,6 +244,11 @@ class EngineServer:
 
     # ----------------------------------------------------------------- loop
     @property
+    def suspended(self) -> bool:
+        """SUSPEND/RESUME change the engine's state; the replica's is the engine's."""
+        return self.engine.suspended
+
+    @property
     def runnable(self) -> bool:
         """Whether the next step has computation to do."""
         halted = self.paused or self.suspended or self.stop_received
@@ -289,9 +293,10 @@ class EngineServer:
                     frame = self.socket.recv(zmq.NOBLOCK)
                 except zmq.Again:
                     break
-                self._heard_from_coordinator = True
-                self._last_heard = time.monotonic()
                 self._parse(frame, inputs)
+            # POLLIN on a ZMQ socket means a whole message is waiting: noted once per drain.
+            self._heard_from_coordinator = True
+            self._last_heard = time.monotonic()
         joined = self.coordinator_timeout_s is not None
         if self.heartbeat_interval_s is not None and (self._heard_from_coordinator or joined):
             self._maybe_heartbeat()
@@ -416,10 +421,8 @@ class EngineServer:
         elif sig == Headers.UNPAUSE:
             self.paused = False
         elif sig == Headers.SUSPEND:
-            self.suspended = True
             self.engine.suspend()
         elif sig == Headers.RESUME:
-            self.suspended = False
             self.engine.resume()
         elif sig == Headers.STOP:
             self.stop_received = True
