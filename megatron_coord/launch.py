@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from . import parallel_state
 from .engine import InferenceEngine
-from .engine_server import EngineServer
+from .engine_server import EngineServer, engine_identity
 from .parallel_state import ParallelState
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Replica:
         out: dict[str, Any] = {"auth_keys": self.options.auth_keys}
         if self.options.coordinator_address is not None:
             suffix = os.urandom(4).hex().encode()
-            out["identity"] = b"mp-coord-%d-%s" % (self.state.dp_rank, suffix)
+            out["identity"] = engine_identity(self.state.dp_rank) + b"-" + suffix
             out["coordinator_timeout_s"] = self.options.coordinator_timeout_s
             out["reconnect"] = self.options.coordinator_reconnect
         return out
