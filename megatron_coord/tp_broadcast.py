@@ -181,7 +181,8 @@ class TPBroadcaster:
         if n < 2 or n > (1 << 40):
             raise ValueError(f"TP broadcast: bad buffer length {n}")
         fits = min(n, self.head_words - 1)
-        buffer = self.stage[1 : 1 + fits].clone()
+        # A view is enough: unpack copies into Python objects before the head is reused.
+        buffer = self.stage[1 : 1 + fits]
         if n > fits:
             rest = torch.empty(n - fits, dtype=torch.int64, device=self.device)
             self._broadcast(rest)
