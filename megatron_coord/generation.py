@@ -249,7 +249,6 @@ def record_view(record: Any) -> dict[str, Any]:
             else None
         ),
         "finish_reason": _field(last, "finish_reason"),
-        "status": _field(last, "status"),
     }
 
 

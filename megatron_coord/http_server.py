@@ -130,12 +130,16 @@ class _ServerState:
     def __init__(
         self, address: str, tokenizer: Any | None, opts: ServerOptions, metrics: ServingMetrics
     ) -> None:
-        self.address = address
         self.tokenizer = as_megatron_tokenizer(tokenizer) if tokenizer is not None else None
+        eod = getattr(self.tokenizer, "eod", None)
+        # The end-of-text id, if the tokenizer says: every request's termination id.
+        self.termination_id: int | None = eod if isinstance(eod, int) else None
         self.opts = opts
         self.metrics = metrics
         self.backend = CoordinatorBackend(
-            address, eod_text=_eod_text(self.tokenizer), connect_timeout_s=opts.connect_timeout_s
+            address,
+            eod_text=_eod_text(self.tokenizer, self.termination_id),
+            connect_timeout_s=opts.connect_timeout_s,
         )
         self.stats = CoordinatorStats(address)
         self.running = 0
@@ -147,10 +151,6 @@ class _ServerState:
     async def stop(self) -> None:
         self.backend.stop()
         self.stats.close()
-
-    def termination_id(self) -> int | None:
-        eod = getattr(self.tokenizer, "eod", None) if self.tokenizer is not None else None
-        return eod if isinstance(eod, int) else None
 
     def acquire(self, endpoint: str) -> None:
         """Count one more running request, refusing with 429 above ``max_concurrent_requests``."""
@@ -175,10 +175,9 @@ class _ServerState:
         return None if timeout is None else time.monotonic() + timeout
 
 
-def _eod_text(tokenizer: Any | None) -> str | None:
-    """The end-of-text token as text (cut from generated text), if the tokenizer says."""
-    eod = getattr(tokenizer, "eod", None) if tokenizer is not None else None
-    if not isinstance(eod, int):
+def _eod_text(tokenizer: Any | None, eod: int | None) -> str | None:
+    """The end-of-text token ``eod`` as text (cut from generated text)."""
+    if eod is None:
         return None
     try:
         return tokenizer.detokenize([eod]) or None
@@ -417,12 +416,11 @@ def _check_request(state: _ServerState, body: oa._SamplingFields) -> None:
 def _choices(
     state: _ServerState, body: oa._SamplingFields, prompts: list[str | list[int]], max_new: int
 ) -> list[_Choice]:
-    termination_id = state.termination_id()
     return [
         _Choice(
             p * body.n + j,
             prompt,
-            oa.to_sampling_params(body, max_new, j, termination_id),
+            oa.to_sampling_params(body, max_new, j, state.termination_id),
             counts_prompt=j == 0,
         )
         for p, prompt in enumerate(prompts)
