@@ -21,7 +21,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from .http_server import DEFAULT_MODEL_NAME, ServerOptions, create_app
+from .http_server import DEFAULT_MODEL_NAME, check_options, create_app
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,11 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
     sock.listen(2048)
     sock.setblocking(False)
     return sock
+
+
+def _url(host: str, port: int) -> str:
+    """The base URL of a server bound to ``host:port`` (IPv6 hosts in brackets)."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
@@ -95,8 +100,7 @@ class HTTPServerThread:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return _url(self.host, self.port)
 
     def _run(self) -> None:
         try:
@@ -165,9 +169,7 @@ class HTTPServerProcess:
         log_level: str = "warning",
         **options: Any,
     ) -> None:
-        unknown = set(options) - set(ServerOptions.__dataclass_fields__)
-        if unknown:
-            raise TypeError(f"unknown HTTP server options: {sorted(unknown)}")
+        check_options(options)  # here, not only in the child: a typo fails the caller at once
         self.host = host
         self.port = port
         self._args = (coordinator_address, tokenizer, model_name, host, port, log_level, options)
@@ -175,8 +177,7 @@ class HTTPServerProcess:
 
     @property
     def url(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return _url(self.host, self.port)
 
     def start(self, timeout_s: float = 120.0) -> HTTPServerProcess:
         """Spawn the server; return once it is bound and its tokenizer loaded (its port known),

@@ -88,6 +88,13 @@ class ServerOptions:
     max_body_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
+def check_options(options: dict[str, Any]) -> None:
+    """Raise TypeError naming any key of ``options`` that is not a ``ServerOptions`` field."""
+    unknown = set(options) - set(ServerOptions.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown HTTP server options: {sorted(unknown)}")
+
+
 def create_app(
     coordinator_address: str,
     tokenizer: Any | None = None,
@@ -101,9 +108,7 @@ def create_app(
     the end-of-text id; without it the coordinator's tokenizer does all tokenizing and chat uses
     the default template. ``options`` are ``ServerOptions`` fields.
     """
-    unknown = set(options) - set(ServerOptions.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown HTTP server options: {sorted(unknown)}")
+    check_options(options)
     opts = ServerOptions(model_name=model_name, **options)
     metrics = metrics if metrics is not None else ServingMetrics()
     state = _ServerState(coordinator_address, tokenizer, opts, metrics)
