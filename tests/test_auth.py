@@ -14,12 +14,11 @@ import sys
 import msgspec
 import pytest
 import zmq
+from _procs import ROOT
 from conftest import ThreadedCoordinator
 
 from megatron_coord import InferenceClient, SamplingParams
 from megatron_coord.auth import apply_client, check_bind, generate, is_loopback
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
