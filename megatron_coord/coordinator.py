@@ -32,7 +32,7 @@ import logging
 import re
 import threading
 import time
-from collections import Counter, deque
+from collections import deque
 from multiprocessing.connection import Connection
 from typing import Annotated, Any
 
@@ -42,10 +42,12 @@ import zmq
 from .auth import ServerAuth, check_bind
 from .elastic import ElasticMixin
 from .protocol import (
+    CONTROL_SIGNALS,
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorCode,
     Headers,
     ProtocolError,
+    decode,
 )
 from .routing import make_policy
 from .sampling_params import validate_sampling_params
@@ -71,9 +73,7 @@ _DECODE_ERRORS = (msgspec.MsgspecError, UnicodeDecodeError)
 _MEGATRON_IDENTITY = re.compile(rb"^mp-coord-(\d+)$")
 
 _HEADER_ONLY = {h: _encode([int(h)]) for h in Headers}
-_CLIENT_CONTROL = frozenset(
-    int(h) for h in (Headers.PAUSE, Headers.UNPAUSE, Headers.SUSPEND, Headers.RESUME, Headers.STOP)
-)
+_CLIENT_CONTROL = frozenset(map(int, CONTROL_SIGNALS))
 _MAX_EARLY_FRAMES = 65536
 # pyzmq's Cython socket methods, bypassing its Python wrappers on the hot path (ints, not enums).
 _zmq_send = zmq.backend.Socket.send
@@ -101,14 +101,10 @@ def _peek_header(payload: bytes) -> int:
 def _describe(payload: bytes) -> ProtocolError:
     """Why a frame that failed the fast path is bad (for the ERROR reply)."""
     try:
-        message = _any_decoder.decode(payload)
-    except _DECODE_ERRORS as exc:
-        return ProtocolError(ErrorCode.MALFORMED, f"frame is not valid msgpack: {exc}")
-    if not isinstance(message, list) or not message:
-        return ProtocolError(ErrorCode.MALFORMED, "a message must be a non-empty msgpack list")
-    if type(message[0]) is not int:
-        return ProtocolError(ErrorCode.MALFORMED, "the header must be an integer")
-    return ProtocolError(ErrorCode.UNKNOWN_HEADER, f"unknown header {message[0]}")
+        header = decode(payload)[0]
+    except ProtocolError as exc:
+        return exc
+    return ProtocolError(ErrorCode.UNKNOWN_HEADER, f"unknown header {int(header)}")
 
 
 def _client_request_id_of(payload: bytes) -> Any:
@@ -146,9 +142,6 @@ def _batch_detokenizer(tokenizer: Any):
     batch = getattr(tokenizer, "detokenize_batch", None)
     if batch is not None:
         return batch
-    hf = getattr(tokenizer, "hf_tokenizer", None)
-    if hf is not None and hasattr(hf, "batch_decode"):
-        return hf.batch_decode
     detokenize = tokenizer.detokenize
     return lambda token_lists: [detokenize(tokens) for tokens in token_lists]
 
@@ -156,7 +149,7 @@ def _batch_detokenizer(tokenizer: Any):
 class _Engine:
     """What the coordinator knows about one registered engine (TP-coordinator)."""
 
-    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load", "alive", "info")
+    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load", "info")
 
     def __init__(self, identity: bytes, rank: int | None, ours: bool, arrival: int) -> None:
         self.identity = identity
@@ -164,7 +157,6 @@ class _Engine:
         self.ours = ours
         self.arrival = arrival
         self.load: dict[str, Any] | None = None  # last HEARTBEAT report
-        self.alive = True  # registered and not known to have failed (reported by STATS)
 
 
 class _Stream:
@@ -358,10 +350,9 @@ class DataParallelInferenceCoordinator(ElasticMixin):
         engine.info = info
         self.engines[identity] = engine
         logger.info("engine %r registered (dp rank %s)", identity, rank)
+        self._monitor.learn(identity, self._stranger_fd)  # to notice when its connection closes
         if hasattr(self, "routing_policy"):  # serving already: an engine joining
-            self._join(identity, ours)
-        else:
-            self._joined(identity, ours)
+            self._join(identity)
         return True
 
     # ------------------------------------------------------------------ public API
@@ -811,12 +802,11 @@ class DataParallelInferenceCoordinator(ElasticMixin):
         """Answer STATS (health checks, metrics): each replica's liveness and outstanding load."""
         if not self.clients.get(client):
             raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "STATS needs our protocol (CONNECT)")
-        outstanding = Counter(self._request_engine.values())
         engines = [
             {
                 "data_parallel_rank": engine.data_parallel_rank,
-                "alive": engine.alive,
-                "outstanding_requests": outstanding[engine.identity],
+                "alive": True,  # an engine declared dead leaves the list (elastic.py)
+                "outstanding_requests": self._engine_requests.get(engine.identity, 0),
                 "outstanding_tokens": self._outstanding_tokens(engine.identity),
                 "load": engine.load,
                 "identity": engine.identity.hex(),

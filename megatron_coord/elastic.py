@@ -165,7 +165,12 @@ class ElasticMixin:
                 )
         if self.limits.request_timeout is not None:
             for request_id in self._deadlines.expired(now, self._request_engine):
-                self._timeout(request_id)
+                self._abort(
+                    request_id,
+                    ErrorCode.TIMEOUT,
+                    f"no result within the request timeout ({self.limits.request_timeout:g} s); "
+                    "aborted",
+                )
             self._deadlines.compact(self._request_engine)
         if self._gone_clients:
             gone, self._gone_clients = self._gone_clients, set()
@@ -211,6 +216,10 @@ class ElasticMixin:
     def _release(self, engine: bytes, request_id: int) -> None:
         """Bookkeeping once ``request_id`` left ``engine`` (any outcome)."""
         self._submitted.pop(request_id, None)
+        self._count_down(engine)
+
+    def _count_down(self, engine: bytes) -> None:
+        """One request fewer outstanding on ``engine`` (the entry goes at zero)."""
         count = self._engine_requests.get(engine)
         if count is not None:
             if count > 1:
@@ -226,12 +235,11 @@ class ElasticMixin:
         elif header in (Headers.SUSPEND, Headers.RESUME):
             self._suspended = header == Headers.SUSPEND
 
-    def _join(self, identity: bytes, ours: bool) -> None:
+    def _join(self, identity: bytes) -> None:
         """An engine registered while serving: route to it from now on, in the state the
         clients put the others in (paused, suspended, stopping)."""
         self.identities_of_data_parallel_ranks.append(identity)
         self.routing_policy.add_engine(identity)
-        self._joined(identity, ours)
         if self._stopping:
             catch_up = [Headers.STOP]
         else:
@@ -243,10 +251,6 @@ class ElasticMixin:
             identity,
             len(self.identities_of_data_parallel_ranks),
         )
-
-    def _joined(self, identity: bytes, ours: bool) -> None:
-        """Liveness bookkeeping of a new engine (at startup or later)."""
-        self._monitor.learn(identity, self._stranger_fd)
 
     def _engine_unreachable(self, engine: bytes, request_id: int) -> None:
         """A send to ``engine`` failed: its connection is gone."""
@@ -286,7 +290,6 @@ class ElasticMixin:
         engine = self.engines.pop(identity, None)
         if engine is None:
             return
-        engine.alive = False
         self.engines_lost += 1
         self._dead_engines[identity] = None
         if len(self._dead_engines) > _MAX_DEAD_REMEMBERED:
@@ -340,11 +343,7 @@ class ElasticMixin:
             return
         engine = self.routing_policy.choose()
         self._request_engine[request_id] = engine
-        count = self._engine_requests.get(dead, 0)
-        if count > 1:
-            self._engine_requests[dead] = count - 1
-        else:
-            self._engine_requests.pop(dead, None)
+        self._count_down(dead)
         self._engine_requests[engine] = self._engine_requests.get(engine, 0) + 1
         if self._tracks_load:
             self.routing_policy.on_resubmit(dead, engine, request_id)
@@ -369,24 +368,21 @@ class ElasticMixin:
         self.clients.pop(identity, None)
         self._monitor.forget(identity)
         mine = [rid for (client, _), rid in self._inflight.items() if client == identity]
-        abort = int(Headers.ABORT)
         for request_id in mine:
-            engine = self._request_engine.get(request_id)
-            if engine is not None:
-                self._send_quietly(engine, _encode([abort, request_id]))
-            self._free(request_id)
+            self._abort(request_id)
         if mine:
             logger.info("client %r is gone: %d request(s) aborted", identity, len(mine))
 
-    def _timeout(self, request_id: int) -> None:
+    def _abort(self, request_id: int, code: ErrorCode | None = None, text: str = "") -> None:
+        """ABORT a request on its engine and end it: with an ERROR ``code`` to its client, or
+        (None: the client is gone) silently."""
         engine = self._request_engine.get(request_id)
         if engine is not None:
             self._send_quietly(engine, _encode([int(Headers.ABORT), request_id]))
-        self._fail(
-            request_id,
-            ErrorCode.TIMEOUT,
-            f"no result within the request timeout ({self.limits.request_timeout:g} s); aborted",
-        )
+        if code is None:
+            self._free(request_id)
+        else:
+            self._fail(request_id, code, text)
 
     def _send_quietly(self, identity: bytes, payload: bytes) -> None:
         """Send if the peer is still connected; never mistake an engine for a gone client."""
@@ -407,14 +403,8 @@ class ElasticMixin:
         if self._request_engine and now < self._shutdown_deadline:
             return
         for request_id in list(self._request_engine):
-            self._timeout_for_shutdown(request_id)
+            self._abort(request_id, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
         self._running = False
-
-    def _timeout_for_shutdown(self, request_id: int) -> None:
-        engine = self._request_engine.get(request_id)
-        if engine is not None:
-            self._send_quietly(engine, _encode([int(Headers.ABORT), request_id]))
-        self._fail(request_id, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
 
     # ------------------------------------------------------------------ debug view
 

@@ -34,6 +34,9 @@ class HFTokenizerAdapter:
     def detokenize(self, token_ids: list[int]) -> str:
         return self.hf_tokenizer.decode(token_ids)
 
+    def detokenize_batch(self, token_lists: list[list[int]]) -> list[str]:
+        return self.hf_tokenizer.batch_decode(token_lists)
+
     @property
     def eod(self) -> int | None:
         """End-of-document id (Megatron's name), used as the default termination id."""
