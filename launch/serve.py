@@ -18,6 +18,7 @@ nothing from the coordinator for --coordinator-timeout seconds says so and exits
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import TYPE_CHECKING
 
@@ -85,8 +86,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
     """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
     rank's engine loop); it connects once every engine has registered."""
-    import os
-
     from megatron_coord.http_server import HTTPServerProcess
     from megatron_coord.launch import COORDINATOR_START_TIMEOUT_S
 
@@ -124,8 +123,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.address_file:
             with open(args.address_file + ".tmp", "w") as f:
                 f.write(replica.address)
-            import os
-
             os.replace(args.address_file + ".tmp", args.address_file)
     serve_http = replica.is_global_rank0 and args.http_port is not None
     http = start_http(replica, args) if serve_http else None

@@ -236,8 +236,8 @@ class InferenceEngine:
         for group in self._prefill_groups(admitted):
             self._prefill(group)
             result.prefill_tokens += len(group) * len(group[0].new.prompt_tokens)
+        result.tokens = len(decoding) + len(admitted)
         for running in decoding + admitted:
-            result.tokens += 1
             self._after_token(running, result)
         return result
 
