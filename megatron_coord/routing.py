@@ -26,6 +26,7 @@ class RoutingPolicy:
 
     def __init__(self, engines: Iterable[Identity] = ()) -> None:
         self.engines: list[Identity] = []
+        self._next = 0  # where a rotating choice starts (an index into engines; may be past it)
         for engine in engines:
             self.add_engine(engine)
 
@@ -36,8 +37,12 @@ class RoutingPolicy:
         self.engines.append(engine)
 
     def remove_engine(self, engine: Identity) -> None:
-        """Stop routing new requests to ``engine`` (requests it holds are not moved)."""
-        self.engines.remove(engine)
+        """Stop routing new requests to ``engine`` (requests it holds are not moved); the
+        rotation goes on with the engine after it."""
+        index = self.engines.index(engine)
+        del self.engines[index]
+        if index < self._next:
+            self._next -= 1
 
     def choose(self, request: Any = None) -> Identity:
         """The engine that should receive ``request``."""
@@ -74,18 +79,6 @@ class RoutingPolicy:
 
 class RoundRobin(RoutingPolicy):
     """Cycle over the engines in their order (arrival order, or dp-rank order when deterministic)."""
-
-    def __init__(self, engines: Iterable[Identity] = ()) -> None:
-        self._next = 0
-        super().__init__(engines)
-
-    def remove_engine(self, engine: Identity) -> None:
-        index = self.engines.index(engine)
-        super().remove_engine(engine)
-        if index < self._next:
-            self._next -= 1
-        if self._next >= len(self.engines):
-            self._next = 0
 
     def choose(self, request: Any = None) -> Identity:
         engines = self.engines
@@ -157,7 +150,6 @@ class LeastLoaded(RoutingPolicy):
         # (re)registration here: its first report sets the baseline (None: no report yet).
         self._base: dict[Identity, int | None] = {}
         self._requests: dict[int, _Tracked] = {}
-        self._next = 0  # round-robin start of the tie-breaking scan
         self._chars = 0  # calibration of the text-prompt estimate
         self._tokens = 0
         super().__init__(engines)
@@ -172,10 +164,7 @@ class LeastLoaded(RoutingPolicy):
         self._base[engine] = None
 
     def remove_engine(self, engine: Identity) -> None:
-        index = self.engines.index(engine)
         super().remove_engine(engine)
-        if index < self._next:
-            self._next -= 1
         for table in (self._load, self._seen, self._reported, self._base):
             del table[engine]
 
