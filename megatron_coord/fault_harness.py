@@ -29,7 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER_VARIABLE = "MEGATRON_COORD_TEST_MARKER"
 
 
-def _env(marker: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+def marked_env(marker: str, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment plus ``marker`` (inherited by every child, so
+    ``processes_with`` finds them all), one OMP thread, and ``extra``."""
     env = dict(os.environ)
     env[MARKER_VARIABLE] = marker
     env["OMP_NUM_THREADS"] = "1"
@@ -46,7 +48,7 @@ class StandaloneCoordinator:
         address_file = os.path.join(self._dir, "address")
         command = [sys.executable, "-m", "megatron_coord.coordinator", "--port", "0"]
         command += ["--tokenizer", tokenizer, "--address-file", address_file, *args]
-        self.process = subprocess.Popen(command, env=_env(self.marker, env), cwd=ROOT)
+        self.process = subprocess.Popen(command, env=marked_env(self.marker, env), cwd=ROOT)
         self.address = self._wait_for(address_file, 120.0)
 
     def _wait_for(self, path: str, timeout: float) -> str:
@@ -95,7 +97,7 @@ class ReplicaJob:
         log = open(log_path, "wb") if log_path else None  # noqa: SIM115 - the child's
         try:
             self.process = subprocess.Popen(
-                command, env=_env(self.marker, env), cwd=ROOT, stdout=log, stderr=log
+                command, env=marked_env(self.marker, env), cwd=ROOT, stdout=log, stderr=log
             )
         finally:
             if log is not None:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 import uuid
 
-from megatron_coord.fault_harness import MARKER_VARIABLE, free_port, processes_with
+from megatron_coord.fault_harness import free_port, marked_env, processes_with
 
 __all__ = [
     "ROOT",
@@ -29,11 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def launch_env(marker: str, tmp_path) -> dict[str, str]:
     """The environment of a test launch: the marker, a private cache dir, one OMP thread."""
-    env = dict(os.environ)
-    env[MARKER_VARIABLE] = marker  # inherited by every process of the launch
-    env["MEGATRON_COORD_CACHE"] = str(tmp_path / "cache")
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return marked_env(marker, {"MEGATRON_COORD_CACHE": str(tmp_path / "cache")})
 
 
 def torchrun(nproc: int, script: str, *args: str) -> list[str]:
