@@ -42,12 +42,11 @@ class PeerMonitor:
     monitor (``disconnected()``) before it learns a new peer's descriptor.
     """
 
-    def __init__(self, router: zmq.Socket, heartbeat_timeout_s: float | None = None) -> None:
-        if heartbeat_timeout_s is not None:
-            # ZMTP PINGs: a peer that stops answering them is disconnected (EVENT_DISCONNECTED).
-            ivl = max(100, int(heartbeat_timeout_s * 1000) // 3)
-            router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-            router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout_s * 1000))
+    def __init__(self, router: zmq.Socket, heartbeat_timeout_s: float) -> None:
+        # ZMTP PINGs: a peer that stops answering them is disconnected (EVENT_DISCONNECTED).
+        ivl = max(100, int(heartbeat_timeout_s * 1000) // 3)
+        router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout_s * 1000))
         self.socket = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._fd_to_identity: dict[int, bytes] = {}
         # Public: the coordinator's hot loop reads it to tell known peers from new ones.
