@@ -36,12 +36,10 @@ class CoordinatorStats:
         self.address = address
         self._context = context or zmq.asyncio.Context.instance()
         self._socket: zmq.asyncio.Socket | None = None
-        self._lock: asyncio.Lock | None = None
+        self._lock = asyncio.Lock()  # one query at a time (binds to a loop on first use)
 
     async def query(self, timeout_s: float) -> dict[str, Any] | None:
         """The coordinator's STATS dict, or None if it did not answer well within ``timeout_s``."""
-        if self._lock is None:
-            self._lock = asyncio.Lock()
         async with self._lock:
             try:
                 return await asyncio.wait_for(self._ask(), timeout_s)
