@@ -498,7 +498,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
         if header == 3:
             self._on_submit(identity, payload)
         elif header in _CLIENT_CONTROL:
-            self._check_length(payload, 1)
+            self._check_header_only(payload)
             self._flush()
             self._on_control(Headers(header))
         elif header == 1:
@@ -507,7 +507,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             self._flush()
             self._on_abort(identity, payload)
         elif header == Headers.STATS:
-            self._check_length(payload, 1)
+            self._check_header_only(payload)
             self._flush()
             self._on_stats(identity)
         elif header == -1:
@@ -526,7 +526,7 @@ class DataParallelInferenceCoordinator(ElasticMixin):
         elif header == Headers.PARTIAL_REPLY:
             self._on_partial_reply(engine, payload)
         elif header == 6 or header == 11:
-            self._check_length(payload, 1)
+            self._check_header_only(payload)
             self._on_ack(engine, Headers(header))
         elif header == Headers.ERROR:
             self._on_engine_error(engine, payload)
@@ -575,9 +575,9 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             raise ProtocolError(ErrorCode.MALFORMED, f"bad message: {exc}") from None
 
     @staticmethod
-    def _check_length(payload: bytes, fields: int) -> None:
-        """Header-only messages are exactly one element (fixarray of length ``fields``)."""
-        if payload[0] != 0x90 + fields or len(payload) != 2:
+    def _check_header_only(payload: bytes) -> None:
+        """Header-only messages are exactly one element: a fixarray of 1 and the header."""
+        if payload[0] != 0x91 or len(payload) != 2:
             raise ProtocolError(ErrorCode.MALFORMED, "this message takes no fields")
 
     def _send(self, identity: bytes, payload: bytes) -> bool:
