@@ -314,7 +314,11 @@ class InferenceClient:
         return self.stopped.wait()
 
     def stop(self) -> None:
-        """Cancel the listener and close the socket; pending futures are cancelled."""
+        """Cancel the listener and close the socket.
+
+        Pending futures are cancelled, and open streams end with a ConnectionError, so no
+        reader waits forever for a record that can no longer arrive.
+        """
         if self.listener_task is not None:
             self.listener_task.cancel()
             self.listener_task = None
@@ -322,6 +326,8 @@ class InferenceClient:
             if not future.done():
                 future.cancel()
         self.completion_futures.clear()
+        for queue in self._streams.values():
+            queue.put_nowait(ConnectionError("the InferenceClient was stopped"))
         self._close()
 
     def _close(self) -> None:

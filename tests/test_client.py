@@ -139,3 +139,20 @@ def test_stop_cancels_pending_futures(deploy):
 
     future = run(go())
     assert future.cancelled()
+
+
+def test_stop_ends_open_streams(deploy):
+    d = deploy(1)
+
+    async def go():
+        client = await started(d.address)
+        await client.pause_engines()
+        stream = client.add_request_streaming("never", SamplingParams())
+        reader = asyncio.ensure_future(stream.__anext__())
+        await asyncio.sleep(0.05)
+        assert not reader.done()  # paused engines: nothing can arrive
+        client.stop()
+        with pytest.raises(ConnectionError, match="stopped"):
+            await reader
+
+    run(go())
