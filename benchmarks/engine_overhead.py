@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
-    from megatron_coord.checkpoint import default_checkpoint_dir
+    from megatron_coord.default_model import default_checkpoint_dir
 
     model_path = args.model or default_checkpoint_dir()
     local_runs, e2e_runs = alternate(args, in_process_runner(args, model_path))

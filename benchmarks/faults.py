@@ -35,9 +35,9 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 from _common import write_results  # noqa: E402
 
-from megatron_coord.checkpoint import default_checkpoint_dir  # noqa: E402
 from megatron_coord.client import InferenceClient, RequestError  # noqa: E402
 from megatron_coord.coordinator_stats import CoordinatorStats  # noqa: E402
+from megatron_coord.default_model import default_checkpoint_dir  # noqa: E402
 from megatron_coord.fault_harness import (  # noqa: E402
     ReplicaJob,
     StandaloneCoordinator,

@@ -5,16 +5,13 @@ only the rows or columns its shard needs, so a TP=T job reads each weight about 
 rather than T times. Single-file (``model.safetensors``) and sharded
 (``model.safetensors.index.json``) checkpoints are both supported.
 
-``default_checkpoint_dir`` writes the embedded default model (a small seeded-random Llama with
-the GPT-2 tokenizer) once as a real checkpoint, so it is loaded through the same path.
+The embedded default model is written as such a checkpoint by ``default_model.py``.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any
@@ -26,25 +23,6 @@ from .parallel_state import ParallelState
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-
-# Bump when the default model's recipe changes: the cache directory name carries it.
-DEFAULT_RECIPE_VERSION = 1
-DEFAULT_MODEL_CONFIG: dict[str, Any] = {
-    "vocab_size": 50257,
-    "hidden_size": 256,
-    "intermediate_size": 688,
-    "num_hidden_layers": 4,
-    "num_attention_heads": 8,
-    "num_key_value_heads": 4,
-    "head_dim": 32,
-    "max_position_embeddings": 1024,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 10000.0,
-    "tie_word_embeddings": True,
-    "bos_token_id": 50256,
-    "eos_token_id": 50256,
-}
-DEFAULT_SEED = 0
 
 
 def read_config(path: str) -> ModelConfig:
@@ -60,22 +38,41 @@ def read_config(path: str) -> ModelConfig:
     return ModelConfig.from_hf_dict(d)
 
 
-def _weight_files(path: str) -> dict[str, str]:
-    """Map each tensor name to the safetensors file that holds it."""
+def weight_files(path: str) -> dict[str, str]:
+    """Map each tensor name to the safetensors file that holds it.
+
+    Every file's header is read, so a missing shard or a truncated file (safetensors checks
+    that the header covers the file exactly) is a clear error here rather than mid-load."""
     index_path = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
-            weight_map = json.load(f).get("weight_map")
+            try:
+                weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, AttributeError) as e:
+                raise ValueError(f"{index_path} is not a valid index: {e}") from e
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{index_path} has no weight_map")
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+        for file in set(files.values()):
+            _tensor_names(file)
+        return files
     single = os.path.join(path, SINGLE_FILE)
     if os.path.isfile(single):
-        from safetensors import safe_open
-
-        with safe_open(single, framework="pt") as f:
-            return dict.fromkeys(f.keys(), single)
+        return dict.fromkeys(_tensor_names(single), single)
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in checkpoint directory {path!r}")
+
+
+def _tensor_names(file: str) -> list[str]:
+    """The tensor names in one safetensors file's header; ValueError if it is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"checkpoint shard {file!r} is missing")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return list(f.keys())
+    except SafetensorError as e:
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
 
 
 class _Reader:
@@ -191,7 +188,7 @@ def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float
     config = read_config(path)
     model = LlamaModel(config, state, dtype=dtype)
     with ExitStack() as stack:
-        reader = _Reader(_weight_files(path), stack)
+        reader = _Reader(weight_files(path), stack)
         if _shares_embedding(config, reader):
             # One tensor, not two copies of the vocabulary; the output layer's (transposed)
             # layout wins, as the output matmul costs far more than the embedding lookup.
@@ -212,56 +209,3 @@ def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float
                     )
                 param.copy_(tensor.to(dtype))
     return model.eval()
-
-
-# ---- the embedded default model -------------------------------------------------------------
-
-
-def cache_root() -> str:
-    """``$MEGATRON_COORD_CACHE`` or ``~/.cache/megatron_coord``."""
-    root = os.environ.get("MEGATRON_COORD_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "megatron_coord"
-    )
-    return os.path.abspath(root)
-
-
-def default_checkpoint_dir() -> str:
-    """Return the default model's checkpoint directory, writing it first if absent.
-
-    Written into a private temporary directory and then renamed into place, so several ranks
-    calling this at once all end up with the same complete directory and never see a partial
-    one (the loser of the rename race discards its copy).
-    """
-    root = cache_root()
-    final = os.path.join(root, f"megatron_coord-default-llama-v{DEFAULT_RECIPE_VERSION}")
-    if os.path.isfile(os.path.join(final, "config.json")):
-        return final
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-default-llama-", dir=root)
-    try:
-        write_default_checkpoint(tmp)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is shared like any other
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if not os.path.isfile(os.path.join(final, "config.json")):
-                raise
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
-
-
-def write_default_checkpoint(path: str) -> None:
-    """Save the seeded-random default Llama and the GPT-2 tokenizer as an HF checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from .tokenizer import gpt2_tokenizer
-
-    d = dict(DEFAULT_MODEL_CONFIG)
-    d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(DEFAULT_SEED)
-        model = LlamaForCausalLM(LlamaConfig(**d))
-    model.save_pretrained(path, safe_serialization=True)
-    gpt2_tokenizer().hf_tokenizer.save_pretrained(path)

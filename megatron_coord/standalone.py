@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.tokenizer is None:
-        from .checkpoint import default_checkpoint_dir
+        from .default_model import default_checkpoint_dir
 
         args.tokenizer = default_checkpoint_dir()
     try:
