@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 import msgspec
 import pytest
@@ -83,6 +84,12 @@ def test_key_holders_get_in_and_everyone_else_is_refused(keys, rogue_keys):
     stranger_engine = CurveEngine(coord.address, None)  # no key: its REGISTER never arrives
     rogue_engine = CurveEngine(coord.address, rogue_keys)
     try:
+        # The CURVE handshake takes a moment: a request sent before the key holder's REGISTER
+        # arrives is (rightly) refused with no_engine.
+        deadline = time.monotonic() + 20
+        while not coord.coordinator.engines:
+            assert time.monotonic() < deadline, "the key holder's engine never registered"
+            time.sleep(0.01)
         assert asyncio.run(_client_round(coord.address, keys, engine)) == "!"
         with pytest.raises(TimeoutError, match="no CONNECT_ACK"):
             asyncio.run(_client_round(coord.address, None, None))

@@ -47,20 +47,20 @@ class ScriptedCoordinator:
         self.address = f"tcp://127.0.0.1:{port}"
         self.alive = [True, True]
         self.aborted: list[int] = []
+        self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
     def _serve(self) -> None:
+        """Only this thread touches the socket, closing it too: a zmq socket closed by another
+        thread while this one polls it is a use-after-free in libzmq (it crashed pytest)."""
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        while True:
-            try:
-                if not poller.poll(100):
-                    continue
+        while not self.stopping.is_set():
+            if poller.poll(20):
                 identity, frame = self.socket.recv_multipart()
-            except zmq.ZMQError:
-                return
-            self._answer(identity, _decode(frame))
+                self._answer(identity, _decode(frame))
+        self.socket.close(0)
 
     def _send(self, identity: bytes, *message: object) -> None:
         self.socket.send_multipart([identity, _encode(list(message))])
@@ -120,8 +120,9 @@ class ScriptedCoordinator:
         # anything else: never answered (the HTTP client will hang up)
 
     def close(self) -> None:
-        self.socket.close(0)
-        self.thread.join(5)
+        self.stopping.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the scripted coordinator did not stop"
         self.context.term()
 
 
