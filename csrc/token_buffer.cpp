@@ -164,6 +164,9 @@ py::tuple unpack_step(const torch::Tensor& buffer_in) {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  // The library is found through its rpath (setup.py) even when torch was not imported first;
+  // importing torch here initialises torch's Python types before any tensor crosses this module.
+  py::module_::import("torch");
   m.doc() = "Token-buffer packing for the tensor-parallel request broadcast";
   m.def("pack_step", &pack_step, "Pack signals and requests into one int64 tensor",
         py::arg("signals"), py::arg("request_ids"), py::arg("tokens"), py::arg("params"));

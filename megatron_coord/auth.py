@@ -64,12 +64,16 @@ def generate(directory: str, name: str = "client") -> tuple[str, str]:
     authorized = os.path.join(directory, AUTHORIZED)
     os.makedirs(authorized, exist_ok=True)
     server_public = os.path.join(directory, "server.key")
-    if not os.path.exists(server_public):
-        zmq.auth.create_certificates(directory, "server")
-    public, secret = zmq.auth.create_certificates(directory, name)
+    old_umask = os.umask(0o077)  # secret keys are never readable by others, not even briefly
+    try:
+        if not os.path.exists(server_public):
+            zmq.auth.create_certificates(directory, "server")
+        public, secret = zmq.auth.create_certificates(directory, name)
+    finally:
+        os.umask(old_umask)
+    for public_key in (server_public, public):
+        os.chmod(public_key, 0o644)
     shutil.copy(public, os.path.join(authorized, os.path.basename(public)))
-    os.chmod(secret, 0o600)
-    os.chmod(os.path.join(directory, "server.key_secret"), 0o600)
     return server_public, secret
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Create .venv with every dependency and build the package with its C++ extension.
+# Create .venv with every dependency and build the package (editable) with its C++ extension.
 # Idempotent: a second run with unchanged inputs only checks that the stamp is current.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -11,14 +11,15 @@ want=$(cat requirements.txt setup.py csrc/*.cpp scripts/setup.sh | sha256sum | c
 if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import torch, megatron_coord._C" 2>/dev/null; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import megatron_coord._C" 2>/dev/null; then
   .venv/bin/pip install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
+  # torch first: setup.py builds the extension against it (--no-build-isolation).
   .venv/bin/pip install --quiet torch==2.13.0
+  .venv/bin/pip install --quiet --no-build-isolation -e ".[test,bench]"
   .venv/bin/pip install --quiet -r requirements.txt
   # Megatron-core 0.16.1 for the interop tests and the side-by-side benchmark. --no-deps: its
   # coordinator and client need only torch, pyzmq and msgpack (already installed), and its
   # declared dependencies would pull in packages we do not use.
   .venv/bin/pip install --quiet --no-deps megatron-core==0.16.1 packaging
-  .venv/bin/pip install --quiet --no-build-isolation --no-deps -e .
   echo "$want" > "$stamp"
 fi

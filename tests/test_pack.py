@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import math
+import os
 import random
 import struct
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -158,3 +161,15 @@ def test_pack_accepts_tuples_and_rejects_wrong_types():
         _C.pack_step([2**63], [], [], [])
     with pytest.raises(RuntimeError, match="same length"):
         _C.pack_step([], [1, 2], [[1]], [[]])
+
+
+def test_extension_imports_in_a_fresh_interpreter_without_torch_first():
+    """``import megatron_coord._C`` finds libtorch through its rpath and imports torch itself."""
+    code = (
+        "import sys; import megatron_coord._C as C; assert 'torch' in sys.modules; "
+        "print(C.unpack_step(C.pack_step([5], [7], [[1, 2]], [[0.5]])))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "([5], [7], [[1, 2]], [[0.5]])"

@@ -18,13 +18,13 @@ import argparse
 import json
 import sys
 
-from megatron_coord.launch import (
+from ..sampling_params import SamplingParams
+from .replica import (
     add_replica_arguments,
     options_from_args,
     read_prompts,
     run_generate,
 )
-from megatron_coord.sampling_params import SamplingParams
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -21,10 +21,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import parallel_state
-from .engine import InferenceEngine
-from .engine_server import EngineServer, engine_identity
-from .parallel_state import ParallelState
+from .. import parallel_state
+from ..engine import InferenceEngine
+from ..engine_server import EngineServer, engine_identity
+from ..parallel_state import ParallelState
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,8 @@ def _coordinator_main(
         return
     # SIGTERM from rank 0 (or the parent-death signal) ends the process like Ctrl-C would.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    from .coordinator import DataParallelInferenceCoordinator
-    from .tokenizer import load_tokenizer
+    from ..coordinator import DataParallelInferenceCoordinator
+    from ..tokenizer import load_tokenizer
 
     DataParallelInferenceCoordinator.entrypoint(
         pipe_connection,
@@ -163,7 +163,8 @@ class Replica:
     """This rank's part of a launch: state, model, engine, server, and (rank 0) the coordinator."""
 
     def __init__(self, options: ReplicaOptions) -> None:
-        from .checkpoint import default_checkpoint_dir, load_model
+        from ..checkpoint import load_model
+        from ..default_model import default_checkpoint_dir
 
         self.options = options
         self.state: ParallelState = parallel_state.initialize(options.tensor_parallel_size)
@@ -368,7 +369,7 @@ async def _generate_async(
 
     from tqdm import tqdm
 
-    from .client import InferenceClient
+    from ..client import InferenceClient
 
     client = InferenceClient(address)
     await client.start()

@@ -22,10 +22,10 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from megatron_coord.launch import Replica, add_replica_arguments, options_from_args
+from .replica import Replica, add_replica_arguments, options_from_args
 
 if TYPE_CHECKING:
-    from megatron_coord.http_server import HTTPServerProcess
+    from ..http_server import HTTPServerProcess
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,8 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
     """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
     rank's engine loop); it connects once every engine has registered."""
-    from megatron_coord.http_server import HTTPServerProcess
-    from megatron_coord.launch import COORDINATOR_START_TIMEOUT_S
+    from ..http_server import HTTPServerProcess
+    from .replica import COORDINATOR_START_TIMEOUT_S
 
     name = args.served_model_name or (
         os.path.basename(os.path.normpath(args.model)) if args.model else "megatron_coord-default"
