@@ -52,9 +52,9 @@ setup(
     extras_require=EXTRAS_REQUIRE,
     entry_points={
         "console_scripts": [
-            "megatron-coord-coordinator = megatron_coord.standalone:main",
+            "megatron-coord-coordinator = megatron_coord.coordinator.standalone:main",
             "megatron-coord-keys = megatron_coord.auth:main",
-            "megatron-coord-http = megatron_coord.http_server:main",
+            "megatron-coord-http = megatron_coord.serving.cli:main",
             # under torchrun: torchrun --nproc-per-node N --no-python megatron-coord-generate ...
             "megatron-coord-generate = megatron_coord.launch.generate:main",
             "megatron-coord-serve = megatron_coord.launch.serve:main",

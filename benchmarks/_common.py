@@ -23,7 +23,7 @@ def start_coordinator(
     (``entrypoint(pipe, ready, replicas, tokenizer)``, ours unless given, with the byte
     tokenizer): returns what it sends on its pipe (its address), the process, its ready event."""
     from megatron_coord.coordinator import DataParallelInferenceCoordinator
-    from megatron_coord.fake_engine import ByteTokenizer
+    from megatron_coord.testing.fake_engine import ByteTokenizer
 
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe()

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import RESULTS, percentiles, start_coordinator, write_results  # noqa: E402
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
-from megatron_coord.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
 from megatron_coord.sampling_params import SamplingParams  # noqa: E402
+from megatron_coord.testing.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
 
 _encode = msgspec.msgpack.Encoder().encode
 _reply_decoder = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw])

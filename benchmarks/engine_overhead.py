@@ -48,11 +48,11 @@ def in_process_runner(args, model_path: str):
     """Load the model once; return a function doing one in-process run."""
     import torch
 
-    from megatron_coord.checkpoint import load_model
     from megatron_coord.engine import InferenceEngine
+    from megatron_coord.engine.tp_broadcast import NewRequest
+    from megatron_coord.models.checkpoint import load_model
     from megatron_coord.parallel_state import single_process_state
     from megatron_coord.sampling_params import SamplingParams
-    from megatron_coord.tp_broadcast import NewRequest
 
     torch.set_num_threads(args.threads)
     model = load_model(model_path, single_process_state())
@@ -105,9 +105,9 @@ def server_loop_cost(args, model_path: str, steps: int = 200) -> dict:
     import torch
     import zmq
 
-    from megatron_coord.checkpoint import load_model
     from megatron_coord.engine import InferenceEngine
-    from megatron_coord.engine_server import EngineServer
+    from megatron_coord.engine.server import EngineServer
+    from megatron_coord.models.checkpoint import load_model
     from megatron_coord.parallel_state import single_process_state
     from megatron_coord.protocol import Headers, encode
 
@@ -207,7 +207,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
-    from megatron_coord.default_model import default_checkpoint_dir
+    from megatron_coord.models.default_model import default_checkpoint_dir
 
     model_path = args.model or default_checkpoint_dir()
     local_runs, e2e_runs = alternate(args, in_process_runner(args, model_path))

@@ -37,13 +37,13 @@ from _common import write_results  # noqa: E402
 
 from megatron_coord.client import InferenceClient, RequestError  # noqa: E402
 from megatron_coord.coordinator_stats import CoordinatorStats  # noqa: E402
-from megatron_coord.default_model import default_checkpoint_dir  # noqa: E402
-from megatron_coord.fault_harness import (  # noqa: E402
+from megatron_coord.models.default_model import default_checkpoint_dir  # noqa: E402
+from megatron_coord.sampling_params import SamplingParams  # noqa: E402
+from megatron_coord.testing.fault_harness import (  # noqa: E402
     ReplicaJob,
     StandaloneCoordinator,
     StatsProbe,
 )
-from megatron_coord.sampling_params import SamplingParams  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "Data parallel inference", "Hello world", "One two three"]
 

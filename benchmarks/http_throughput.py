@@ -1,7 +1,7 @@
 """HTTP front end throughput and latency over fake engines: what the OpenAI layer costs.
 
 A coordinator and ``--replicas`` instant fake engines run as separate processes, the HTTP server
-runs as its own process (``python -m megatron_coord.http_server``), and load comes from
+runs as its own process (``python -m megatron_coord.serving``), and load comes from
 ``--clients`` load processes, each keeping ``--window`` keep-alive HTTP/1.1 connections busy
 with ``POST /v1/completions`` (a minimal raw-socket client, so the load generator costs little
 next to the server). For reference the same load goes straight through ``InferenceClient`` (no
@@ -185,15 +185,15 @@ def wait_healthy(url: str, server: subprocess.Popen) -> None:
 
 def start_fake(args: argparse.Namespace) -> tuple[str, str, Any]:
     """Coordinator + fake engines + the HTTP server as its own process; returns a stopper."""
-    from megatron_coord.fake_engine import spawn
-    from megatron_coord.fault_harness import free_port
+    from megatron_coord.testing.fake_engine import spawn
+    from megatron_coord.testing.fault_harness import free_port
 
     address, coordinator, ready = start_coordinator(args.replicas)
     engines = [spawn(address, rank) for rank in range(args.replicas)]
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
-        [sys.executable, "-m", "megatron_coord.http_server", "--coordinator-address", address]
+        [sys.executable, "-m", "megatron_coord.serving", "--coordinator-address", address]
         + ["--port", str(port), "--model-name", MODEL, "--log-level", "error"]
     )
 

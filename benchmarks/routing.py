@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from megatron_coord.client import InferenceClient  # noqa: E402
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
-from megatron_coord.fake_engine import ByteTokenizer, spawn  # noqa: E402
+from megatron_coord.testing.fake_engine import ByteTokenizer, spawn  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 POLICIES = ("round_robin", "least_loaded")

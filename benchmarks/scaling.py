@@ -8,7 +8,7 @@ processes (raw DEALER sockets, the same as coordinator_throughput.py) that each 
   up to ``--max-batch`` requests and finishes each after its ``--generate-tokens`` steps. It
   costs almost no CPU, so the picture shows what adding replicas buys when the engines are the
   bottleneck (as with real models): ideal capacity is N * max_batch / (tokens * step) req/s.
-* ``instant``: megatron_coord.fake_engine, which answers at once. Then the coordinator, clients
+* ``instant``: megatron_coord.testing.fake_engine, which answers at once. Then the coordinator, clients
   and engines share the machine's cores, and the curve shows the coordinator-bound ceiling and
   what extra replica processes cost it.
 
@@ -37,8 +37,8 @@ sys.path.insert(0, HERE)
 from _common import RESULTS, percentiles, start_coordinator, write_results  # noqa: E402
 from coordinator_throughput import run_load, stop_procs  # noqa: E402
 
-from megatron_coord.fake_engine import FakeEngine, recv_ready, spawn  # noqa: E402
 from megatron_coord.protocol import Headers  # noqa: E402
+from megatron_coord.testing.fake_engine import FakeEngine, recv_ready, spawn  # noqa: E402
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode

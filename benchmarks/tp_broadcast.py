@@ -24,8 +24,8 @@ from _common import RESULTS, write_results  # noqa: E402
 
 
 def _inputs(n_requests: int, n_tokens: int):
+    from megatron_coord.engine.tp_broadcast import NewRequest, StepInputs
     from megatron_coord.sampling_params import SamplingParams
-    from megatron_coord.tp_broadcast import NewRequest, StepInputs
 
     params = SamplingParams(top_k=1, num_tokens_to_generate=64)
     reqs = [
@@ -40,7 +40,7 @@ def worker(steps: int) -> None:
     import torch.distributed as dist
 
     from megatron_coord import parallel_state
-    from megatron_coord.tp_broadcast import TPBroadcaster, pack
+    from megatron_coord.engine.tp_broadcast import TPBroadcaster, pack
 
     torch.set_num_threads(1)
     state = parallel_state.initialize(tensor_parallel_size=int(os.environ["WORLD_SIZE"]))

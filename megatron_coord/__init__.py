@@ -1,7 +1,7 @@
 """megatron_coord: a data-parallel inference coordinator for torchrun launches.
 
 The public names below are stable (see DESIGN.md). They are imported lazily, so importing one
-submodule (say ``megatron_coord.model`` in an engine) does not pull in the others, and importing
+submodule (say ``megatron_coord.models.llama`` in an engine) does not pull in the others, and importing
 the client or coordinator never imports torch.
 """
 

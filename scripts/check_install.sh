@@ -13,8 +13,11 @@ trap 'rm -rf "$work"' EXIT
 bin="$work/venv/bin"
 "$bin/pip" install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
 "$bin/pip" install --quiet torch==2.13.0
-# A wheel is built from a copy of the sources, so the checkout's own build output plays no part.
-"$bin/pip" wheel --quiet --no-build-isolation --no-deps --wheel-dir "$work/dist" "$src"
+# The wheel is built from a copy of the project's files (tracked, or new and not ignored), so
+# nothing the checkout built (build/, the editable _C) can leak into it.
+mkdir "$work/src"
+git -C "$src" ls-files -z --cached --others --exclude-standard | (cd "$src" && xargs -0 cp --parents -t "$work/src")
+"$bin/pip" wheel --quiet --no-build-isolation --no-deps --wheel-dir "$work/dist" "$work/src"
 "$bin/pip" install --quiet --no-build-isolation "$work"/dist/megatron_coord-*.whl
 
 cd "$work"
@@ -23,7 +26,7 @@ export MEGATRON_COORD_CACHE="$work/cache"
 import megatron_coord._C  # without torch imported first
 import megatron_coord
 from megatron_coord import DataParallelInferenceCoordinator, InferenceClient, SamplingParams, Headers
-import megatron_coord.engine, megatron_coord.http_server, megatron_coord.launch.serve
+import megatron_coord.engine, megatron_coord.serving, megatron_coord.launch.serve
 assert "site-packages" in megatron_coord.__file__, megatron_coord.__file__
 print("imports: ok,", megatron_coord.__file__)
 PY

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _model_scenario import run_scenario  # noqa: E402
 
-from megatron_coord.checkpoint import load_model  # noqa: E402
+from megatron_coord.models.checkpoint import load_model  # noqa: E402
 from megatron_coord.parallel_state import initialize  # noqa: E402
 
 

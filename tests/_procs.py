@@ -12,7 +12,7 @@ import subprocess
 import sys
 import uuid
 
-from megatron_coord.fault_harness import free_port, marked_env, processes_with
+from megatron_coord.testing.fault_harness import free_port, marked_env, processes_with
 
 __all__ = [
     "ROOT",

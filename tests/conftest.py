@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator
-from megatron_coord.fake_engine import ByteTokenizer, spawn
+from megatron_coord.testing.fake_engine import ByteTokenizer, spawn
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import pytest
 import torch
 from _model_scenario import SMALL, save_hf_checkpoint
 
-from megatron_coord import checkpoint
-from megatron_coord.checkpoint import load_model
+from megatron_coord.models import checkpoint
+from megatron_coord.models.checkpoint import load_model
 from megatron_coord.parallel_state import ParallelState, single_process_state
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import Peer, ThreadedCoordinator, register, stop_with_raw_engines
 
 from megatron_coord import InferenceClient, SamplingParams
-from megatron_coord.fake_engine import ByteTokenizer, spawn
+from megatron_coord.testing.fake_engine import ByteTokenizer, spawn
 
 PARAMS = SamplingParams(num_tokens_to_generate=4).serialize()
 

@@ -23,7 +23,7 @@ def served():
     """One coordinator (2 fake engines, small max message size) shared by the client cases."""
     from conftest import start_coordinator
 
-    from megatron_coord.fake_engine import spawn
+    from megatron_coord.testing.fake_engine import spawn
 
     address, process, ready = start_coordinator(2, max_message_bytes=MAX_BYTES)
     engines = [spawn(address, rank) for rank in range(2)]

@@ -6,7 +6,7 @@ from collections import deque
 
 import pytest
 
-from megatron_coord.routing import RoundRobin, RoutingPolicy, make_policy
+from megatron_coord.coordinator.routing import RoundRobin, RoutingPolicy, make_policy
 
 
 def test_round_robin_cycles_in_order():

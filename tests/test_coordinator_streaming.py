@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_coord.coordinator import _Stream
-from megatron_coord.fake_engine import ByteTokenizer
+from megatron_coord.coordinator.coordinator import _Stream
+from megatron_coord.testing.fake_engine import ByteTokenizer
 
 
 @settings(max_examples=200, deadline=None)

@@ -14,9 +14,9 @@ import threading
 import pytest
 import torch
 
-from megatron_coord import default_model
-from megatron_coord.checkpoint import load_model, read_config
-from megatron_coord.default_model import (
+from megatron_coord.models import default_model
+from megatron_coord.models.checkpoint import load_model, read_config
+from megatron_coord.models.default_model import (
     IncompleteCheckpointError,
     checkpoint_problems,
     default_checkpoint_dir,
@@ -92,7 +92,7 @@ def test_default_checkpoint_is_written_once(default_dir):
 
 def test_four_concurrent_writers_agree_and_are_deterministic(default_dir, tmp_path):
     root = tmp_path / "race"
-    code = "from megatron_coord.default_model import default_checkpoint_dir as d; print(d())"
+    code = "from megatron_coord.models.default_model import default_checkpoint_dir as d; print(d())"
     env = dict(os.environ, MEGATRON_COORD_CACHE=str(root), OMP_NUM_THREADS="1")
     procs = [
         subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -114,7 +114,7 @@ import json, os, sys, torch.distributed as dist
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 if rank == 1:  # save_pretrained would write no weights here: this rank is not rank 0
-    from megatron_coord.default_model import default_checkpoint_dir
+    from megatron_coord.models.default_model import default_checkpoint_dir
     print(json.dumps(os.listdir(default_checkpoint_dir())))
 dist.barrier()
 dist.destroy_process_group()

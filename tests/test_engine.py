@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_coord.checkpoint import load_model
 from megatron_coord.engine import InferenceEngine
+from megatron_coord.engine.tp_broadcast import NewRequest
+from megatron_coord.models.checkpoint import load_model
 from megatron_coord.parallel_state import single_process_state
 from megatron_coord.sampling_params import SamplingParams
-from megatron_coord.tp_broadcast import NewRequest
 
 EOS = 50256
 

@@ -9,9 +9,9 @@ import pytest
 import zmq
 from test_engine import hf_greedy
 
-from megatron_coord.checkpoint import load_model
 from megatron_coord.engine import InferenceEngine
-from megatron_coord.engine_server import EngineServer
+from megatron_coord.engine.server import EngineServer
+from megatron_coord.models.checkpoint import load_model
 from megatron_coord.parallel_state import single_process_state
 from megatron_coord.protocol import Headers, decode, encode
 
@@ -186,8 +186,8 @@ def test_stop_round_trip_ends_the_loop(model):
 
 
 def test_poll_timeout_blocks_only_when_idle(model):
+    from megatron_coord.engine.tp_broadcast import NewRequest
     from megatron_coord.sampling_params import SamplingParams
-    from megatron_coord.tp_broadcast import NewRequest
 
     engine = InferenceEngine(model, max_batch_size=1, max_seq_len=16)
     server = EngineServer(engine, single_process_state(), "tcp://127.0.0.1:9", idle_timeout_s=0.25)

@@ -17,7 +17,7 @@ from conftest import (
     wait_stats,
 )
 
-from megatron_coord.fake_engine import spawn
+from megatron_coord.testing.fake_engine import spawn
 
 PARAMS = {"num_tokens_to_generate": 3}
 

@@ -17,7 +17,7 @@ import pytest
 import zmq
 from _procs import ServeLaunch, free_port
 
-from megatron_coord.fault_harness import (
+from megatron_coord.testing.fault_harness import (
     ReplicaJob,
     StandaloneCoordinator,
     StatsProbe,

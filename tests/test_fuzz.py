@@ -14,7 +14,7 @@ import random
 import msgspec
 from conftest import Peer, ThreadedCoordinator, query_stats, register, stop, wait_stats
 
-from megatron_coord.fake_engine import spawn
+from megatron_coord.testing.fake_engine import spawn
 
 N_FRAMES = 10_000
 MAX_BYTES = 4 * 1024 * 1024  # fake engines batch many records per reply: room for them

@@ -26,10 +26,10 @@ from _procs import free_port
 from conftest import start_coordinator
 from prometheus_client.parser import text_string_to_metric_families
 
-from megatron_coord.chat_template import render_default_template
 from megatron_coord.client import InferenceClient
-from megatron_coord.fake_engine import spawn
-from megatron_coord.http_server import HTTPServerThread
+from megatron_coord.serving import HTTPServerThread
+from megatron_coord.serving.chat_template import render_default_template
+from megatron_coord.testing.fake_engine import spawn
 
 MODEL = "tiny-echo"
 
@@ -494,7 +494,7 @@ def test_command_line_server(stack: Stack) -> None:
     command = [
         sys.executable,
         "-m",
-        "megatron_coord.http_server",
+        "megatron_coord.serving",
         "--coordinator-address",
         stack.address,
         "--port",
@@ -524,7 +524,7 @@ def test_command_line_server(stack: Stack) -> None:
 
 def test_help_explains_every_option() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "megatron_coord.http_server", "--help"],
+        [sys.executable, "-m", "megatron_coord.serving", "--help"],
         capture_output=True,
         text=True,
         check=True,
@@ -548,7 +548,7 @@ def test_help_explains_every_option() -> None:
 
 def test_server_process(stack: Stack) -> None:
     """HTTPServerProcess (what launch/serve.py uses): serves, stops, and reports bad setups."""
-    from megatron_coord.http_server import HTTPServerProcess
+    from megatron_coord.serving import HTTPServerProcess
 
     with pytest.raises(RuntimeError, match="failed to start"):
         HTTPServerProcess(stack.address, tokenizer=str(os.devnull) + "/nothing").start()

@@ -18,8 +18,8 @@ import openai
 import pytest
 import zmq
 
-from megatron_coord.http_server import HTTPServerThread
 from megatron_coord.protocol import Headers
+from megatron_coord.serving import HTTPServerThread
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode

@@ -8,17 +8,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from megatron_coord.chat_template import render_chat_prompt, render_default_template
-from megatron_coord.generation import GenerationError, record_view
-from megatron_coord.http_server import _openai_error
-from megatron_coord.openai_protocol import (
+from megatron_coord.sampling_params import validate_sampling_params
+from megatron_coord.serving.chat_template import render_chat_prompt, render_default_template
+from megatron_coord.serving.errors import openai_error
+from megatron_coord.serving.generation import GenerationError, record_view
+from megatron_coord.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
     StopMatcher,
     to_sampling_params,
 )
-from megatron_coord.sampling_params import validate_sampling_params
 
 
 def completion(**fields) -> CompletionRequest:
@@ -258,7 +258,7 @@ def test_record_view_of_megatron_and_resumed_records() -> None:
     ],
 )
 def test_error_codes_map_to_http_statuses(code: str, status: int, outcome: str) -> None:
-    error, seen = _openai_error(GenerationError(code, "why"))
+    error, seen = openai_error(GenerationError(code, "why"))
     assert (error.status, seen) == (status, outcome)
     body = error.body()["error"]
     assert body["message"] == "why" and body["code"] == code
@@ -272,7 +272,7 @@ def test_accepted_connections_get_tcp_nodelay() -> None:
     import asyncio
     import socket
 
-    from megatron_coord.http_server import bind_socket
+    from megatron_coord.serving import bind_socket
 
     async def accepted_nodelay() -> int:
         listener = bind_socket("127.0.0.1", 0)

@@ -18,8 +18,8 @@ from conftest import (
     wait_stats,
 )
 
-from megatron_coord.fake_engine import spawn
-from megatron_coord.limits import DeadlineQueue, Limits
+from megatron_coord.coordinator.limits import DeadlineQueue, Limits
+from megatron_coord.testing.fake_engine import spawn
 
 PARAMS = {"num_tokens_to_generate": 2}
 CAPACITY = 8

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from megatron_coord.metrics import OUTCOMES, ServingMetrics
+from megatron_coord.serving.metrics import OUTCOMES, ServingMetrics
 
 
 def scrape(metrics: ServingMetrics) -> dict[tuple[str, tuple], float]:

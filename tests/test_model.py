@@ -14,8 +14,8 @@ from _model_scenario import (
     scenario_tokens,
 )
 
-from megatron_coord.checkpoint import load_model
-from megatron_coord.model import LlamaModel, ModelConfig, TPLayout
+from megatron_coord.models.checkpoint import load_model
+from megatron_coord.models.llama import LlamaModel, ModelConfig, TPLayout
 from megatron_coord.parallel_state import ParallelState, single_process_state
 
 TOL = 1e-4

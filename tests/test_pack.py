@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from megatron_coord import _C
+from megatron_coord.engine.tp_broadcast import NewRequest, StepInputs, decode_params, pack, unpack
 from megatron_coord.sampling_params import SamplingParams
-from megatron_coord.tp_broadcast import NewRequest, StepInputs, decode_params, pack, unpack
 
 
 def _bits(value: float) -> int:

@@ -118,7 +118,7 @@ def test_round_robin_keeps_no_token_accounting():
 def _ranks_of_a_burst(deploy, routing: str) -> tuple[int, list[int]]:
     """One long request, then a burst of short ones, on two stepped engine processes."""
     d = deploy(2, fake_engines=False, routing=routing)
-    from megatron_coord.fake_engine import spawn
+    from megatron_coord.testing.fake_engine import spawn
 
     for rank in range(2):
         d.engines.append(spawn(d.address, rank, step_time=(0.002, 0.0), max_batch_size=8))

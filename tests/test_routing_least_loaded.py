@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from megatron_coord.routing import LeastLoaded, RoutingPolicy, make_policy
+from megatron_coord.coordinator.routing import LeastLoaded, RoutingPolicy, make_policy
 
 A, B, C, D = b"a", b"b", b"c", b"d"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_coord.sampling import (
+from megatron_coord.engine.sampling import (
     SamplingState,
     choose_seed,
     filter_logits,

@@ -10,7 +10,7 @@ import signal
 import pytest
 from conftest import Peer, register, wait_stats
 
-from megatron_coord.fault_harness import StandaloneCoordinator
+from megatron_coord.testing.fault_harness import StandaloneCoordinator
 
 PARAMS = {"num_tokens_to_generate": 1}
 

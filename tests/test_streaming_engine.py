@@ -12,9 +12,9 @@ import pytest
 from conftest import ThreadedCoordinator
 
 from megatron_coord import InferenceClient
-from megatron_coord.checkpoint import load_model
 from megatron_coord.engine import InferenceEngine
-from megatron_coord.engine_server import EngineServer
+from megatron_coord.engine.server import EngineServer
+from megatron_coord.models.checkpoint import load_model
 from megatron_coord.parallel_state import single_process_state
 from megatron_coord.tokenizer import load_tokenizer
 

@@ -14,8 +14,8 @@ import sys
 
 import pytest
 
+from megatron_coord.engine.tp_broadcast import HEAD_WORDS, NewRequest, StepInputs
 from megatron_coord.sampling_params import SamplingParams
-from megatron_coord.tp_broadcast import HEAD_WORDS, NewRequest, StepInputs
 
 
 def make_inputs(seed: int) -> StepInputs:
@@ -53,7 +53,7 @@ def _same(a: StepInputs, b: StepInputs) -> bool:
 
 def worker() -> None:
     from megatron_coord import parallel_state
-    from megatron_coord.tp_broadcast import TPBroadcaster, pack
+    from megatron_coord.engine.tp_broadcast import TPBroadcaster, pack
 
     state = parallel_state.initialize(tensor_parallel_size=2)
     broadcaster = TPBroadcaster(state)
@@ -87,8 +87,8 @@ def test_broadcast_delivers_identical_batches_to_followers():
 
 
 def test_single_rank_passes_inputs_through():
+    from megatron_coord.engine.tp_broadcast import TPBroadcaster
     from megatron_coord.parallel_state import single_process_state
-    from megatron_coord.tp_broadcast import TPBroadcaster
 
     inputs = make_inputs(3)
     assert TPBroadcaster(single_process_state()).exchange(inputs) is inputs

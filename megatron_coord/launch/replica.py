@@ -22,8 +22,8 @@ import torch
 import torch.distributed as dist
 
 from .. import parallel_state
-from ..engine import InferenceEngine
-from ..engine_server import EngineServer, engine_identity
+from ..engine.engine import InferenceEngine
+from ..engine.server import EngineServer, engine_identity
 from ..parallel_state import ParallelState
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _coordinator_main(
         return
     # SIGTERM from rank 0 (or the parent-death signal) ends the process like Ctrl-C would.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
-    from ..coordinator import DataParallelInferenceCoordinator
+    from ..coordinator.coordinator import DataParallelInferenceCoordinator
     from ..tokenizer import load_tokenizer
 
     DataParallelInferenceCoordinator.entrypoint(
@@ -163,8 +163,8 @@ class Replica:
     """This rank's part of a launch: state, model, engine, server, and (rank 0) the coordinator."""
 
     def __init__(self, options: ReplicaOptions) -> None:
-        from ..checkpoint import load_model
-        from ..default_model import default_checkpoint_dir
+        from ..models.checkpoint import load_model
+        from ..models.default_model import default_checkpoint_dir
 
         self.options = options
         self.state: ParallelState = parallel_state.initialize(options.tensor_parallel_size)

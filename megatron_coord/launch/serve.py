@@ -7,7 +7,7 @@ Global rank 0 spawns the coordinator on 127.0.0.1:PORT (a random free port if PO
 not given) and prints its address; clients (megatron_coord.InferenceClient, or Megatron-core's)
 connect there. Every rank serves until a client sends STOP (``await client.stop_engines()``),
 or until Ctrl-C / SIGTERM; the coordinator process ends with the launch. With --http-port,
-global rank 0 also serves the OpenAI-compatible HTTP API (megatron_coord.http_server).
+global rank 0 also serves the OpenAI-compatible HTTP API (megatron_coord.serving).
 
 With --coordinator-address tcp://H:P the job spawns no coordinator: its replicas register with
 an existing one (``python -m megatron_coord.coordinator --port P``), which outlives them, so a
@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from .replica import Replica, add_replica_arguments, options_from_args
 
 if TYPE_CHECKING:
-    from ..http_server import HTTPServerProcess
+    from ..serving import HTTPServerProcess
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
     """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
     rank's engine loop); it connects once every engine has registered."""
-    from ..http_server import HTTPServerProcess
+    from ..serving import HTTPServerProcess
     from .replica import COORDINATOR_START_TIMEOUT_S
 
     name = args.served_model_name or (

@@ -18,7 +18,7 @@ from typing import Any
 
 from .liveness import DEFAULT_ENGINE_TIMEOUT_S
 
-logger = logging.getLogger("megatron_coord.standalone")
+logger = logging.getLogger("megatron_coord.coordinator.standalone")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
-    from .auth import check_bind
+    from ..auth import check_bind
+    from ..tokenizer import load_tokenizer
     from .coordinator import DataParallelInferenceCoordinator
-    from .tokenizer import load_tokenizer
 
     try:
         check_bind(args.host, args.auth_keys, args.insecure_no_auth)  # before any slow work
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.tokenizer is None:
-        from .default_model import default_checkpoint_dir
+        from ..models.default_model import default_checkpoint_dir
 
         args.tokenizer = default_checkpoint_dir()
     try:

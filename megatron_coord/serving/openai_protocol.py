@@ -1,6 +1,6 @@
 """The OpenAI API's shapes: request validation, sampling-parameter mapping, response bodies.
 
-Kept apart from the HTTP plumbing (``http_server``) so the mapping from OpenAI's fields to
+Kept apart from the HTTP plumbing (``app``, ``serving``) so the mapping from OpenAI's fields to
 Megatron's ``SamplingParams`` can be read -- and tested -- in one place. Request models forbid
 unknown fields, as OpenAI's API does: a misspelt parameter is an error, not silently ignored.
 """
@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
 
-from .sampling_params import SamplingParams
+from ..sampling_params import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions

@@ -17,7 +17,7 @@ request per step, a step that really sleeps ``A + B * batch_tokens`` seconds (ba
 tokens prefilled in the step + one per decoding request), aborts that free the slot, and
 HEARTBEAT load reports (``processed_tokens`` as the real engine server sends them).
 
-Run: ``python -m megatron_coord.fake_engine tcp://127.0.0.1:PORT --rank 0 [--megatron]
+Run: ``python -m megatron_coord.testing.fake_engine tcp://127.0.0.1:PORT --rank 0 [--megatron]
 [--step-time A,B --max-batch-size N --heartbeat S]``.
 """
 
@@ -32,7 +32,7 @@ from typing import Any
 import msgspec
 import zmq
 
-from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
+from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -364,7 +364,14 @@ def spawn(
     """Start one fake engine in its own process (honest measurements, real sockets).
 
     ``step_time=(a, b)``: a SteppedFakeEngine whose steps take ``a + b * batch_tokens`` s."""
-    command = [sys.executable, "-m", "megatron_coord.fake_engine", address, "--rank", str(rank)]
+    command = [
+        sys.executable,
+        "-m",
+        "megatron_coord.testing.fake_engine",
+        address,
+        "--rank",
+        str(rank),
+    ]
     if megatron_style:
         command.append("--megatron")
     if step_time is not None:

@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .client import InferenceClient, RequestError
+from ..client import InferenceClient, RequestError
+from ..sampling_params import SamplingParams
 from .openai_protocol import StopMatcher
-from .sampling_params import SamplingParams
 
 
 class GenerationError(Exception):

@@ -42,9 +42,9 @@ from typing import Any
 import msgspec
 import zmq
 
+from ..protocol import ErrorCode, Headers, ProtocolError
 from .limits import DeadlineQueue, Limits
 from .liveness import DEFAULT_ENGINE_TIMEOUT_S, PeerMonitor, SilenceClock
-from .protocol import ErrorCode, Headers, ProtocolError
 
 logger = logging.getLogger("megatron_coord.coordinator")
 

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 
 import zmq
 
-logger = logging.getLogger("megatron_coord.liveness")
+logger = logging.getLogger("megatron_coord.coordinator.liveness")
 
 # Default seconds of silence after which an engine of our protocol is declared dead. Engines
 # report every second, so three missed reports are needed before anyone is failed over.
@@ -38,8 +38,8 @@ class PeerMonitor:
     ``learn(identity, fd)`` is called once per peer (at registration or CONNECT);
     ``disconnected()`` drains the monitor socket and returns the identities whose connection
     closed since the last call. A descriptor reused by a new connection is safe: the old
-    connection's event is queued before its descriptor is closed, so the coordinator drains the
-    monitor (``disconnected()``) before it learns a new peer's descriptor.
+    connection's event is queued before its descriptor is closed, and ``learn`` drains the
+    monitor before it records a new peer's descriptor.
     """
 
     def __init__(self, router: zmq.Socket, heartbeat_timeout_s: float) -> None:
@@ -58,13 +58,14 @@ class PeerMonitor:
         if fd is None or fd < 0:
             return
         self.forget(identity)
-        if fd in self._fd_to_identity:
-            # A reused descriptor: the old connection's close event is queued; take it first.
-            self._gone += self._drain()
-            previous = self._fd_to_identity.pop(fd, None)
-            if previous is not None:  # its event was lost: it is gone all the same
-                self.identity_to_fd.pop(previous, None)
-                self._gone.append(previous)
+        # The kernel reuses a closed connection's descriptor at once, and that connection's
+        # close event is queued before the descriptor is freed: take every queued event first,
+        # so none is blamed on this peer (even one of a stranger that was never learned).
+        self._gone += self._drain()
+        previous = self._fd_to_identity.pop(fd, None)
+        if previous is not None:  # its event was lost: it is gone all the same
+            self.identity_to_fd.pop(previous, None)
+            self._gone.append(previous)
         self._fd_to_identity[fd] = identity
         self.identity_to_fd[identity] = fd
 

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .parallel_state import ParallelState
+from ..parallel_state import ParallelState
 
 
 @dataclass
@@ -350,7 +350,7 @@ class DecoderLayer(torch.nn.Module):
 
 class LlamaModel(torch.nn.Module):
     """Tensor-parallel Llama for inference. Weights start uninitialized; load them with
-    ``megatron_coord.checkpoint.load_model`` (or fill ``state_dict()`` yourself)."""
+    ``megatron_coord.models.checkpoint.load_model`` (or fill ``state_dict()`` yourself)."""
 
     def __init__(
         self, config: ModelConfig, state: ParallelState, dtype: torch.dtype = torch.float32

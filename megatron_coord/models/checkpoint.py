@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .model import LlamaModel, ModelConfig, TPLayout
-from .parallel_state import ParallelState
+from ..parallel_state import ParallelState
+from .llama import LlamaModel, ModelConfig, TPLayout
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"

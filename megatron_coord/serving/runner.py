@@ -21,7 +21,8 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from .http_server import DEFAULT_MODEL_NAME, check_options, create_app
+from .app import create_app
+from .state import DEFAULT_MODEL_NAME, check_options
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,6 @@ def load_cli_tokenizer(spec: str | None) -> Any | None:
     """The tokenizer named on the command line: None, 'gpt2', or a checkpoint directory."""
     if spec is None:
         return None
-    from .tokenizer import gpt2_tokenizer, load_tokenizer
+    from ..tokenizer import gpt2_tokenizer, load_tokenizer
 
     return gpt2_tokenizer() if spec == "gpt2" else load_tokenizer(spec)

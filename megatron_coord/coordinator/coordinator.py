@@ -39,9 +39,8 @@ from typing import Annotated, Any
 import msgspec
 import zmq
 
-from .auth import ServerAuth, check_bind
-from .elastic import ElasticMixin
-from .protocol import (
+from ..auth import ServerAuth, check_bind
+from ..protocol import (
     CONTROL_SIGNALS,
     DEFAULT_MAX_MESSAGE_BYTES,
     ErrorCode,
@@ -49,9 +48,10 @@ from .protocol import (
     ProtocolError,
     decode,
 )
+from ..sampling_params import validate_sampling_params
+from ..tokenizer import as_megatron_tokenizer, tokenize_batch
+from .elastic import ElasticMixin
 from .routing import make_policy
-from .sampling_params import validate_sampling_params
-from .tokenizer import as_megatron_tokenizer, tokenize_batch
 
 logger = logging.getLogger("megatron_coord.coordinator")
 
@@ -974,11 +974,3 @@ class DataParallelInferenceCoordinator(ElasticMixin):
             if self.clients.get(client):  # only our clients understand PARTIAL_REPLY
                 client_request_id = self.request_id_to_client_request_id[request_id]
                 self._send(client, _encode([header, client_request_id, tokens, text]))
-
-
-if __name__ == "__main__":  # python -m megatron_coord.coordinator: the standalone coordinator
-    import sys
-
-    from megatron_coord.standalone import main
-
-    sys.exit(main())

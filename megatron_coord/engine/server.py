@@ -25,9 +25,8 @@ from typing import Any
 
 import zmq
 
-from .engine import InferenceEngine, StepResult
-from .parallel_state import ParallelState
-from .protocol import (
+from ..parallel_state import ParallelState
+from ..protocol import (
     DEFAULT_MAX_MESSAGE_BYTES,
     PROTOCOL_VERSION,
     ErrorCode,
@@ -36,8 +35,9 @@ from .protocol import (
     decode,
     encode,
 )
+from ..sampling_params import SamplingParams
+from .engine import InferenceEngine, StepResult
 from .sampling import choose_seed
-from .sampling_params import SamplingParams
 from .tp_broadcast import ABORT_SIGNAL, SHUTDOWN_SIGNAL, NewRequest, StepInputs, TPBroadcaster
 
 log = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class EngineServer:
             # block the replica forever.
             sock.setsockopt(zmq.SNDTIMEO, max(1, int(self.coordinator_timeout_s * 1000)))
         if self.auth_keys is not None:
-            from .auth import apply_client
+            from ..auth import apply_client
 
             apply_client(sock, self.auth_keys)
         sock.connect(address)

@@ -23,9 +23,8 @@ from typing import Any
 import msgspec
 import zmq
 
-from .protocol import PROTOCOL_VERSION, Headers
+from ..protocol import PROTOCOL_VERSION, Headers
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER_VARIABLE = "MEGATRON_COORD_TEST_MARKER"
 
 
@@ -48,7 +47,7 @@ class StandaloneCoordinator:
         address_file = os.path.join(self._dir, "address")
         command = [sys.executable, "-m", "megatron_coord.coordinator", "--port", "0"]
         command += ["--tokenizer", tokenizer, "--address-file", address_file, *args]
-        self.process = subprocess.Popen(command, env=marked_env(self.marker, env), cwd=ROOT)
+        self.process = subprocess.Popen(command, env=marked_env(self.marker, env))
         self.address = self._wait_for(address_file, 120.0)
 
     def _wait_for(self, path: str, timeout: float) -> str:
@@ -91,13 +90,13 @@ class ReplicaJob:
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
             "--rdzv-backend", "static", "--master-addr", "127.0.0.1",
             "--master-port", str(free_port()), "--node-rank", "0", "--nnodes", "1",
-            os.path.join(ROOT, "launch", "serve.py"), "--model", model,
+            "-m", "megatron_coord.launch.serve", "--model", model,
             "--coordinator-address", address, *args,
         ]  # fmt: skip
         log = open(log_path, "wb") if log_path else None  # noqa: SIM115 - the child's
         try:
             self.process = subprocess.Popen(
-                command, env=marked_env(self.marker, env), cwd=ROOT, stdout=log, stderr=log
+                command, env=marked_env(self.marker, env), stdout=log, stderr=log
             )
         finally:
             if log is not None:
@@ -153,7 +152,7 @@ class StatsProbe:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         if auth_keys is not None:
-            from .auth import apply_client
+            from ..auth import apply_client
 
             apply_client(self.socket, auth_keys)
         self.socket.connect(address)

@@ -156,7 +156,7 @@ def write_default_checkpoint(path: str) -> None:
     from safetensors.torch import save_file
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .tokenizer import gpt2_tokenizer
+    from ..tokenizer import gpt2_tokenizer
 
     d = dict(DEFAULT_MODEL_CONFIG)
     d["rope_parameters"] = {"rope_type": "default", "rope_theta": d.pop("rope_theta")}

@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from . import _C
-from .parallel_state import ParallelState
-from .sampling_params import SamplingParams
+from .. import _C
+from ..parallel_state import ParallelState
+from ..sampling_params import SamplingParams
 
 # Internal signal (never on the wire): the TP-coordinator tells its followers to shut down
 # (SIGINT/SIGTERM or a lost coordinator), so every rank leaves the loop at the same step.

@@ -1,0 +1,14 @@
+"""Models and their checkpoints.
+
+- ``llama``: the tensor-parallel Llama (Megatron-style column/row-parallel layers);
+- ``checkpoint``: Hugging Face safetensors checkpoints read shard by shard into it;
+- ``default_model``: the embedded default model, written once as such a checkpoint.
+
+A second architecture goes beside ``llama`` with its own loader in ``checkpoint``.
+"""
+
+from .checkpoint import load_model, read_config
+from .default_model import default_checkpoint_dir
+from .llama import LlamaModel, ModelConfig
+
+__all__ = ["LlamaModel", "ModelConfig", "default_checkpoint_dir", "load_model", "read_config"]

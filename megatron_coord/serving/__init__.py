@@ -1,0 +1,24 @@
+"""The OpenAI-compatible HTTP front end: one more client of the coordinator.
+
+- ``app``: the FastAPI app and its routes (``create_app``);
+- ``state``, ``errors``, ``inference``: what the routes share, OpenAI-shaped errors, serving one
+  request (unary or server-sent events);
+- ``openai_protocol``, ``chat_template``, ``generation``: request and response shapes, chat
+  prompts, one choice's generation through the coordinator;
+- ``metrics``: Prometheus metrics; ``runner``: uvicorn in this thread, a thread or a process;
+  ``cli``: ``python -m megatron_coord.serving``.
+"""
+
+from .app import create_app
+from .runner import HTTPServerProcess, HTTPServerThread, bind_socket, serve_http
+from .state import DEFAULT_MODEL_NAME, ServerOptions
+
+__all__ = [
+    "DEFAULT_MODEL_NAME",
+    "HTTPServerProcess",
+    "HTTPServerThread",
+    "ServerOptions",
+    "bind_socket",
+    "create_app",
+    "serve_http",
+]

@@ -1,0 +1,5 @@
+"""``python -m megatron_coord.serving``: see ``cli.py``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,84 @@
+"""HTTP errors in OpenAI's shape: the coordinator's error codes mapped to statuses, and the
+app's exception handlers (validation, unknown routes, internal errors)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import openai_protocol as oa
+from .generation import GenerationError
+from .openai_protocol import OpenAIError
+
+log = logging.getLogger("megatron_coord.serving")
+
+
+# ErrorCode value from the coordinator -> (HTTP status, OpenAI error type, metrics outcome).
+ERROR_MAP = {
+    "invalid_request": (400, "invalid_request_error", "invalid_request"),
+    "malformed": (400, "invalid_request_error", "invalid_request"),
+    "duplicate_request_id": (400, "invalid_request_error", "invalid_request"),
+    "overloaded": (429, "rate_limit_error", "overloaded"),
+    "no_engine": (503, "service_unavailable", "no_replica"),
+    "shutting_down": (503, "service_unavailable", "no_replica"),
+    "timeout": (504, "timeout", "timeout"),
+}
+
+
+def openai_error(exc: GenerationError) -> tuple[OpenAIError, str]:
+    """The HTTP error for a failed generation, and its metrics outcome."""
+    status, err_type, outcome = ERROR_MAP.get(exc.code, (500, "server_error", "error"))
+    return OpenAIError(status, exc.message, err_type, code=exc.code), outcome
+
+
+def timeout_error() -> OpenAIError:
+    return OpenAIError(504, "the request timed out", "timeout", code="timeout")
+
+
+def error_response(exc: OpenAIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(OpenAIError)
+    async def _openai(_: Request, exc: OpenAIError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        message = "; ".join(_describe_validation(e) for e in errors[:5]) or "invalid request"
+        _count_invalid(request)
+        return error_response(OpenAIError(400, message, param=".".join(loc) or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        err_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        body = oa.error_body(str(exc.detail), err_type)
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("internal error: %s", exc)
+        return error_response(OpenAIError(500, "internal server error", "server_error"))
+
+
+def _describe_validation(error: dict[str, Any]) -> str:
+    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    return f"{loc}: {error.get('msg', 'invalid')}" if loc else str(error.get("msg", "invalid"))
+
+
+_ENDPOINTS = {"/v1/completions": "completions", "/v1/chat/completions": "chat_completions"}
+
+
+def _count_invalid(request: Request) -> None:
+    endpoint = _ENDPOINTS.get(request.url.path)
+    if endpoint is not None:
+        request.app.state.server.metrics.observe_outcome(endpoint, "invalid_request")
