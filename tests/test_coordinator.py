@@ -8,6 +8,7 @@ import socket
 import time
 
 import pytest
+import zmq
 from conftest import Peer, ThreadedCoordinator, register, stop_with_raw_engines
 
 from megatron_coord import InferenceClient, SamplingParams
@@ -244,10 +245,10 @@ def test_per_request_state_is_freed_in_every_path():
     assert coordinator.next_request_id == 5
     assert coordinator.request_id_to_client_id == {}
     assert coordinator.request_id_to_client_request_id == {}
-    assert coordinator._request_engine == {}
-    assert coordinator._inflight == {}
-    assert coordinator._prompt_text == {}
-    assert coordinator._streams == {}
+    assert coordinator.requests.engine_of == {}
+    assert coordinator.requests.inflight == {}
+    assert coordinator.requests.prompt_text == {}
+    assert coordinator.requests.streams == {}
 
 
 def test_client_frames_sent_before_engines_register_are_served():
@@ -325,3 +326,16 @@ def test_coordinator_rejects_bad_constructor_arguments():
         DataParallelInferenceCoordinator(None, 1, ByteTokenizer(), colour="blue")
     with pytest.raises(TimeoutError, match="0 of 1 engines"):
         DataParallelInferenceCoordinator(None, 1, ByteTokenizer(), registration_timeout=0.05)
+
+
+def test_a_constructor_that_fails_closes_its_socket():
+    """A registration timeout leaves nothing open: the port can be bound again at once (left
+    to the garbage collector, the context could be destroyed before its sockets and hang)."""
+    from megatron_coord.coordinator import DataParallelInferenceCoordinator
+    from megatron_coord.testing.fault_harness import free_port
+
+    port = free_port()
+    with pytest.raises(TimeoutError, match="0 of 1 engines"):
+        DataParallelInferenceCoordinator(None, 1, ByteTokenizer(), port, registration_timeout=0.05)
+    with zmq.Context() as context, context.socket(zmq.ROUTER) as sock:
+        sock.bind(f"tcp://127.0.0.1:{port}")  # EADDRINUSE if the ROUTER were still open

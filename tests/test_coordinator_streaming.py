@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_coord.coordinator.coordinator import _Stream
+from megatron_coord.coordinator.requests import Stream
 from megatron_coord.testing.fake_engine import ByteTokenizer
 
 
@@ -22,7 +22,7 @@ from megatron_coord.testing.fake_engine import ByteTokenizer
 def test_byte_tokens_in_any_chunking_rebuild_the_text(text, cuts):
     tokenizer = ByteTokenizer()
     tokens = tokenizer.tokenize(text)
-    stream = _Stream()
+    stream = Stream()
     pieces, start = [], 0
     for size in [*cuts, len(tokens)]:
         chunk = tokens[start : start + size]
@@ -41,7 +41,7 @@ def test_gpt2_tokens_streamed_one_by_one():
 
     tokenizer = gpt2_tokenizer()
     text = "Grüße aus Köln — 東京 🚀 and plain ASCII."
-    stream = _Stream()
+    stream = Stream()
     pieces = [stream.push(tokenizer.detokenize, [t]) for t in tokenizer.tokenize(text)]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)

@@ -1,5 +1,8 @@
 """A Llama-architecture decoder with Megatron-style tensor parallelism, for inference.
 
+One file on purpose (a little over 500 lines): the layers, the KV cache and the forward pass
+read best in one sitting, as nanoGPT's model.py does.
+
 Each rank of a tensor-parallel (TP) group holds one shard of every weight:
 
 - the embedding and the output layer are split over the (padded) vocabulary: a rank looks up

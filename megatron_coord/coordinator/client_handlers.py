@@ -1,0 +1,283 @@
+"""What the coordinator does with each message from a client: the table from header to handler.
+
+A handler validates its message before acting on it and raises ``ProtocolError`` for bad input
+(the coordinator answers it). Submits are admitted one by one but sent in one ``flush`` per
+wake-up, so text prompts are tokenized in a single call; control, abort and stats messages
+flush first, so they act after every submit that arrived before them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..protocol import CONTROL_SIGNALS, ErrorCode, Headers, ProtocolError
+from ..sampling_params import validate_sampling_params
+from .wire import (
+    DECODE_ERRORS,
+    HEADER_ONLY,
+    any_decoder,
+    check_header_only,
+    client_id_decoder,
+    decode_as,
+    encode,
+    prompt_decoder,
+    submit_decoder,
+    unexpected,
+)
+
+if TYPE_CHECKING:
+    from .coordinator import DataParallelInferenceCoordinator
+
+logger = logging.getLogger("megatron_coord.coordinator")
+
+_SAMPLING_CACHE_SIZE = 1024
+
+
+class ClientHandlers:
+    """Handlers of client messages, and the submits of the current wake-up."""
+
+    def __init__(self, coordinator: DataParallelInferenceCoordinator) -> None:
+        self.c = coordinator
+        self.pending: list[list[Any]] = []  # [engine, request id, prompt, params, text]
+        self._sampling_cache: dict[bytes, tuple[msgspec.Raw, bool, tuple]] = {}
+        self.table = {
+            int(Headers.SUBMIT_REQUEST): self.on_submit,
+            int(Headers.CONNECT): self.on_connect,
+            int(Headers.ABORT): self.on_abort,
+            int(Headers.STATS): self.on_stats,
+        }
+        for header in CONTROL_SIGNALS:
+            self.table[int(header)] = lambda client, payload, h=header: self.on_control(h, payload)
+
+    def handle(self, client: bytes, header: int, payload: bytes) -> None:
+        handler = self.table.get(header)
+        if handler is None:
+            raise unexpected(header, payload, "client")
+        handler(client, payload)
+
+    # ------------------------------------------------------------------ handshake
+
+    def on_connect(self, identity: bytes, payload: bytes) -> None:
+        """CONNECT: ``[1]`` (Megatron's client) or ``[1, {"protocol": n}]`` (ours)."""
+        c = self.c
+        message = decode_as(any_decoder, payload)
+        if len(message) == 1:
+            ours = False
+        elif (
+            len(message) == 2
+            and isinstance(message[1], dict)
+            and type(message[1].get("protocol")) is int
+        ):
+            ours = True
+        else:
+            c.clients.setdefault(identity, False)  # never risk a header >= 100
+            raise ProtocolError(ErrorCode.MALFORMED, 'CONNECT takes no fields or {"protocol": n}')
+        if identity in c.clients:
+            logger.info("client %r connected again", identity)
+        else:
+            c.monitor.learn(identity, c.stranger_fd)  # to notice when it vanishes
+        c.clients[identity] = ours
+        c.send(identity, HEADER_ONLY[Headers.CONNECT_ACK])
+
+    def client_gone(self, identity: bytes) -> None:
+        """A client's connection closed: abort its requests on their engines, forget them."""
+        c = self.c
+        c.clients.pop(identity, None)
+        c.monitor.forget(identity)
+        mine = c.requests.of_client(identity)
+        for request_id in mine:
+            c.abort(request_id)
+        if mine:
+            logger.info("client %r is gone: %d request(s) aborted", identity, len(mine))
+
+    # ------------------------------------------------------------------ submits
+
+    def on_submit(self, client: bytes, payload: bytes) -> None:
+        """SUBMIT_REQUEST: validate, admit (pick an engine) and queue it for this wake-up."""
+        c = self.c
+        try:
+            _, client_request_id, prompt_raw, sampling_raw = submit_decoder.decode(payload)
+        except DECODE_ERRORS as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad SUBMIT_REQUEST: {exc}") from None
+        if c.control.stopping:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the engines are stopping")
+        if (client, client_request_id) in c.requests.inflight:
+            raise ProtocolError(
+                ErrorCode.DUPLICATE_REQUEST_ID,
+                f"request id {client_request_id!r} is already in flight",
+            )
+        try:
+            prompt = prompt_decoder.decode(prompt_raw)
+        except DECODE_ERRORS as exc:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST,
+                f"prompt must be a string or a list of non-negative token ids: {exc}",
+            ) from None
+        if not prompt:
+            raise ProtocolError(ErrorCode.INVALID_REQUEST, "the prompt is empty")
+        sampling, streaming, budget = self._sampling_params(sampling_raw)
+
+        engine = self._admit()  # no_engine / overloaded / shutting_down refuse it here
+        request_id = c.requests.add(client, client_request_id, engine, streaming)
+        if c.limits.request_timeout is not None:
+            c.requests.deadlines.add(c.now + c.limits.request_timeout, request_id)
+        if prompt.__class__ is str:
+            c.requests.prompt_text[request_id] = prompt
+            self.pending.append([engine, request_id, None, sampling, prompt])
+        else:
+            self.pending.append([engine, request_id, prompt_raw, sampling, None])
+        if c.tracks_load:
+            to_generate, total = budget
+            if total is not None:  # Megatron: num_tokens_total wins (text: an upper bound)
+                to_generate = max(0, total - len(prompt)) if prompt.__class__ is list else total
+            c.routing_policy.on_submit(engine, request_id, prompt, to_generate)
+
+    def _sampling_params(self, raw: msgspec.Raw) -> tuple[msgspec.Raw, bool, tuple]:
+        """Validated sampling params as msgpack, whether they stream and the token budget
+        (num_tokens_to_generate, num_tokens_total) for load-aware routing; cached by bytes.
+
+        Clients repeat the same parameters, so validation runs once per distinct value."""
+        key = bytes(raw)
+        cached = self._sampling_cache.get(key)
+        if cached is not None:
+            return cached
+        try:
+            data = any_decoder.decode(key)
+        except DECODE_ERRORS as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad sampling params: {exc}") from None
+        clean_dict = validate_sampling_params(data)
+        clean = (
+            msgspec.Raw(encode(clean_dict)),
+            clean_dict.get("streaming_interval", 0) > 0,
+            (clean_dict.get("num_tokens_to_generate", 30), clean_dict.get("num_tokens_total")),
+        )
+        if len(self._sampling_cache) >= _SAMPLING_CACHE_SIZE:
+            self._sampling_cache.clear()
+        self._sampling_cache[key] = clean
+        return clean
+
+    def _admit(self) -> bytes:
+        """The engine for a new request, or ProtocolError (no engine, overloaded, shutting down)."""
+        c = self.c
+        if c.shutdown.active:
+            raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+        order = c.registry.order
+        if not order:
+            raise ProtocolError(ErrorCode.NO_ENGINE, "no engine is registered; retry later")
+        if len(c.requests) >= c.limits.max_outstanding:
+            raise ProtocolError(
+                ErrorCode.OVERLOADED,
+                f"{c.limits.max_outstanding} requests are in flight (the coordinator's "
+                "limit); retry later",
+            )
+        engine = c.routing_policy.choose()
+        cap = c.limits.max_outstanding_per_engine
+        counts = c.requests.per_engine
+        if counts.get(engine, 0) >= cap:
+            engine = min(order, key=lambda e: counts.get(e, 0))
+            if counts.get(engine, 0) >= cap:
+                raise ProtocolError(
+                    ErrorCode.OVERLOADED,
+                    f"every engine holds {cap} requests (the per-engine limit); retry later",
+                )
+        return engine
+
+    def flush(self) -> None:
+        """Send this wake-up's submits in order; text prompts are tokenized in one batch call."""
+        pending = self.pending
+        if not pending:
+            return
+        self.pending = []
+        c = self.c
+        texts = [item for item in pending if item[2] is None]
+        if texts:
+            self._tokenize(texts)
+        submit = int(Headers.SUBMIT_REQUEST)
+        submitted = c.requests.submitted  # kept until the request ends: resent if its engine dies
+        engine_of = c.requests.engine_of
+        for item in pending:
+            if item[2] is not None:  # None: tokenization failed, the client has its error
+                submitted[item[1]] = item[2] = encode((submit, item[1], item[2], item[3]))
+        for engine, request_id, frame, _, _ in pending:
+            # An engine found dead during this loop has had its requests moved or failed.
+            moved = frame is None or engine_of.get(request_id) != engine
+            if not moved and not c.send(engine, frame):
+                c.engine_handlers.engine_unreachable(engine, request_id)
+
+    def _tokenize(self, items: list[list[Any]]) -> None:
+        """Tokenize the text prompts of ``items`` in place; fail those that cannot be."""
+        c = self.c
+        for item, tokens in zip(items, c.text.tokenize([item[4] for item in items]), strict=True):
+            if tokens.__class__ is str:
+                c.fail(item[1], ErrorCode.INVALID_REQUEST, tokens)
+            else:
+                item[2] = tokens
+                if c.tracks_load:
+                    c.routing_policy.on_prompt_tokens(item[1], len(tokens))
+
+    # ------------------------------------------------------------------ the rest
+
+    def on_control(self, header: Headers, payload: bytes) -> None:
+        """Relay PAUSE/UNPAUSE/SUSPEND/RESUME/STOP to every engine."""
+        check_header_only(payload)
+        self.flush()
+        c = self.c
+        awaited = c.control.relay(header)
+        message = HEADER_ONLY[header]
+        for engine in c.registry.order:
+            c.send(engine, message)
+        if awaited is not None and not c.registry.order:  # nobody to wait for
+            c.all_acked(awaited)
+
+    def on_abort(self, client: bytes, payload: bytes) -> None:
+        """ABORT ``[105, client_request_id]``: tell the engine holding it."""
+        self.flush()
+        c = self.c
+        _, client_request_id = decode_as(client_id_decoder, payload)
+        request_id = c.requests.inflight.get((client, client_request_id))
+        if request_id is None:
+            raise ProtocolError(
+                ErrorCode.INVALID_REQUEST, f"no request {client_request_id!r} is in flight"
+            )
+        c.send(c.requests.engine_of[request_id], encode([int(Headers.ABORT), request_id]))
+
+    def on_stats(self, client: bytes, payload: bytes) -> None:
+        """STATS (health checks, metrics): each replica's liveness and outstanding load."""
+        check_header_only(payload)
+        self.flush()
+        c = self.c
+        if not c.clients.get(client):
+            raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "STATS needs our protocol (CONNECT)")
+        engines = [
+            {
+                "data_parallel_rank": engine.data_parallel_rank,
+                "alive": True,  # an engine declared dead leaves the list
+                "outstanding_requests": c.requests.per_engine.get(engine.identity, 0),
+                "outstanding_tokens": self._outstanding_tokens(engine.identity),
+                "load": engine.load,
+                "identity": engine.identity.hex(),
+                "info": engine.info,
+            }
+            for engine in (c.registry.engines[i] for i in c.registry.order)
+        ]
+        stats = {
+            "engines": engines,
+            "requests_in_flight": len(c.requests),
+            "clients": len(c.clients),
+            "engines_lost": c.registry.engines_lost,
+            "requests_resubmitted": c.requests_resubmitted,
+            "shutting_down": c.shutdown.deadline is not None,
+            "maps": c.map_sizes(),  # every per-request map: all 0 when nothing is in flight
+        }
+        c.send(client, encode([int(Headers.STATS), stats]))
+
+    def _outstanding_tokens(self, identity: bytes) -> int | None:
+        """The routing policy's view of an engine's outstanding work (None: it keeps none)."""
+        policy = self.c.routing_policy
+        load = getattr(policy, "load", None)
+        if load is None or identity not in policy.engines:
+            return None
+        return load(identity)

@@ -1,0 +1,286 @@
+"""What the coordinator does with each message from an engine, and when an engine dies.
+
+Engines register with one frame (engines.py) and may join at any time; they reply with records,
+stream partial results, report errors, heartbeat and acknowledge PAUSE / STOP. An engine is
+dead when its connection closes (socket monitor, any protocol), when a send to it fails, or,
+once it heartbeats, after ``engine_timeout`` seconds without a single message. A dead engine
+gets no new request, and each request it held gets exactly one outcome: sent again, unchanged,
+to a live engine if nothing of it reached the client, else an ``engine_failed`` ERROR saying how
+much the client already received (``no_engine`` if none is left). A late reply from an engine
+declared dead is dropped, and the engine is told to ABORT what it held; a HEARTBEAT from it
+registers it again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from ..protocol import ErrorCode, Headers, ProtocolError
+from .engines import BadRegistration, Engine, parse_registration
+from .wire import (
+    check_header_only,
+    decode_as,
+    describe,
+    encode,
+    engine_error_decoder,
+    heartbeat_decoder,
+    partial_decoder,
+    reply_decoder,
+    tokens_of,
+    unexpected,
+)
+
+if TYPE_CHECKING:
+    from .coordinator import DataParallelInferenceCoordinator
+
+logger = logging.getLogger("megatron_coord.coordinator")
+
+_HEARTBEAT_REPLY = encode([int(Headers.HEARTBEAT), {}])
+
+
+class EngineHandlers:
+    """Handlers of engine messages, registration and joining, death and fail-over."""
+
+    def __init__(self, coordinator: DataParallelInferenceCoordinator) -> None:
+        self.c = coordinator
+        self.table = {
+            int(Headers.ENGINE_REPLY): self.on_reply,
+            int(Headers.PARTIAL_REPLY): self.on_partial_reply,
+            int(Headers.PAUSE_ACK): self.on_ack,
+            int(Headers.STOP_ACK): self.on_ack,
+            int(Headers.ERROR): self.on_error,
+            int(Headers.HEARTBEAT): self.on_heartbeat,
+        }
+
+    def handle(self, engine: Engine, header: int, payload: bytes) -> None:
+        self.c.registry.heard_from(engine, self.c.now)
+        handler = self.table.get(header)
+        if handler is not None:
+            handler(engine, payload)
+        elif payload == b"" or header == Headers.REGISTER:
+            logger.warning("engine %r registered again; ignored", engine.identity)
+        else:
+            raise unexpected(header, payload, "engine")
+
+    def handle_stranger(self, identity: bytes, header: int, payload: bytes) -> None:
+        """A peer that is neither a registered engine nor a connected client."""
+        c = self.c
+        if header == Headers.CONNECT:
+            c.client_handlers.on_connect(identity, payload)
+        elif payload == b"" or header == Headers.REGISTER:
+            self.try_register(identity, payload)  # an engine joining (or coming back)
+        elif header == Headers.HEARTBEAT and c.registry.was_declared_dead(identity):
+            # An engine of ours that was declared dead (silent too long) but lives: take it back.
+            _, info = decode_as(heartbeat_decoder, payload)
+            rank = info.get("data_parallel_rank")
+            rank = rank if type(rank) is int and rank >= 0 else None
+            logger.warning("engine %r, declared dead, is alive: registering it again", identity)
+            self._add(identity, rank, ours=True, info=info)
+            engine = c.registry.engines[identity]
+            engine.load = info
+            self._heartbeat(engine)
+        else:
+            logger.warning("message from %r, which never sent CONNECT", identity)
+            if header == -1:
+                raise describe(payload)
+            raise ProtocolError(ErrorCode.NOT_CONNECTED, "send CONNECT before anything else")
+
+    # ------------------------------------------------------------------ registration
+
+    def try_register(self, identity: bytes, payload: bytes) -> bool:
+        """Register ``identity`` if ``payload`` is a registration; False if it is not one."""
+        try:
+            registration = parse_registration(identity, payload)
+        except BadRegistration as exc:
+            logger.warning("bad registration from %r: %s", identity, exc)
+            self.c.send_error(identity, None, ErrorCode.MALFORMED, f"bad REGISTER: {exc}")
+            return True
+        if registration is None:
+            return False
+        rank, ours, info = registration
+        self._add(identity, rank, ours, info if ours else None)
+        return True
+
+    def _add(self, identity: bytes, rank: int | None, ours: bool, info: dict | None) -> None:
+        c = self.c
+        if not c.registry.add(identity, rank, ours, info):
+            return
+        c.monitor.learn(identity, c.stranger_fd)  # to notice when its connection closes
+        if getattr(c, "routing_policy", None) is not None:  # serving already: a join
+            self._join(identity)
+
+    def _join(self, identity: bytes) -> None:
+        """An engine registered while serving: route to it from now on, in the state the
+        clients put the others in (paused, suspended, stopping)."""
+        c = self.c
+        c.registry.order.append(identity)
+        c.routing_policy.add_engine(identity)
+        for header in c.control.catch_up():
+            c.send(identity, encode([int(header)]))
+        logger.info("engine %r joined; %d engine(s) now", identity, len(c.registry.order))
+
+    # ------------------------------------------------------------------ messages
+
+    def on_reply(self, engine: Engine, payload: bytes) -> None:
+        """ENGINE_REPLY ``[4, [record, ...]]``: route each finished record to its client."""
+        c = self.c
+        _, records = decode_as(reply_decoder, payload)
+        engine_of = c.requests.engine_of
+        routed = []
+        for record in records:
+            try:
+                request_id = record["requests"][0]["request_id"]
+            except (KeyError, IndexError, TypeError):
+                logger.warning(
+                    "engine %r: a record without requests[0].request_id", engine.identity
+                )
+                continue
+            if engine_of.get(request_id) != engine.identity:
+                logger.warning(
+                    "engine %r replied for request %r, which it does not hold; dropped",
+                    engine.identity,
+                    request_id,
+                )
+                continue
+            routed.append((request_id, record))
+        if not routed:
+            return
+        failed = c.text.detokenize_records(
+            [r for _, r in routed], c.requests.prompt_text, strict=False
+        )
+        reply = int(Headers.ENGINE_REPLY)
+        for index, (request_id, record) in enumerate(routed):
+            if index in failed:
+                c.fail(request_id, ErrorCode.ENGINE_FAILED, failed[index])
+                continue
+            generated = None
+            if c.tracks_load:
+                generated = len(tokens_of(record["requests"][0]["generated_tokens"]))
+            client, client_request_id = c.free(request_id, generated)
+            c.send(client, encode([reply, client_request_id, record]))
+
+    def on_partial_reply(self, engine: Engine, payload: bytes) -> None:
+        """PARTIAL_REPLY ``[103, [[request_id, new_tokens], ...]]``: relay the new text."""
+        c = self.c
+        _, items = decode_as(partial_decoder, payload)
+        header = int(Headers.PARTIAL_REPLY)
+        table = c.requests
+        for request_id, tokens in items:
+            stream = table.streams.get(request_id)
+            if stream is None or table.engine_of.get(request_id) != engine.identity:
+                logger.warning("partial reply for request %r not streaming here", request_id)
+                continue
+            client = table.client_of[request_id]
+            if c.tracks_load:
+                c.routing_policy.on_tokens(engine.identity, request_id, len(tokens))
+            try:
+                text = stream.push(c.text.detokenize, tokens)
+            except Exception as exc:
+                c.fail(request_id, ErrorCode.ENGINE_FAILED, f"cannot detokenize: {exc}")
+                continue
+            if c.clients.get(client):  # only our clients understand PARTIAL_REPLY
+                client_request_id = table.client_request_id_of[request_id]
+                c.send(client, encode([header, client_request_id, tokens, text]))
+
+    def on_error(self, engine: Engine, payload: bytes) -> None:
+        """ERROR ``[100, request_id, code, message]``: the engine failed one request."""
+        c = self.c
+        _, request_id, code, text = decode_as(engine_error_decoder, payload)
+        if c.requests.engine_of.get(request_id) != engine.identity:
+            logger.warning(
+                "engine %r: ERROR for request %r it does not hold", engine.identity, request_id
+            )
+            return
+        try:
+            error_code = ErrorCode(code)
+        except ValueError:
+            error_code = ErrorCode.ENGINE_FAILED
+        c.fail(request_id, error_code, text)
+
+    def on_heartbeat(self, engine: Engine, payload: bytes) -> None:
+        """HEARTBEAT ``[102, load]``: the engine lives, and reports its load."""
+        _, engine.load = decode_as(heartbeat_decoder, payload)
+        self._heartbeat(engine)
+        if self.c.tracks_load:
+            self.c.routing_policy.on_load_report(engine.identity, engine.load)
+
+    def _heartbeat(self, engine: Engine) -> None:
+        if self.c.registry.heartbeat(engine, self.c.now):
+            self.c.send(engine.identity, _HEARTBEAT_REPLY)
+
+    def on_ack(self, engine: Engine, payload: bytes) -> None:
+        """PAUSE_ACK / STOP_ACK; once every engine acked, everyone is told."""
+        check_header_only(payload)
+        c = self.c
+        header = Headers(payload[1])
+        if c.control.ack(engine.identity, header, set(c.registry.order)):
+            c.all_acked(header)
+
+    # ------------------------------------------------------------------ death and fail-over
+
+    def engine_unreachable(self, engine: bytes, request_id: int) -> None:
+        """A send to ``engine`` failed: its connection is gone."""
+        c = self.c
+        if engine in c.registry.engines:
+            self.engine_gone(engine, "the engine is unreachable")
+        elif c.requests.engine_of.get(request_id) == engine:
+            self._fail_over(request_id, engine, "the engine is unreachable")
+
+    def engine_gone(self, identity: bytes, reason: str) -> None:
+        """Declare an engine dead: no more routing; one outcome for each request it held."""
+        c = self.c
+        engine = c.registry.remove(identity)
+        if engine is None:
+            return
+        c.monitor.forget(identity)
+        if identity in c.routing_policy.engines:
+            c.routing_policy.remove_engine(identity)
+        held = c.requests.held_by(identity)
+        logger.error(
+            "engine %r (dp rank %s) is dead: %s; %d request(s) in flight on it; %d engine(s) left",
+            identity,
+            engine.data_parallel_rank,
+            reason,
+            len(held),
+            len(c.registry.order),
+        )
+        abort = int(Headers.ABORT)
+        for request_id in held:
+            c.send_quietly(identity, encode([abort, request_id]))  # if it still lives
+            self._fail_over(request_id, identity, reason)
+        c.requests.forget_engine(identity)
+        for header in c.control.engine_left(identity, set(c.registry.order)):
+            c.all_acked(header)
+
+    def _fail_over(self, request_id: int, dead: bytes, reason: str) -> None:
+        """Send a dead engine's request to a live one, or fail it (exactly one outcome)."""
+        c = self.c
+        stream = c.requests.streams.get(request_id)
+        if stream is not None and stream.tokens:
+            c.fail(
+                request_id,
+                ErrorCode.ENGINE_FAILED,
+                f"the engine serving this request died ({reason}) after {len(stream.tokens)} "
+                "token(s) were streamed to you; a partial generation cannot be resumed",
+            )
+            return
+        payload = c.requests.submitted.get(request_id)
+        if c.shutdown.deadline is not None or payload is None:
+            c.fail(request_id, ErrorCode.SHUTTING_DOWN, f"the engine stopped ({reason})")
+            return
+        if not c.registry.order:
+            c.fail(
+                request_id,
+                ErrorCode.NO_ENGINE,
+                f"the engine serving this request died ({reason}) and no other engine is "
+                "registered",
+            )
+            return
+        engine = c.routing_policy.choose()
+        c.requests.move(request_id, dead, engine)
+        if c.tracks_load:
+            c.routing_policy.on_resubmit(dead, engine, request_id)
+        c.requests_resubmitted += 1
+        if not c.send(engine, payload):
+            c.fail(request_id, ErrorCode.ENGINE_FAILED, "no engine could take the request")
