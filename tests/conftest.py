@@ -25,6 +25,23 @@ def checkpoint(tmp_path_factory) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    """That checkpoint loaded at TP=1 (one per test module)."""
+    from megatron_coord.models.checkpoint import load_model
+    from megatron_coord.parallel_state import single_process_state
+
+    return load_model(checkpoint, single_process_state())
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    """That checkpoint's tokenizer (GPT-2 BPE)."""
+    from megatron_coord.tokenizer import load_tokenizer
+
+    return load_tokenizer(checkpoint)
+
+
 @dataclass
 class Deployment:
     """A coordinator process, its address and the engine processes serving it."""

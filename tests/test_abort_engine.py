@@ -5,7 +5,7 @@ final record marked aborted (or none, for the stream nobody reads any more)."""
 from __future__ import annotations
 
 import pytest
-from test_streaming_engine import model, run, serving, tokenizer  # noqa: F401
+from test_streaming_engine import run, serving  # noqa: F401
 
 from megatron_coord import InferenceClient
 

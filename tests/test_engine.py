@@ -7,8 +7,6 @@ import torch
 
 from megatron_coord.engine import InferenceEngine
 from megatron_coord.engine.tp_broadcast import NewRequest
-from megatron_coord.models.checkpoint import load_model
-from megatron_coord.parallel_state import single_process_state
 from megatron_coord.sampling_params import SamplingParams
 
 EOS = 50256
@@ -57,11 +55,6 @@ def hf_greedy(path: str, prompts: list[list[int]], n: int) -> list[list[int]]:
             ids = ids[: ids.index(EOS) + 1]
         out.append(ids)
     return out
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, single_process_state())
 
 
 PROMPTS = [[10, 20, 30], [5], [7, 8, 9, 10, 11, 12, 13], [40, 41, 42], [99, 98], [3, 1, 4, 1, 5]]

@@ -11,7 +11,6 @@ from test_engine import hf_greedy
 
 from megatron_coord.engine import InferenceEngine
 from megatron_coord.engine.server import EngineServer
-from megatron_coord.models.checkpoint import load_model
 from megatron_coord.parallel_state import single_process_state
 from megatron_coord.protocol import Headers, decode, encode
 
@@ -22,11 +21,6 @@ PROMPT = [10, 20, 30]
 @pytest.fixture(scope="module")
 def expected(checkpoint) -> list[int]:
     return hf_greedy(checkpoint, [PROMPT], GREEDY["num_tokens_to_generate"])[0]
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, single_process_state())
 
 
 class Harness:

@@ -203,3 +203,57 @@ def test_engine_joining_while_paused_is_paused_too():
     finally:
         for engine in engines:
             engine.kill()
+
+
+def test_when_every_engine_is_lost_resubmittable_requests_wait_for_one():
+    """The only engine dies holding requests: they wait (failover_wait), and an engine that
+    registers gets them, unchanged; each is answered exactly once."""
+    coord, client = elastic_coordinator(failover_wait=30.0)
+    first = register(coord.address, 0)
+    try:
+        wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+        for i in range(3):
+            client.send(3, i, [104, 105], PARAMS)
+        held = [first.recv() for _ in range(3)]
+        assert [m[0] for m in held] == [3, 3, 3]
+        first.close()  # its connection closes: every replica is lost
+        stats = wait_stats(client, lambda s: s["maps"]["orphans"] == 3, "requests wait")
+        assert stats["engines"] == [] and stats["requests_in_flight"] == 3
+        assert not client.poll(200)  # no error yet
+        second = register(coord.address, 1)
+        resent = [second.recv() for _ in range(3)]
+        assert sorted(m[1] for m in resent) == sorted(m[1] for m in held)
+        assert all(r[2:] == h[2:] for r, h in zip(resent, sorted(held), strict=True))
+        records = [
+            {
+                "requests": [
+                    {"request_id": m[1], "prompt_tokens": [104, 105], "generated_tokens": [33]}
+                ]
+            }
+            for m in resent
+        ]
+        second.send(4, records)
+        answers = [client.recv() for _ in range(3)]
+        assert sorted(a[1] for a in answers) == [0, 1, 2] and all(a[0] == 4 for a in answers), (
+            answers
+        )
+        assert not client.poll(200)
+        stats = query_stats(client)
+        assert stats["requests_resubmitted"] == 3 and stats["maps"]["orphans"] == 0
+        second.close()
+        stop(coord, client)
+    finally:
+        first.close()
+
+
+def test_requests_that_wait_in_vain_fail_with_no_engine():
+    coord, client = elastic_coordinator(failover_wait=0.3)
+    engine = register(coord.address, 0)
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    client.send(3, "x", [104], PARAMS)
+    assert engine.recv()[0] == 3
+    engine.close()
+    error = client.recv()
+    assert error[:3] == [100, "x", "no_engine"] and "within 0.3 s" in error[3]
+    assert query_stats(client)["maps"]["orphans"] == 0
+    stop(coord, client)

@@ -20,13 +20,6 @@ PROMPTS = ["Hello world", "The quick brown fox", "abc", "Data parallel inference
 N_TOKENS = 8
 
 
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint):
-    from megatron_coord.tokenizer import load_tokenizer
-
-    return load_tokenizer(checkpoint)
-
-
 def _generate(tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> list[dict]:
     marker = uuid.uuid4().hex
     out = tmp_path / f"out-{marker}.json"

@@ -33,13 +33,6 @@ LAUNCH_TIMEOUT_S = 150
 
 
 @pytest.fixture(scope="module")
-def tokenizer(checkpoint):
-    from megatron_coord.tokenizer import load_tokenizer
-
-    return load_tokenizer(checkpoint)
-
-
-@pytest.fixture(scope="module")
 def expected(checkpoint, tokenizer) -> list[list[int]]:
     """transformers' greedy tokens for PROMPTS: what every replica must produce."""
     return hf_greedy(checkpoint, [tokenizer.tokenize(p) for p in PROMPTS], N_TOKENS)

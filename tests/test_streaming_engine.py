@@ -14,21 +14,9 @@ from conftest import ThreadedCoordinator
 from megatron_coord import InferenceClient
 from megatron_coord.engine import InferenceEngine
 from megatron_coord.engine.server import EngineServer
-from megatron_coord.models.checkpoint import load_model
 from megatron_coord.parallel_state import single_process_state
-from megatron_coord.tokenizer import load_tokenizer
 
 PROMPT = "Grüße, 世界! naïve café 🙂"
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint):
-    return load_model(checkpoint, single_process_state())
-
-
-@pytest.fixture(scope="module")
-def tokenizer(checkpoint):
-    return load_tokenizer(checkpoint)
 
 
 @dataclass

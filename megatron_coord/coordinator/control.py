@@ -28,7 +28,7 @@ class ControlState:
         self.suspended = False
         self.stopping = False  # STOP was relayed: engines accept nothing but STOP_ACK now
         self.acks: dict[Headers, set[bytes]] = {Headers.PAUSE_ACK: set(), Headers.STOP_ACK: set()}
-        self.acked: set[Headers] = set()  # PAUSE/STOP acknowledged by every engine
+        self.awaiting: set[Headers] = set()  # relayed PAUSE / STOP not acked by every engine yet
 
     def relay(self, header: Headers) -> Headers | None:
         """A client's control signal, to be sent to every engine; returns the ack it awaits."""
@@ -41,26 +41,32 @@ class ControlState:
             self.suspended = header == Headers.SUSPEND
         if header == Headers.UNPAUSE:
             self.acks[Headers.PAUSE_ACK].clear()
-            self.acked.discard(Headers.PAUSE_ACK)
+            self.awaiting.discard(Headers.PAUSE_ACK)
         awaited = _AWAITED.get(header)
-        if awaited is not None:
-            self.acked.discard(awaited)
+        if awaited is not None:  # a new round: every engine acks it afresh
+            self.acks[awaited].clear()
+            self.awaiting.add(awaited)
         return awaited
 
     def ack(self, identity: bytes, header: Headers, live: set[bytes]) -> bool:
-        """Count an engine's ack; True when every live engine has now acked ``header``."""
+        """Count an engine's ack; True when every live engine has now acked an awaited one."""
         acks = self.acks[header]
         if identity in acks:
             logger.warning("engine %r acked %s twice", identity, header.name)
             return False
         acks.add(identity)
-        return header not in self.acked and live <= acks
+        return header in self.awaiting and live <= acks
 
     def engine_left(self, identity: bytes, live: set[bytes]) -> list[Headers]:
-        """The acks an engine's departure completes (every live engine acked them)."""
+        """The awaited acks an engine's departure completes: every live engine acked them
+        (all of them, when no engine is left: nobody else will ever answer)."""
         for acks in self.acks.values():
             acks.discard(identity)
-        return [h for h, acks in self.acks.items() if acks and h not in self.acked and live <= acks]
+        return [h for h in sorted(self.awaiting) if live <= self.acks[h]]
+
+    def done(self, header: Headers) -> None:
+        """Every engine acknowledged ``header``; the clients are being told."""
+        self.awaiting.discard(header)
 
     def catch_up(self) -> list[Headers]:
         """What a joining engine must be sent to match the others."""

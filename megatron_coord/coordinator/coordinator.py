@@ -56,6 +56,7 @@ from .wire import HEADER_ONLY, client_request_id_of, encode, peek_header
 logger = logging.getLogger("megatron_coord.coordinator")
 
 _MAX_EARLY_FRAMES = 65536
+DEFAULT_FAILOVER_WAIT_S = 10.0
 # pyzmq's Cython socket methods, bypassing its Python wrappers on the hot path (ints, not enums).
 _zmq_send = zmq.backend.Socket.send
 _zmq_recv = zmq.backend.Socket.recv
@@ -80,7 +81,8 @@ class DataParallelInferenceCoordinator:
     ``engine_timeout`` (seconds of silence before an engine of ours is dead, 3),
     ``max_outstanding`` and ``max_outstanding_per_engine`` (``overloaded`` past them),
     ``request_timeout`` (seconds, None), ``shutdown_grace`` (seconds in-flight requests get after
-    SIGTERM/SIGINT, 10), ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a
+    SIGTERM/SIGINT, 10), ``failover_wait`` (seconds the requests of a dead engine wait for an
+    engine when none is left, 10; 0: fail them at once), ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a
     non-loopback bind without keys, with a loud warning).
     """
 
@@ -106,6 +108,9 @@ class DataParallelInferenceCoordinator:
             request_timeout=options.pop("request_timeout", None),
         )
         self.engine_timeout = options.pop("engine_timeout", DEFAULT_ENGINE_TIMEOUT_S)
+        self.failover_wait = float(options.pop("failover_wait", DEFAULT_FAILOVER_WAIT_S))
+        if not self.failover_wait >= 0:
+            raise ValueError("failover_wait must be a non-negative number of seconds")
         self.shutdown = GracefulShutdown(options.pop("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S))
         self.max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         routing = options.pop("routing", "round_robin")
@@ -448,7 +453,7 @@ class DataParallelInferenceCoordinator:
 
     def all_acked(self, header: Headers) -> None:
         """Every live engine acknowledged PAUSE or STOP: tell every client and engine."""
-        self.control.acked.add(header)
+        self.control.done(header)
         message = HEADER_ONLY[header]
         for client in list(self.clients):
             self.send(client, message)
@@ -474,6 +479,7 @@ class DataParallelInferenceCoordinator:
             self.requests.deadlines.next_deadline(),
             self.registry.next_deadline(),
             self.shutdown.deadline,
+            min(self.requests.orphans.values(), default=None),
         ]
         upcoming = [d for d in deadlines if d is not None]
         if not upcoming:
@@ -503,6 +509,8 @@ class DataParallelInferenceCoordinator:
                     "aborted",
                 )
             self.requests.deadlines.compact(engine_of)
+        if self.requests.orphans:
+            self.engine_handlers.expire_orphans(now)
         if self.gone_clients:
             gone, self.gone_clients = self.gone_clients, set()
             for identity in gone:

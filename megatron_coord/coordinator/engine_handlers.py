@@ -6,7 +6,9 @@ dead when its connection closes (socket monitor, any protocol), when a send to i
 once it heartbeats, after ``engine_timeout`` seconds without a single message. A dead engine
 gets no new request, and each request it held gets exactly one outcome: sent again, unchanged,
 to a live engine if nothing of it reached the client, else an ``engine_failed`` ERROR saying how
-much the client already received (``no_engine`` if none is left). A late reply from an engine
+much the client already received. With no engine left (every replica looked lost at once), a
+request that could be resubmitted waits ``failover_wait`` seconds for one to register (or come
+back) before it fails with ``no_engine``. A late reply from an engine
 declared dead is dropped, and the engine is told to ABORT what it held; a HEARTBEAT from it
 registers it again.
 """
@@ -119,6 +121,8 @@ class EngineHandlers:
         for header in c.control.catch_up():
             c.send(identity, encode([int(header)]))
         logger.info("engine %r joined; %d engine(s) now", identity, len(c.registry.order))
+        if c.requests.orphans:
+            self._adopt_orphans()
 
     # ------------------------------------------------------------------ messages
 
@@ -270,13 +274,16 @@ class EngineHandlers:
             c.fail(request_id, ErrorCode.SHUTTING_DOWN, f"the engine stopped ({reason})")
             return
         if not c.registry.order:
-            c.fail(
-                request_id,
-                ErrorCode.NO_ENGINE,
-                f"the engine serving this request died ({reason}) and no other engine is "
-                "registered",
-            )
+            if c.failover_wait > 0:  # every replica looked lost at once: wait for one
+                c.requests.orphans[request_id] = c.now + c.failover_wait
+                return
+            c.fail(request_id, ErrorCode.NO_ENGINE, _no_engine_left(reason))
             return
+        self._resubmit(request_id, dead, payload)
+
+    def _resubmit(self, request_id: int, dead: bytes, payload: bytes) -> None:
+        """Send a request of the dead engine ``dead``, unchanged, to the routing policy's pick."""
+        c = self.c
         engine = c.routing_policy.choose()
         c.requests.move(request_id, dead, engine)
         if c.tracks_load:
@@ -284,3 +291,28 @@ class EngineHandlers:
         c.requests_resubmitted += 1
         if not c.send(engine, payload):
             c.fail(request_id, ErrorCode.ENGINE_FAILED, "no engine could take the request")
+
+    def _adopt_orphans(self) -> None:
+        """An engine joined: the requests waiting for one go to it (or the policy's pick)."""
+        c = self.c
+        orphans, c.requests.orphans = c.requests.orphans, {}
+        logger.warning("resubmitting %d request(s) that waited for an engine", len(orphans))
+        for request_id in orphans:
+            self._resubmit(
+                request_id, c.requests.engine_of[request_id], c.requests.submitted[request_id]
+            )
+
+    def expire_orphans(self, now: float) -> None:
+        """Fail the requests that waited ``failover_wait`` for an engine in vain."""
+        c = self.c
+        expired = [rid for rid, deadline in c.requests.orphans.items() if deadline <= now]
+        for request_id in expired:
+            c.fail(
+                request_id,
+                ErrorCode.NO_ENGINE,
+                _no_engine_left(f"no engine came back within {c.failover_wait:g} s"),
+            )
+
+
+def _no_engine_left(reason: str) -> str:
+    return f"the engine serving this request died ({reason}) and no other engine is registered"

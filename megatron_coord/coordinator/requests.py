@@ -54,6 +54,8 @@ class RequestTable:
         self.submitted: dict[int, bytes] = {}  # the SUBMIT frame sent: resent if its engine dies
         self.per_engine: dict[bytes, int] = {}  # engine -> requests outstanding on it
         self.deadlines = DeadlineQueue()
+        # Requests of a dead engine that wait for an engine (none was left): id -> deadline.
+        self.orphans: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self.engine_of)
@@ -83,6 +85,7 @@ class RequestTable:
         self.prompt_text.pop(request_id, None)
         self.streams.pop(request_id, None)
         self.submitted.pop(request_id, None)
+        self.orphans.pop(request_id, None)
         self._count_down(engine)
         return client, client_request_id, engine
 
@@ -122,4 +125,5 @@ class RequestTable:
             "submitted": len(self.submitted),
             "engine_requests": len(self.per_engine),
             "deadlines": len(self.deadlines),
+            "orphans": len(self.orphans),
         }

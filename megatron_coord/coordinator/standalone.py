@@ -16,6 +16,7 @@ import os
 import sys
 from typing import Any
 
+from .coordinator import DEFAULT_FAILOVER_WAIT_S
 from .liveness import DEFAULT_ENGINE_TIMEOUT_S
 
 logger = logging.getLogger("megatron_coord.coordinator.standalone")
@@ -44,7 +45,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--engine-timeout",
         type=float,
         default=DEFAULT_ENGINE_TIMEOUT_S,
-        help="seconds without a message after which a heartbeating engine is dead (default 3)",
+        help="seconds without a message after which a heartbeating engine is dead (default 3). "
+        "Replicas of ours heartbeat during long model steps too, so this need not exceed the "
+        "step time; their interval is the replicas' --heartbeat-interval",
+    )
+    parser.add_argument(
+        "--failover-wait",
+        type=float,
+        default=DEFAULT_FAILOVER_WAIT_S,
+        help="seconds the requests of a dead replica wait for another when none is left, "
+        f"before they fail with no_engine (default {DEFAULT_FAILOVER_WAIT_S:g}; 0: at once)",
     )
     parser.add_argument("--max-outstanding", type=int, default=None, help="requests in flight")
     parser.add_argument(
@@ -85,6 +95,7 @@ def coordinator_options(args: argparse.Namespace) -> dict[str, Any]:
         "host": args.host,
         "routing": args.routing,
         "engine_timeout": args.engine_timeout,
+        "failover_wait": args.failover_wait,
         "request_timeout": args.request_timeout,
         "shutdown_grace": args.shutdown_grace,
         "auth_keys": args.auth_keys,

@@ -15,6 +15,7 @@ Every rank of a replica runs ``EngineServer.run``. Each iteration:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ from ..protocol import (
 from ..sampling_params import SamplingParams
 from .engine import InferenceEngine, StepResult
 from .sampling import choose_seed
+from .step_heartbeat import DEFAULT_MAX_STEP_S, StepHeartbeat
 from .tp_broadcast import ABORT_SIGNAL, SHUTDOWN_SIGNAL, NewRequest, StepInputs, TPBroadcaster
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ class EngineServer:
         coordinator_timeout_s: float | None = None,
         auth_keys: str | None = None,
         reconnect: bool = False,
+        max_step_s: float = DEFAULT_MAX_STEP_S,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -113,10 +116,16 @@ class EngineServer:
         # coordinator_timeout_s) instead of ending the replica.
         self.reconnect = reconnect
         self._reconnect_pending = False
+        # Heartbeats during steps longer than the interval (step_heartbeat.py).
+        self._step_heartbeat: StepHeartbeat | None = None
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
             self._connect(coordinator_address)
+            if heartbeat_interval_s is not None:
+                self._step_heartbeat = StepHeartbeat(
+                    self._beat_during_step, heartbeat_interval_s, max_step_s
+                )
 
     # ----------------------------------------------------------------- sockets
     def _connect(self, address: str) -> None:
@@ -232,6 +241,9 @@ class EngineServer:
         self.shutdown_requested = True
 
     def close(self) -> None:
+        if self._step_heartbeat is not None:
+            self._step_heartbeat.close()
+            self._step_heartbeat = None
         if self._wake_w is not None:
             signal.set_wakeup_fd(-1)
             self._wake_w.close()
@@ -270,7 +282,14 @@ class EngineServer:
         self._apply(inputs)
         if self.done or not self.runnable:
             return None
-        result = self.engine.step()
+        if self._step_heartbeat is None:
+            result = self.engine.step()
+        else:
+            self._step_heartbeat.begin()
+            try:
+                result = self.engine.step()
+            finally:
+                self._step_heartbeat.end()
         self.steps += 1
         self.generated_tokens += result.tokens
         self.processed_tokens += result.tokens + result.prefill_tokens
@@ -336,6 +355,18 @@ class EngineServer:
         if self.coordinator_timeout_s is not None:
             report["heartbeat_reply"] = True  # a re-registration by HEARTBEAT keeps asking
         return report
+
+    def _beat_during_step(self, running_s: float) -> None:
+        """From the step-heartbeat thread, while a step runs (the loop leaves the socket
+        alone then): the same HEARTBEAT, once the coordinator has spoken, never blocking."""
+        if self.socket is None or not (
+            self._heard_from_coordinator or self.coordinator_timeout_s is not None
+        ):
+            return
+        report = self.load_report()
+        report["step_running_s"] = round(running_s, 3)
+        with contextlib.suppress(zmq.Again):
+            self.socket.send(encode([Headers.HEARTBEAT, report]), zmq.NOBLOCK)
 
     def _maybe_heartbeat(self) -> None:
         now = time.monotonic()

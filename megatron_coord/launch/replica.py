@@ -22,8 +22,11 @@ import torch
 import torch.distributed as dist
 
 from .. import parallel_state
+from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
+from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
 from ..engine.engine import InferenceEngine
 from ..engine.server import EngineServer, engine_identity
+from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
 from ..parallel_state import ParallelState
 
 log = logging.getLogger(__name__)
@@ -149,6 +152,7 @@ class ReplicaOptions:
     coordinator_host: str = "127.0.0.1"
     idle_timeout_s: float = 1.0
     heartbeat_interval_s: float | None = 1.0
+    max_step_s: float = DEFAULT_MAX_STEP_S  # a step longer than this is a hang
     coordinator_options: dict[str, Any] = field(default_factory=dict)
     # Join an outside coordinator (python -m megatron_coord.coordinator) instead of spawning
     # one: this job's replicas then fail alone, and leave it after coordinator_timeout_s of
@@ -187,6 +191,7 @@ class Replica:
             idle_timeout_s=options.idle_timeout_s,
             coordinator_alive=self.coordinator.is_alive if self.coordinator is not None else None,
             heartbeat_interval_s=options.heartbeat_interval_s,
+            max_step_s=options.max_step_s,
             **self._join_options(),
         )
 
@@ -319,6 +324,35 @@ def add_replica_arguments(parser: Any) -> None:
         "the port can use and stop the service)",
     )
     parser.add_argument(
+        "--engine-timeout",
+        type=float,
+        default=DEFAULT_ENGINE_TIMEOUT_S,
+        help="seconds without a message after which the coordinator this launch spawns declares "
+        f"a replica dead (default {DEFAULT_ENGINE_TIMEOUT_S:g}); replicas heartbeat during long "
+        "steps too, so this need not exceed the step time",
+    )
+    parser.add_argument(
+        "--failover-wait",
+        type=float,
+        default=DEFAULT_FAILOVER_WAIT_S,
+        help="seconds the requests of a dead replica wait for another when none is left "
+        f"(default {DEFAULT_FAILOVER_WAIT_S:g}; 0: fail them at once)",
+    )
+    parser.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=1.0,
+        help="seconds between a replica's heartbeats, also while a step runs (default 1)",
+    )
+    parser.add_argument(
+        "--max-step-time",
+        type=float,
+        default=DEFAULT_MAX_STEP_S,
+        help="a step running longer than this many seconds is a hang: the replica stops "
+        "heartbeating and is declared dead an engine timeout later "
+        f"(default {DEFAULT_MAX_STEP_S:g})",
+    )
+    parser.add_argument(
         "--deterministic-mode",
         action="store_true",
         help="requests without a seed sample with one derived from their prompt, so the same "
@@ -337,7 +371,14 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         deterministic_mode=args.deterministic_mode,
         dtype=getattr(torch, args.dtype),
         coordinator_host=args.coordinator_host,
-        coordinator_options={"routing": args.routing, "insecure_no_auth": args.insecure_no_auth},
+        coordinator_options={
+            "routing": args.routing,
+            "insecure_no_auth": args.insecure_no_auth,
+            "engine_timeout": args.engine_timeout,
+            "failover_wait": args.failover_wait,
+        },
+        heartbeat_interval_s=args.heartbeat_interval,
+        max_step_s=args.max_step_time,
         auth_keys=args.auth_keys,
     )
 
