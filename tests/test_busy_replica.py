@@ -86,10 +86,9 @@ def test_a_step_past_max_step_time_is_a_hang(model, tokenizer):
     try:
         wait_stats(observer, lambda s: len(s["engines"]) == 1, "the replica registered")
         client.send(3, 0, "Hello world", {"top_k": 1, "num_tokens_to_generate": 2})
-        started = time.monotonic()
+        # Beats stop 0.2 s into the step and the loop beats again once it ends: only silence
+        # inside the step (the hang) can make the replica lost.
         stats = wait_stats(observer, lambda s: s["engines_lost"] == 1, "the hung replica is lost")
-        # Beats stop 0.2 s into the step; silence is noticed an engine timeout later.
-        assert time.monotonic() - started < STEP_S + 1.0
         assert stats["engines"] == []
         error = client.recv()
         assert error[:3] == [100, 0, "no_engine"], error

@@ -13,6 +13,8 @@ import uuid
 import pytest
 from _procs import ROOT, launch_env, processes_with, torchrun
 
+from megatron_coord.models.default_model import default_checkpoint_path
+
 pytestmark = [pytest.mark.torchrun, pytest.mark.timeout(400)]
 
 
@@ -80,4 +82,5 @@ def test_four_ranks_at_once_on_an_empty_cache(tmp_path):
     assert all(len(c["generated_tokens"]) == 4 for c in completions)
     cache = env["MEGATRON_COORD_CACHE"]
     dirs = [n for n in os.listdir(cache) if os.path.isdir(os.path.join(cache, n))]
-    assert dirs == ["megatron_coord-default-llama-v1"]  # one complete copy, no temporary dirs
+    expected = os.path.basename(default_checkpoint_path())
+    assert dirs == [expected]  # one complete copy, no temporary dirs

@@ -15,11 +15,9 @@ import logging
 from collections import deque
 from typing import Any
 
-import msgspec
-
 from ..protocol import Headers
 from .liveness import SilenceClock
-from .wire import MEGATRON_IDENTITY, heartbeat_decoder, peek_header
+from .wire import DECODE_ERRORS, MEGATRON_IDENTITY, heartbeat_decoder, peek_header
 
 logger = logging.getLogger("megatron_coord.coordinator")
 
@@ -56,7 +54,7 @@ def parse_registration(identity: bytes, payload: bytes) -> tuple[int | None, boo
         return None
     try:
         _, info = heartbeat_decoder.decode(payload)
-    except msgspec.MsgspecError as exc:
+    except DECODE_ERRORS as exc:
         raise BadRegistration(str(exc)) from None
     rank = info.get("data_parallel_rank")
     if rank is not None and (type(rank) is not int or rank < 0):
@@ -71,7 +69,6 @@ class EngineRegistry:
         self.engines: dict[bytes, Engine] = {}
         self.order: deque[bytes] = deque()  # identities_of_data_parallel_ranks
         self.deterministic_mode = deterministic_mode
-        self.engine_timeout = engine_timeout
         self._silence = SilenceClock(engine_timeout)
         self._last_seen: dict[bytes, float] = {}  # heartbeating engines -> last message time
         self._dead: dict[bytes, None] = {}  # declared dead, newest last (bounded)
