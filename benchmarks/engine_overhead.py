@@ -14,8 +14,8 @@ model (default: the embedded default Llama) with the same number of torch thread
 The two alternate (one in-process run, one end-to-end run, --repeat times, after one warm-up
 each), so load from other processes hits both alike. Overhead = 1 - e2e / in-process tokens/s,
 from the medians and from the best runs (target: <= 10%). A third measurement isolates the
-engine side of coordination: EngineServer.run_once minus engine.step, per step, against a bare
-ROUTER in process. Prints JSON and
+engine side of coordination: EngineServer.run_once minus the engine's step, per step, against a
+bare ROUTER in process. Prints JSON and
 writes benchmarks/results/engine_overhead.json.
 """
 
@@ -96,7 +96,8 @@ async def _drive(address: str, args, stop: bool) -> dict:
 
 
 def server_loop_cost(args, model_path: str, steps: int = 200) -> dict:
-    """Engine-side cost of coordination per step: EngineServer.run_once minus engine.step.
+    """Engine-side cost of coordination per step: EngineServer.run_once minus the engine's
+    step (compute_step + commit_step; the step guard between them counts as overhead).
 
     The server talks to a bare ROUTER in this process (the coordinator's socket type), so the
     numbers hold the poll, TP exchange, signal handling and replies, and nothing of the
@@ -126,16 +127,19 @@ def server_loop_cost(args, model_path: str, steps: int = 200) -> dict:
     while engine.num_requests < args.max_batch_size:
         server.run_once()
     inner = 0.0
-    step = engine.step
 
-    def timed_step():
-        nonlocal inner
-        start = time.perf_counter()
-        result = step()
-        inner += time.perf_counter() - start
-        return result
+    def timed(part):  # engine.step is compute_step + commit_step (the server guards between)
+        def run(*args):
+            nonlocal inner
+            start = time.perf_counter()
+            result = part(*args)
+            inner += time.perf_counter() - start
+            return result
 
-    engine.step = timed_step
+        return run
+
+    engine.compute_step = timed(engine.compute_step)
+    engine.commit_step = timed(engine.commit_step)
     start = time.perf_counter()
     for _ in range(steps):
         server.run_once()

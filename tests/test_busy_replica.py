@@ -21,13 +21,13 @@ STEP_S = 3 * ENGINE_TIMEOUT_S
 def _slow_steps(engine: InferenceEngine) -> None:
     """The fault injection: every step of this engine first sleeps STEP_S (the GIL is released,
     as in a long torch kernel). Only this test's engine object pays for it."""
-    real_step = engine.step
+    real_step = engine.compute_step  # what the server's step guard runs
 
     def slow_step():
         time.sleep(STEP_S)
         return real_step()
 
-    engine.step = slow_step
+    engine.compute_step = slow_step
 
 
 def _serve(model, coordinator_address: str, max_step_s: float):

@@ -164,9 +164,10 @@ class ClientHandlers:
         c = self.c
         if c.shutdown.active:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
-        order = c.registry.order
-        if not order:
-            raise ProtocolError(ErrorCode.NO_ENGINE, "no engine is registered; retry later")
+        routable = c.routing_policy.engines  # registered and healthy
+        if not routable:
+            why = "is healthy" if c.registry.order else "is registered"
+            raise ProtocolError(ErrorCode.NO_ENGINE, f"no engine {why}; retry later")
         if len(c.requests) >= c.limits.max_outstanding:
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
@@ -177,7 +178,7 @@ class ClientHandlers:
         cap = c.limits.max_outstanding_per_engine
         counts = c.requests.per_engine
         if counts.get(engine, 0) >= cap:
-            engine = min(order, key=lambda e: counts.get(e, 0))
+            engine = min(routable, key=lambda e: counts.get(e, 0))
             if counts.get(engine, 0) >= cap:
                 raise ProtocolError(
                     ErrorCode.OVERLOADED,

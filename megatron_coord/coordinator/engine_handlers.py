@@ -206,8 +206,30 @@ class EngineHandlers:
         """HEARTBEAT ``[102, load]``: the engine lives, and reports its load."""
         _, engine.load = decode_as(heartbeat_decoder, payload)
         self._heartbeat(engine)
+        self._route_by_health(engine)
         if self.c.tracks_load:
             self.c.routing_policy.on_load_report(engine.identity, engine.load)
+
+    def _route_by_health(self, engine: Engine) -> None:
+        """``"healthy": false`` (its model steps keep failing): no new request goes to the
+        engine; a healthy report puts it back. It stays registered and in ``order``, so it
+        keeps what it holds and PAUSE / STOP still reach it."""
+        c = self.c
+        policy = getattr(c, "routing_policy", None)
+        identity = engine.identity
+        if policy is None or identity not in c.registry.order:
+            return
+        healthy = engine.load.get("healthy") is not False
+        if healthy == (identity in policy.engines):
+            return
+        if healthy:
+            policy.add_engine(identity)
+            logger.warning("engine %r is healthy again: routing to it", identity)
+            if c.requests.orphans:
+                self._adopt_orphans()
+        else:
+            policy.remove_engine(identity)
+            logger.error("engine %r reports itself unhealthy: routing around it", identity)
 
     def _heartbeat(self, engine: Engine) -> None:
         if self.c.registry.heartbeat(engine, self.c.now):
@@ -273,7 +295,7 @@ class EngineHandlers:
         if c.shutdown.deadline is not None or payload is None:
             c.fail(request_id, ErrorCode.SHUTTING_DOWN, f"the engine stopped ({reason})")
             return
-        if not c.registry.order:
+        if not c.routing_policy.engines:  # none registered, or none healthy
             if c.failover_wait > 0:  # every replica looked lost at once: wait for one
                 c.requests.orphans[request_id] = c.now + c.failover_wait
                 return

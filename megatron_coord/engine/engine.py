@@ -55,6 +55,16 @@ class StepResult:
     prefill_tokens: int = 0  # prompt tokens prefilled in this step
 
 
+@dataclass
+class PendingStep:
+    """A computed step awaiting ``commit_step``: its batch and the first error it raised."""
+
+    decoding: list[RunningRequest]
+    admitted: list[RunningRequest]
+    prefill_tokens: int = 0
+    error: Exception | None = None
+
+
 class InferenceEngine:
     """Continuous batching with a KV cache over a LlamaModel-like ``model``.
 
@@ -225,21 +235,72 @@ class InferenceEngine:
     # ----------------------------------------------------------------- stepping
     def step(self) -> StepResult:
         """Decode one token for each running request and prefill newly admitted ones."""
+        pending = self.compute_step()
+        if pending.error is not None:
+            raise pending.error
+        return self.commit_step(pending)
+
+    def compute_step(self) -> PendingStep:
+        """Admit, run the model and sample: everything of a step but its bookkeeping.
+
+        A phase (the decode, or one prefill group) that raises does not stop the later ones:
+        the first exception is kept in the result, so a rank that fails in sampling or a check
+        still issues the model's remaining collectives, as the other ranks of its TP group do.
+        Nothing leaves a request (finished, streamed) before ``commit_step``, so a failed step
+        can be undone identically on every rank (step_guard.py).
+        """
         if self.suspended:
             raise RuntimeError("the engine is suspended; resume() it first")
-        result = StepResult(finished=self._done)
+        pending = PendingStep(list(self.active.values()), self._admit())
+        if pending.decoding:
+            self._run_phase(pending, self._decode, pending.decoding)
+        for group in self._prefill_groups(pending.admitted):
+            self._run_phase(pending, self._prefill, group)
+            pending.prefill_tokens += len(group) * len(group[0].new.prompt_tokens)
+        return pending
+
+    @staticmethod
+    def _run_phase(pending: PendingStep, phase: Any, batch: list[RunningRequest]) -> None:
+        try:
+            phase(batch)
+        except Exception as exc:  # noqa: BLE001 - kept for the step guard
+            if pending.error is None:
+                pending.error = exc
+
+    def commit_step(self, pending: PendingStep) -> StepResult:
+        """Finish a computed step: termination checks, streaming chunks, finished records."""
+        result = StepResult(finished=self._done, prefill_tokens=pending.prefill_tokens)
         self._done = []
-        decoding = list(self.active.values())
-        admitted = self._admit()
-        if decoding:
-            self._decode(decoding)
-        for group in self._prefill_groups(admitted):
-            self._prefill(group)
-            result.prefill_tokens += len(group) * len(group[0].new.prompt_tokens)
-        result.tokens = len(decoding) + len(admitted)
-        for running in decoding + admitted:
+        result.tokens = len(pending.decoding) + len(pending.admitted)
+        for running in pending.decoding + pending.admitted:
             self._after_token(running, result)
         return result
+
+    # ----------------------------------------------------------------- failed steps
+    def discard(self, running: RunningRequest) -> None:
+        """Drop a request without a record (its failure is reported by the caller)."""
+        if running.slot is not None:
+            self.free_slots.append(running.slot)
+            running.slot = None
+        self.active.pop(running.request_id, None)
+        self._known.discard(running.request_id)
+
+    def requeue(self, batch: list[RunningRequest]) -> None:
+        """Send requests back to the head of the queue, to start over from their prompt.
+
+        Their KV slots are freed, their output and sampler reset (same seed): a rerun yields
+        exactly the tokens the first run would have.
+        """
+        for running in reversed(batch):
+            self.discard(running)
+            self._known.add(running.request_id)
+            p = running.new.params
+            running.sampler = SamplingState(p.temperature, p.top_k, p.top_p, running.new.seed)
+            running.generated = []
+            running.log_probs = [] if p.return_log_probs else None
+            running.prompt_log_probs = None
+            running.streamed = running.steps_since_stream = 0
+            self.waiting.appendleft(running)
 
     def _decode(self, batch: list[RunningRequest]) -> None:
         tokens = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)

@@ -39,6 +39,7 @@ from ..protocol import (
 from ..sampling_params import SamplingParams
 from .engine import InferenceEngine, StepResult
 from .sampling import choose_seed
+from .step_guard import DEFAULT_MAX_STEP_FAILURES, DEFAULT_PROBE_INTERVAL_S, StepGuard
 from .step_heartbeat import DEFAULT_MAX_STEP_S, StepHeartbeat
 from .tp_broadcast import ABORT_SIGNAL, SHUTDOWN_SIGNAL, NewRequest, StepInputs, TPBroadcaster
 
@@ -53,6 +54,10 @@ _FORWARDED_SIGNALS = {
     Headers.PAUSE_ACK,
     Headers.STOP_ACK,
 }
+
+
+# The request id of a replica's self-probes (coordinator request ids are never negative).
+PROBE_REQUEST_ID = -2
 
 
 def engine_identity(data_parallel_rank: int) -> bytes:
@@ -77,12 +82,19 @@ class EngineServer:
         auth_keys: str | None = None,
         reconnect: bool = False,
         max_step_s: float = DEFAULT_MAX_STEP_S,
+        max_step_failures: int = DEFAULT_MAX_STEP_FAILURES,
+        probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
     ) -> None:
         self.engine = engine
         self.state = state
         self.deterministic_mode = deterministic_mode
         self.idle_timeout_ms = max(1, int(idle_timeout_s * 1000))
         self.broadcaster = TPBroadcaster(state)
+        # Failed steps fail their requests, on every rank alike (step_guard.py). Unhealthy and
+        # idle, the TP-coordinator sends a one-token probe through the group now and then.
+        self.guard = StepGuard(engine, state, max_step_failures)
+        self.probe_interval_s = probe_interval_s
+        self._next_probe = 0.0
         # Replica state, identical on every rank of the group (changed only by broadcast inputs).
         self.paused = False
         self.stop_received = False
@@ -282,18 +294,26 @@ class EngineServer:
         self._apply(inputs)
         if self.done or not self.runnable:
             return None
+        healthy = self.guard.healthy
         if self._step_heartbeat is None:
-            result = self.engine.step()
+            outcome = self.guard.step()
         else:
             self._step_heartbeat.begin()
             try:
-                result = self.engine.step()
+                outcome = self.guard.step()
             finally:
                 self._step_heartbeat.end()
+        result = outcome.result
         self.steps += 1
         self.generated_tokens += result.tokens
         self.processed_tokens += result.tokens + result.prefill_tokens
+        if self.guard.healthy != healthy:
+            self._next_heartbeat = 0.0  # tell the coordinator at once
+            self._next_probe = time.monotonic() + self.probe_interval_s
         if self.socket is not None:
+            for request_id, message in outcome.failed:
+                if request_id != PROBE_REQUEST_ID:
+                    self._send_error(request_id, ErrorCode.ENGINE_FAILED, message)
             self._reply(result)
         return result
 
@@ -334,7 +354,20 @@ class EngineServer:
             self.shutdown_requested = True
         if self.shutdown_requested:
             inputs.signals.append(SHUTDOWN_SIGNAL)
+        elif not self.guard.healthy:
+            self._maybe_probe(inputs)
         return inputs
+
+    def _maybe_probe(self, inputs: StepInputs) -> None:
+        """Unhealthy and idle: every probe interval, a one-token request of our own (never
+        replied to) runs through the group; its success makes the replica healthy again."""
+        now = time.monotonic()
+        halted = self.paused or self.suspended or self.stop_received
+        if self.engine.has_work or halted or inputs.requests or now < self._next_probe:
+            return
+        self._next_probe = now + self.probe_interval_s
+        params = SamplingParams(temperature=0.0, top_k=1, num_tokens_to_generate=1)
+        inputs.requests.append(NewRequest(PROBE_REQUEST_ID, [0], params, 0))
 
     def load_report(self) -> dict[str, Any]:
         """What this replica tells the coordinator in a HEARTBEAT."""
@@ -351,6 +384,8 @@ class EngineServer:
             "processed_tokens": self.processed_tokens,
             "paused": self.paused,
             "suspended": self.suspended,
+            "healthy": self.guard.healthy,  # False: its model steps keep failing
+            "failed_steps": self.guard.failed_steps,
         }
         if self.coordinator_timeout_s is not None:
             report["heartbeat_reply"] = True  # a re-registration by HEARTBEAT keeps asking
@@ -461,6 +496,10 @@ class EngineServer:
                 self._send([Headers.STOP_ACK])
 
     def _reply(self, result: StepResult) -> None:
+        if self._next_probe and result.finished:  # a probe ran once: never reply to one
+            result.finished = [
+                r for r in result.finished if r["requests"][0]["request_id"] != PROBE_REQUEST_ID
+            ]
         if result.partial:
             self._send([Headers.PARTIAL_REPLY, result.partial])
         if result.finished:

@@ -26,6 +26,7 @@ from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
 from ..engine.engine import InferenceEngine
 from ..engine.server import EngineServer, engine_identity
+from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
 from ..parallel_state import ParallelState
 
@@ -153,6 +154,7 @@ class ReplicaOptions:
     idle_timeout_s: float = 1.0
     heartbeat_interval_s: float | None = 1.0
     max_step_s: float = DEFAULT_MAX_STEP_S  # a step longer than this is a hang
+    max_step_failures: int = DEFAULT_MAX_STEP_FAILURES  # failed steps in a row: unhealthy
     coordinator_options: dict[str, Any] = field(default_factory=dict)
     # Join an outside coordinator (python -m megatron_coord.coordinator) instead of spawning
     # one: this job's replicas then fail alone, and leave it after coordinator_timeout_s of
@@ -192,6 +194,7 @@ class Replica:
             coordinator_alive=self.coordinator.is_alive if self.coordinator is not None else None,
             heartbeat_interval_s=options.heartbeat_interval_s,
             max_step_s=options.max_step_s,
+            max_step_failures=options.max_step_failures,
             **self._join_options(),
         )
 
@@ -353,6 +356,15 @@ def add_replica_arguments(parser: Any) -> None:
         f"(default {DEFAULT_MAX_STEP_S:g})",
     )
     parser.add_argument(
+        "--max-step-failures",
+        type=int,
+        default=DEFAULT_MAX_STEP_FAILURES,
+        help="a model step that raises fails its batch's requests (engine_failed) and the "
+        "replica serves on; after this many failed steps in a row it reports itself "
+        "unhealthy and gets no new requests until a step succeeds again "
+        f"(default {DEFAULT_MAX_STEP_FAILURES}; 0: never unhealthy)",
+    )
+    parser.add_argument(
         "--deterministic-mode",
         action="store_true",
         help="requests without a seed sample with one derived from their prompt, so the same "
@@ -379,6 +391,7 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         },
         heartbeat_interval_s=args.heartbeat_interval,
         max_step_s=args.max_step_time,
+        max_step_failures=args.max_step_failures,
         auth_keys=args.auth_keys,
     )
 
