@@ -196,8 +196,11 @@ def test_joined_replica_that_loses_the_coordinator_says_so_and_exits(checkpoint,
 
 def test_sigterm_to_a_launch_answers_every_in_flight_request(checkpoint, tmp_path):
     """A launch with its own coordinator: SIGTERM mid-load ends every process, and every
-    request in flight gets an answer (its result, or an error saying why), none hangs."""
-    server = ServeLaunch(tmp_path, checkpoint, 2, 1, "--max-batch-size", "2")
+    request in flight gets an answer (its result, or an error saying why), none hangs. The
+    grace is short, so the drain (test_launch_lifetime.py) leaves requests to fail."""
+    server = ServeLaunch(
+        tmp_path, checkpoint, 2, 1, "--max-batch-size", "2", "--shutdown-grace", "0.2"
+    )
     client = None
     try:
         client = RawClient(server.address)

@@ -81,7 +81,8 @@ class DataParallelInferenceCoordinator:
     ``engine_timeout`` (seconds of silence before an engine of ours is dead, 3),
     ``max_outstanding`` and ``max_outstanding_per_engine`` (``overloaded`` past them),
     ``request_timeout`` (seconds, None), ``shutdown_grace`` (seconds in-flight requests get after
-    SIGTERM/SIGINT, 10), ``failover_wait`` (seconds the requests of a dead engine wait for an
+    SIGTERM/SIGINT, 10), ``shutdown_stops_engines`` (end a graceful shutdown with a STOP round, so
+    the engines of a launch end too; False), ``failover_wait`` (seconds the requests of a dead engine wait for an
     engine when none is left, 10; 0: fail them at once), ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a
     non-loopback bind without keys, with a loud warning).
     """
@@ -111,7 +112,10 @@ class DataParallelInferenceCoordinator:
         self.failover_wait = float(options.pop("failover_wait", DEFAULT_FAILOVER_WAIT_S))
         if not self.failover_wait >= 0:
             raise ValueError("failover_wait must be a non-negative number of seconds")
-        self.shutdown = GracefulShutdown(options.pop("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S))
+        self.shutdown = GracefulShutdown(
+            options.pop("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S),
+            stop_engines=bool(options.pop("shutdown_stops_engines", False)),
+        )
         self.max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         routing = options.pop("routing", "round_robin")
         log_level = options.pop("log_level", None)
@@ -478,7 +482,7 @@ class DataParallelInferenceCoordinator:
         deadlines = [
             self.requests.deadlines.next_deadline(),
             self.registry.next_deadline(),
-            self.shutdown.deadline,
+            self.shutdown.next_deadline(),
             min(self.requests.orphans.values(), default=None),
         ]
         upcoming = [d for d in deadlines if d is not None]
@@ -526,7 +530,21 @@ class DataParallelInferenceCoordinator:
         ):
             for request_id in list(self.requests.engine_of):
                 self.abort(request_id, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
-            self._running = False
+            if self.shutdown.start_stop_round():
+                self._stop_engines()
+            elif self.shutdown.finished(now):
+                self._running = False
+
+    def _stop_engines(self) -> None:
+        """The drain is over: STOP every engine (unless a client's STOP already went out);
+        all_acked ends the loop once they all acked, ``finished`` if they never do."""
+        if self.control.stopping:
+            return
+        self.control.relay(Headers.STOP)
+        for identity in self.registry.order:
+            self.send(identity, HEADER_ONLY[Headers.STOP])
+        if not self.registry.order:  # nobody to wait for
+            self.all_acked(Headers.STOP_ACK)
 
     # ------------------------------------------------------------------ debug view
 

@@ -84,6 +84,8 @@ class EngineServer:
         max_step_s: float = DEFAULT_MAX_STEP_S,
         max_step_failures: int = DEFAULT_MAX_STEP_FAILURES,
         probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
+        drain_s: float | None = None,
+        on_drain: Callable[[], None] | None = None,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -130,6 +132,12 @@ class EngineServer:
         self._reconnect_pending = False
         # Heartbeats during steps longer than the interval (step_heartbeat.py).
         self._step_heartbeat: StepHeartbeat | None = None
+        # A launch's own coordinator drains on SIGTERM and then STOPs every engine: with
+        # drain_s, a first SIGTERM/SIGINT keeps this replica serving (on_drain, rank 0: pass it
+        # on to the coordinator) until that STOP, or drain_s at most; a second ends it at once.
+        self.drain_s = drain_s
+        self.on_drain = on_drain
+        self.drain_deadline: float | None = None
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
@@ -245,8 +253,19 @@ class EngineServer:
             signal.signal(sig, self._on_signal)
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        log.info("rank %d: signal %d, shutting down", self.state.rank, signum)
-        self.shutdown_requested = True
+        if self.drain_s is None or self.drain_deadline is not None:
+            log.info("rank %d: signal %d, shutting down", self.state.rank, signum)
+            self.shutdown_requested = True
+            return
+        log.info(
+            "rank %d: signal %d, serving while the coordinator drains (%g s at most)",
+            self.state.rank,
+            signum,
+            self.drain_s,
+        )
+        self.drain_deadline = time.monotonic() + self.drain_s
+        if self.on_drain is not None:
+            self.on_drain()
 
     def request_shutdown(self) -> None:
         """Ask the loop to end at its next step (safe from another thread)."""
@@ -347,8 +366,12 @@ class EngineServer:
                 )
             if self._reconnect_pending and not self.shutdown_requested:
                 self._register_again(inputs)
+        if self.drain_deadline is not None and time.monotonic() > self.drain_deadline:
+            if not self.shutdown_requested:
+                log.warning("rank %d: no STOP by the end of the drain; exiting", self.state.rank)
+            self.shutdown_requested = True
         if self.coordinator_alive is not None and not self.coordinator_alive():
-            if not self.stop_received:  # after STOP its exit is expected
+            if not self.stop_received and self.drain_deadline is None:  # else it is expected
                 log.error("rank %d: the coordinator process died", self.state.rank)
                 self.coordinator_lost = True
             self.shutdown_requested = True

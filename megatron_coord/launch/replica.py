@@ -6,6 +6,18 @@ shares the address with every rank through torch.distributed. Each rank loads it
 model; the TP-coordinator of each replica connects and registers. ``Replica.serve()`` runs the
 engine loop until STOP (from a client), SIGINT or SIGTERM, then tears everything down, the
 coordinator process included, so no process outlives the launch.
+
+SIGTERM or SIGINT (torchrun forwards them to every worker's process group, so the coordinator
+gets it too; rank 0 also passes it on) drains: the coordinator refuses new requests with
+``shutting_down``, gives those in flight ``shutdown_grace_s`` to finish, fails the rest with
+``shutting_down``, then sends every engine STOP, which ends every rank's loop. Meanwhile every
+rank keeps stepping; one that sees no STOP within ``drain_s()`` leaves anyway, and a second
+signal ends a rank at once. A joined replica (``coordinator_address``) stops at once instead:
+the outside coordinator resubmits its requests elsewhere.
+
+Nothing outlives its launcher (``megatron_coord.lifetime``): a worker is SIGKILLed by the
+kernel when its torchrun agent dies (its launcher is gone, so there is nothing to drain for),
+and rank 0's coordinator and HTTP children end when rank 0 does.
 """
 
 from __future__ import annotations
@@ -24,27 +36,19 @@ import torch.distributed as dist
 from .. import parallel_state
 from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
+from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
 from ..engine.engine import InferenceEngine
 from ..engine.server import EngineServer, engine_identity
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
+from ..lifetime import die_with_parent, warn_unless_main_thread
 from ..parallel_state import ParallelState
 
 log = logging.getLogger(__name__)
 
 COORDINATOR_START_TIMEOUT_S = 120.0
-
-
-def _set_parent_death_signal() -> None:
-    """Linux: have the kernel SIGTERM this process if its parent (global rank 0) dies."""
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
-    except OSError:
-        pass
+# A draining rank waits this much past the grace and the STOP round for its STOP.
+DRAIN_MARGIN_S = 2.0
 
 
 def _coordinator_main(
@@ -57,11 +61,14 @@ def _coordinator_main(
     deterministic_mode: bool,
     options: dict[str, Any],
 ) -> None:
-    """Target of the spawned coordinator process: load the tokenizer and serve."""
-    _set_parent_death_signal()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        return
-    # SIGTERM from rank 0 (or the parent-death signal) ends the process like Ctrl-C would.
+    """Target of the spawned coordinator process: load the tokenizer and serve.
+
+    Rank 0's death sends it SIGHUP, which ``GracefulShutdown`` takes as "fail what is in
+    flight and exit now" (until its handlers are installed: the default action, death)."""
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # not ignored, even under nohup
+    die_with_parent(signal.SIGHUP, parent_pid)
+    # SIGTERM before the coordinator is up ends the process like Ctrl-C would; once it
+    # serves, SIGTERM/SIGINT drain (GracefulShutdown).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     from ..coordinator.coordinator import DataParallelInferenceCoordinator
     from ..tokenizer import load_tokenizer
@@ -84,7 +91,10 @@ def spawn_coordinator(
     deterministic_mode: bool = False,
     options: dict[str, Any] | None = None,
 ) -> tuple[multiprocessing.process.BaseProcess, str, Any]:
-    """Start the coordinator process; return (process, address, ready_event)."""
+    """Start the coordinator process; return (process, address, ready_event).
+
+    Call it from the main thread: the child dies with the thread that started it."""
+    warn_unless_main_thread("the coordinator process")
     ctx = multiprocessing.get_context("spawn")
     parent_end, child_end = ctx.Pipe(duplex=False)
     ready = ctx.Event()
@@ -155,6 +165,8 @@ class ReplicaOptions:
     heartbeat_interval_s: float | None = 1.0
     max_step_s: float = DEFAULT_MAX_STEP_S  # a step longer than this is a hang
     max_step_failures: int = DEFAULT_MAX_STEP_FAILURES  # failed steps in a row: unhealthy
+    # SIGTERM/SIGINT: seconds in-flight requests get to finish before they fail (the drain).
+    shutdown_grace_s: float = DEFAULT_SHUTDOWN_GRACE_S
     coordinator_options: dict[str, Any] = field(default_factory=dict)
     # Join an outside coordinator (python -m megatron_coord.coordinator) instead of spawning
     # one: this job's replicas then fail alone, and leave it after coordinator_timeout_s of
@@ -164,6 +176,10 @@ class ReplicaOptions:
     coordinator_reconnect: bool = False  # wait to register again instead of exiting
     auth_keys: str | None = None
 
+    def drain_s(self) -> float:
+        """How long a signalled rank serves on, at most, waiting for the coordinator's STOP."""
+        return self.shutdown_grace_s + STOP_ROUND_S + DRAIN_MARGIN_S
+
 
 class Replica:
     """This rank's part of a launch: state, model, engine, server, and (rank 0) the coordinator."""
@@ -172,6 +188,9 @@ class Replica:
         from ..models.checkpoint import load_model
         from ..models.default_model import default_checkpoint_dir
 
+        # First: a worker whose torchrun agent died is killed outright (no drain: nobody is
+        # left to report to); its coordinator and HTTP children follow by their own signal.
+        die_with_parent(signal.SIGKILL)
         self.options = options
         self.state: ParallelState = parallel_state.initialize(options.tensor_parallel_size)
         self.model_path = options.model or default_checkpoint_dir()
@@ -195,8 +214,22 @@ class Replica:
             heartbeat_interval_s=options.heartbeat_interval_s,
             max_step_s=options.max_step_s,
             max_step_failures=options.max_step_failures,
+            **self._drain_options(),
             **self._join_options(),
         )
+
+    def _drain_options(self) -> dict[str, Any]:
+        """EngineServer options for draining on SIGTERM/SIGINT: only where this launch owns
+        its coordinator (it STOPs the engines once drained); rank 0 passes the signal on."""
+        if self.options.coordinator_address is not None:
+            return {}
+        return {"drain_s": self.options.drain_s(), "on_drain": self._forward_drain}
+
+    def _forward_drain(self) -> None:
+        """From the signal handler: SIGTERM the coordinator, which drains (torchrun's signal
+        usually reached it already; a second request changes nothing)."""
+        if self.coordinator is not None and self.coordinator.is_alive():
+            self.coordinator.terminate()
 
     def _join_options(self) -> dict[str, Any]:
         """EngineServer options for a replica joining an outside coordinator (else none but
@@ -216,7 +249,11 @@ class Replica:
         box: list[Any] = [None]
         if self.state.rank == 0:
             try:
-                options = {"host": self.options.coordinator_host}
+                options = {
+                    "host": self.options.coordinator_host,
+                    "shutdown_grace": self.options.shutdown_grace_s,
+                    "shutdown_stops_engines": True,
+                }
                 if self.options.auth_keys is not None:
                     options["auth_keys"] = self.options.auth_keys
                 options.update(self.options.coordinator_options)
@@ -255,7 +292,8 @@ class Replica:
         """Close sockets, end the coordinator process (rank 0), leave the process group."""
         self.server.close()
         if self.coordinator is not None:
-            # After a STOP round trip it exits by itself; after a signal it gets SIGTERM.
+            # After a STOP round trip (a client's, or the drain's) it exits by itself; else
+            # (a second signal, a drain that never ended) it gets SIGTERM.
             grace = 10.0 if self.server.stop_received else 0.5
             stop_process(self.coordinator, grace)
             self.coordinator = None
@@ -365,6 +403,16 @@ def add_replica_arguments(parser: Any) -> None:
         f"(default {DEFAULT_MAX_STEP_FAILURES}; 0: never unhealthy)",
     )
     parser.add_argument(
+        "--shutdown-grace",
+        type=float,
+        default=DEFAULT_SHUTDOWN_GRACE_S,
+        help="on SIGTERM/SIGINT (torchrun forwards them) new requests are refused with "
+        "shutting_down and those in flight get this many seconds to finish before they fail "
+        f"with shutting_down; then every process exits (default {DEFAULT_SHUTDOWN_GRACE_S:g}). "
+        f"Keep it plus {STOP_ROUND_S + DRAIN_MARGIN_S:g} s under torchrun's --shutdown-timeout "
+        "(30 s by default), after which torchrun SIGKILLs the workers",
+    )
+    parser.add_argument(
         "--deterministic-mode",
         action="store_true",
         help="requests without a seed sample with one derived from their prompt, so the same "
@@ -392,6 +440,7 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         heartbeat_interval_s=args.heartbeat_interval,
         max_step_s=args.max_step_time,
         max_step_failures=args.max_step_failures,
+        shutdown_grace_s=args.shutdown_grace,
         auth_keys=args.auth_keys,
     )
 
@@ -497,9 +546,10 @@ def run_generate(
     replica.serve()
     if thread is None:
         return None
-    # After STOP the client has its results; after a signal it may wait forever on requests
-    # the stopped engines will never finish, so give it a moment and leave it (a daemon).
-    thread.join(None if replica.server.stop_received else 2.0)
+    # After STOP (a client's, or the end of a drain) the client has its answers; after a
+    # signal that ended the loop at once it may wait forever on requests the stopped engines
+    # will never finish, so give it a moment and leave it (a daemon).
+    thread.join(60.0 if replica.server.stop_received else 2.0)
     if thread.is_alive():
         raise RuntimeError("generation interrupted before every prompt completed")
     if "error" in results:

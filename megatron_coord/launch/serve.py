@@ -6,8 +6,13 @@ r"""Serve a model with N data-parallel replicas of T tensor-parallel ranks until
 Global rank 0 spawns the coordinator on 127.0.0.1:PORT (a random free port if PORT is taken or
 not given) and prints its address; clients (megatron_coord.InferenceClient, or Megatron-core's)
 connect there. Every rank serves until a client sends STOP (``await client.stop_engines()``),
-or until Ctrl-C / SIGTERM; the coordinator process ends with the launch. With --http-port,
-global rank 0 also serves the OpenAI-compatible HTTP API (megatron_coord.serving).
+or until Ctrl-C / SIGTERM, which drain: new requests are refused with shutting_down, those in
+flight get --shutdown-grace seconds to finish (then fail with shutting_down), and every process
+exits 0. With --http-port, global rank 0 also serves the OpenAI-compatible HTTP API
+(megatron_coord.serving) from a child process; on the signal it stops accepting connections
+and lets the HTTP requests in flight end with the drain. If the torchrun agent is killed
+(SIGKILL), every process of the launch dies with it within about a second
+(megatron_coord.lifetime).
 
 With --coordinator-address tcp://H:P the job spawns no coordinator: its replicas register with
 an existing one (``python -m megatron_coord.coordinator --port P``), which outlives them, so a
@@ -87,7 +92,7 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
     """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
     rank's engine loop); it connects once every engine has registered."""
     from ..serving import HTTPServerProcess
-    from .replica import COORDINATOR_START_TIMEOUT_S
+    from .replica import COORDINATOR_START_TIMEOUT_S, DRAIN_MARGIN_S
 
     name = args.served_model_name or (
         os.path.basename(os.path.normpath(args.model)) if args.model else "megatron_coord-default"
@@ -99,6 +104,8 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
         host=args.http_host,
         port=args.http_port,
         connect_timeout_s=COORDINATOR_START_TIMEOUT_S,
+        # In flight at a SIGTERM: answered within the drain (a result, or shutting_down).
+        graceful_shutdown_s=replica.options.drain_s() + DRAIN_MARGIN_S,
         api_key=args.api_key or os.environ.get("MEGATRON_COORD_API_KEY"),
     ).start()
     print(f"OpenAI-compatible API at {http.url}/v1 (model {name!r})", flush=True)

@@ -21,6 +21,7 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from ..lifetime import die_with_parent, warn_unless_main_thread
 from .app import create_app
 from .state import DEFAULT_MODEL_NAME, check_options
 
@@ -46,9 +47,20 @@ def _url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _uvicorn_server(app: FastAPI, log_level: str) -> uvicorn.Server:
+DEFAULT_GRACEFUL_SHUTDOWN_S = 5.0
+
+
+def _uvicorn_server(
+    app: FastAPI, log_level: str, graceful_s: float = DEFAULT_GRACEFUL_SHUTDOWN_S
+) -> uvicorn.Server:
+    """On SIGTERM/SIGINT uvicorn stops accepting connections and gives the requests in flight
+    ``graceful_s`` seconds before it cancels them."""
     config = uvicorn.Config(
-        app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=5
+        app,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=max(1, round(graceful_s)),
     )
     return uvicorn.Server(config)
 
@@ -156,8 +168,11 @@ class HTTPServerProcess:
     For ``launch/serve.py``: global rank 0 also runs an engine loop, and an HTTP server on a
     thread there would take the GIL from it under load. In its own process it costs the engine
     nothing. The child binds first and reports its port (so ``port=0`` works), then connects to
-    the coordinator in the background; it dies with its parent (Linux parent-death signal).
+    the coordinator in the background. It is SIGKILLed when its parent dies (Linux
+    parent-death signal: ``megatron_coord.lifetime``), so start it from the main thread.
     ``tokenizer`` is a checkpoint directory or "gpt2" (the child loads it), or None.
+    On SIGTERM it stops accepting connections and gives the HTTP requests in flight
+    ``graceful_shutdown_s`` seconds (a launch: its coordinator's drain and STOP round).
     """
 
     def __init__(
@@ -168,12 +183,23 @@ class HTTPServerProcess:
         host: str = "127.0.0.1",
         port: int = 0,
         log_level: str = "warning",
+        graceful_shutdown_s: float = DEFAULT_GRACEFUL_SHUTDOWN_S,
         **options: Any,
     ) -> None:
         check_options(options)  # here, not only in the child: a typo fails the caller at once
         self.host = host
         self.port = port
-        self._args = (coordinator_address, tokenizer, model_name, host, port, log_level, options)
+        self.graceful_shutdown_s = graceful_shutdown_s
+        self._args = (
+            coordinator_address,
+            tokenizer,
+            model_name,
+            host,
+            port,
+            log_level,
+            graceful_shutdown_s,
+            options,
+        )
         self.process: multiprocessing.process.BaseProcess | None = None
 
     @property
@@ -183,6 +209,7 @@ class HTTPServerProcess:
     def start(self, timeout_s: float = 120.0) -> HTTPServerProcess:
         """Spawn the server; return once it is bound and its tokenizer loaded (its port known),
         before it has connected to the coordinator."""
+        warn_unless_main_thread("the HTTP server process")
         ctx = multiprocessing.get_context("spawn")
         parent_end, child_end = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
@@ -208,14 +235,15 @@ class HTTPServerProcess:
         self.port = reply
         return self
 
-    def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL after ``timeout_s``."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL after ``timeout_s`` (default:
+        the graceful shutdown's time and 5 s more)."""
         process, self.process = self.process, None
         if process is None:
             return
         if process.is_alive():
             process.terminate()
-            process.join(timeout_s)
+            process.join(self.graceful_shutdown_s + 5.0 if timeout_s is None else timeout_s)
         if process.is_alive():
             process.kill()
         process.join()
@@ -230,11 +258,12 @@ def _server_process_main(
     host: str,
     port: int,
     log_level: str,
+    graceful_s: float,
     options: dict[str, Any],
 ) -> None:
     """Target of HTTPServerProcess: bind, load the tokenizer, report the port (or the error),
     serve."""
-    _die_with_parent(parent_pid)
+    die_with_parent(signal.SIGKILL, parent_pid)  # its parent gone, nothing is worth finishing
     logging.basicConfig(level=log_level.upper())
     try:
         sock = bind_socket(host, port)
@@ -245,18 +274,7 @@ def _server_process_main(
     conn.send(sock.getsockname()[1])
     conn.close()
     with contextlib.suppress(KeyboardInterrupt):
-        _uvicorn_server(app, log_level).run(sockets=[sock])
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Linux: have the kernel SIGTERM this process when its parent dies (no orphan servers)."""
-    with contextlib.suppress(OSError, AttributeError):
-        import ctypes
-
-        pr_set_pdeathsig = 1
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(0)
+        _uvicorn_server(app, log_level, graceful_s).run(sockets=[sock])
 
 
 def load_cli_tokenizer(spec: str | None) -> Any | None:
