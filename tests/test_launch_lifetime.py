@@ -72,6 +72,7 @@ class Launch:
         return [pid for pid in processes_with(self.marker) if _ppid(pid) == self.proc.pid]
 
     def kill(self) -> None:
+        print(self.output()[-8000:])  # pytest shows it when the test failed
         for pid in processes_with(self.marker):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -194,9 +195,9 @@ def test_sigterm_drains_in_flight_requests_then_every_process_exits(tmp_path, ch
 
     try:
         waiting, outcomes, refused = asyncio.run(scenario())
-        assert refused.code == "shutting_down"
+        assert refused.code == "shutting_down", launch.output()
         http.join(30)
-        assert in_flight_http == {"status": 200}  # the HTTP server let it finish too
+        assert in_flight_http == {"status": 200}, launch.output()  # HTTP let it finish too
         # ...and took no new one: its listener is closed (or the coordinator refused it).
         assert "error" in late_http or late_http == {"status": 503}, late_http
         assert waiting >= 2  # the drain had requests to finish
