@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
@@ -21,6 +22,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from .coordinator_stats import is_serving
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
 from .sampling_params import SamplingParams
 
@@ -29,6 +31,9 @@ logger = logging.getLogger("megatron_coord.client")
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
 _END = object()  # end of a streaming request's queue
+DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
+DEFAULT_COORDINATOR_TIMEOUT_S = 3.0
+DEFAULT_RECONNECT_TIMEOUT_S = 30.0
 
 
 class RequestError(Exception):
@@ -62,7 +67,17 @@ def _stream_tail(
 
 
 class InferenceClient:
-    """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring)."""
+    """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring).
+
+    It outlives its coordinator: it pings when the connection is quiet (``heartbeat_interval``)
+    and after ``coordinator_timeout`` seconds without a word (or at once when a restarted
+    coordinator does not know it) it opens a new connection, handshakes again and, with
+    ``resubmit`` (the default), sends again every request in flight of which nothing reached the
+    caller yet; a stream that already yielded a part fails with ``ConnectionError`` (a partial
+    generation cannot be resumed). Requests still waiting ``reconnect_timeout`` seconds after the
+    loss fail with ``ConnectionError``, as do new ones until the coordinator is back; the same
+    object serves again once it is. ``connected`` is set while a coordinator has acknowledged.
+    """
 
     def __init__(
         self,
@@ -70,54 +85,132 @@ class InferenceClient:
         connect_timeout: float = 30.0,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         auth_keys: str | None = None,
+        heartbeat_interval: float | None = DEFAULT_HEARTBEAT_INTERVAL_S,
+        coordinator_timeout: float = DEFAULT_COORDINATOR_TIMEOUT_S,
+        reconnect_timeout: float = DEFAULT_RECONNECT_TIMEOUT_S,
+        resubmit: bool = True,
     ) -> None:
+        if heartbeat_interval is not None and not 0 < heartbeat_interval < coordinator_timeout:
+            raise ValueError("heartbeat_interval must be in (0, coordinator_timeout)")
         self.address = inference_coordinator_address
         self.auth_keys = auth_keys  # CURVE key directory (megatron_coord.auth), if required
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
+        self.heartbeat_interval = heartbeat_interval  # None: never ping, never reconnect
+        self.coordinator_timeout = coordinator_timeout
+        self.reconnect_timeout = reconnect_timeout
+        self.resubmit = resubmit
         self.context: zmq.asyncio.Context | None = None
         self.socket: zmq.asyncio.Socket | None = None
         self.completion_futures: dict[int, asyncio.Future] = {}
         self.request_submission_times: dict[int, float] = {}
         self._streams: dict[int, asyncio.Queue] = {}
+        self._submits: dict[int, bytes] = {}  # SUBMIT frame of each request in flight
+        self._partial: set[int] = set()  # streams that yielded a part: never resubmitted
         self._aborting: set[int] = set()  # aborts sent, reply not yet received: sent once
+        self._stats_waiters: deque[asyncio.Future] = deque()
         self.next_request_id = 0
         self.listener_task: asyncio.Task | None = None
+        self._watchdog_task: asyncio.Task | None = None
         self.running = asyncio.Event()
         self.paused = asyncio.Event()
         self.stopped = asyncio.Event()
+        self.connected = asyncio.Event()
         self.last_error: RequestError | None = None  # the last error not tied to a request
+        self.lost_reason: str | None = None  # why the coordinator was lost, while it is
+        self.reconnects = 0  # handshakes after a loss
+        self._last_heard = 0.0
+        self._reconnect_deadline: float | None = None  # requests wait until then
 
-    async def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Connect, handshake (raises TimeoutError after ``connect_timeout``), start listening."""
+    async def start(self, loop: asyncio.AbstractEventLoop | None = None, wait: bool = True) -> None:
+        """Connect, handshake, start listening. With ``wait`` (default) return once the
+        coordinator acknowledged (raises TimeoutError after ``connect_timeout``); without,
+        return at once and handshake in the background (``connected`` tells when)."""
         self.context = zmq.asyncio.Context()
-        self.socket = self.context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
-        self.socket.setsockopt(zmq.SNDHWM, 0)
-        self.socket.setsockopt(zmq.RCVHWM, 0)
-        if self.auth_keys is not None:
-            from .auth import apply_client
-
-            apply_client(self.socket, self.auth_keys)
-        self.socket.connect(self.address)
         self.running.set()
         self.paused.clear()
         self.stopped.clear()
-        await self.socket.send(_encode([int(Headers.CONNECT), {"protocol": PROTOCOL_VERSION}]))
+        sock = self._open_socket()
+        if wait:
+            try:
+                reply = await asyncio.wait_for(sock.recv(), self.connect_timeout)
+            except asyncio.TimeoutError:
+                self._close()
+                raise TimeoutError(
+                    f"no CONNECT_ACK from the coordinator at {self.address} within "
+                    f"{self.connect_timeout} s (is it running and are all engines registered?)"
+                ) from None
+            message = _decode(reply)
+            if message[0] != Headers.CONNECT_ACK:
+                self._close()
+                raise ConnectionError(f"expected CONNECT_ACK from {self.address}, got {message!r}")
+            self._on_connect_ack()
+        else:
+            self._reconnect_deadline = time.monotonic() + self.connect_timeout
+        self.listener_task = asyncio.get_running_loop().create_task(self._recv_task(sock))
+        if self.heartbeat_interval is not None:
+            self._watchdog_task = asyncio.get_running_loop().create_task(self._watchdog())
+
+    def _open_socket(self) -> zmq.asyncio.Socket:
+        """A new DEALER to the coordinator with CONNECT queued first: whatever is sent on it
+        later reaches the coordinator after the handshake (ZMQ keeps a socket's order)."""
+        sock = self.context.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.SNDHWM, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)
+        if self.auth_keys is not None:
+            from .auth import apply_client
+
+            apply_client(sock, self.auth_keys)
+        sock.connect(self.address)
+        sock.send(_encode([int(Headers.CONNECT), {"protocol": PROTOCOL_VERSION}]))
+        self.socket = sock
+        return sock
+
+    def _on_connect_ack(self) -> None:
+        if self.lost_reason is not None:
+            logger.warning("client: the coordinator at %s is back", self.address)
+            self.reconnects += 1
+        self.lost_reason = None
+        self._reconnect_deadline = None
+        self._last_heard = time.monotonic()
+        self.connected.set()
+
+    async def wait_ready(self, min_engines: int = 1, timeout: float | None = None) -> dict:
+        """Wait until the coordinator acknowledged and has ``min_engines`` healthy engines
+        registered; returns its STATS. TimeoutError after ``timeout`` seconds (None: never)."""
+
+        async def ready() -> dict:
+            while True:
+                await self.connected.wait()
+                with contextlib.suppress(asyncio.TimeoutError, ConnectionError):
+                    stats = await self.stats(timeout=1.0)
+                    engines = [e for e in stats["engines"] if is_serving(e)]
+                    if len(engines) >= min_engines:
+                        return stats
+                await asyncio.sleep(0.05)
+
         try:
-            reply = await asyncio.wait_for(self.socket.recv(), self.connect_timeout)
+            return await asyncio.wait_for(ready(), timeout)
         except asyncio.TimeoutError:
-            self._close()
             raise TimeoutError(
-                f"no CONNECT_ACK from the coordinator at {self.address} within "
-                f"{self.connect_timeout} s (is it running and are all engines registered?)"
+                f"the coordinator at {self.address} did not have {min_engines} engine(s) ready "
+                f"within {timeout} s"
             ) from None
-        message = _decode(reply)
-        if message[0] != Headers.CONNECT_ACK:
-            self._close()
-            raise ConnectionError(f"expected CONNECT_ACK from {self.address}, got {message!r}")
-        self.listener_task = asyncio.get_running_loop().create_task(self._recv_task())
+
+    async def stats(self, timeout: float = 5.0) -> dict:
+        """The coordinator's STATS (engines, their load, requests in flight)."""
+        if not self.connected.is_set():
+            raise ConnectionError(self._unreachable())
+        future = asyncio.get_running_loop().create_future()
+        self._stats_waiters.append(future)
+        self.socket.send(_encode([int(Headers.STATS)]))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        finally:
+            if not future.done():
+                future.cancel()  # its reply, if it comes, is dropped in order
 
     # ------------------------------------------------------------------ requests
 
@@ -133,10 +226,14 @@ class InferenceClient:
         )
         if streaming and not params.get("streaming_interval"):
             params = {**params, "streaming_interval": 1}
+        if self._gave_up():
+            raise ConnectionError(self._unreachable())
         request_id = self.next_request_id
         self.next_request_id = request_id + 1
         message = _encode([int(Headers.SUBMIT_REQUEST), request_id, prompt, params])
         self.socket.send(message, copy=len(message) < 65536)
+        if self.heartbeat_interval is not None:
+            self._submits[request_id] = message  # sent again if the coordinator is lost
         self.request_submission_times[request_id] = time.perf_counter()
         return request_id
 
@@ -180,6 +277,7 @@ class InferenceClient:
                 else:
                     streamed_tokens += len(item["tokens"])
                     streamed_text += item["text"]
+                    self._partial.add(request_id)
                 yield item
         finally:
             # Still registered: its final record or error never came (the listener unregisters
@@ -188,7 +286,7 @@ class InferenceClient:
             if request_id in self._streams and self.socket is not None:
                 self.abort_request(request_id)
             self._streams.pop(request_id, None)
-            self.request_submission_times.pop(request_id, None)
+            self._forget(request_id)
 
     def abort_request(self, future_or_id: asyncio.Future | int) -> None:
         """Ask the engine holding the request to abort it; its future gets the final record.
@@ -204,9 +302,9 @@ class InferenceClient:
 
     # ------------------------------------------------------------------ replies
 
-    async def _recv_task(self) -> None:
-        """Await replies and resolve futures; drains every ready frame per wake-up."""
-        sock = self.socket
+    async def _recv_task(self, sock: zmq.asyncio.Socket) -> None:
+        """Await replies on ``sock`` and resolve futures; drains every ready frame per wake-up.
+        Ends when the socket is replaced (a reconnection) or closed."""
         while True:
             try:
                 frames = [await sock.recv()]
@@ -219,7 +317,10 @@ class InferenceClient:
                 if exc.errno == zmq.ENOTSOCK:
                     return
                 raise
+            self._last_heard = time.monotonic()
             for frame in frames:
+                if self.socket is not sock:
+                    return  # lost and replaced: what the old connection still says is stale
                 try:
                     self._dispatch(_decode(frame))
                 except Exception:
@@ -236,14 +337,126 @@ class InferenceClient:
                     {"request_id": message[1], "tokens": message[2], "text": message[3]}
                 )
         elif header == Headers.ERROR:
+            if message[2] == "not_connected" and self.heartbeat_interval is not None:
+                # A coordinator that does not know us: it restarted at the same address.
+                self._lose("the coordinator does not know this client (it restarted)")
+                return
             self._on_error(message[1], message[2], message[3])
+        elif header == Headers.HEARTBEAT:
+            pass  # an answer to our ping: the coordinator lives (noted on receipt)
+        elif header == Headers.STATS:
+            while self._stats_waiters:
+                waiter = self._stats_waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(message[1])
+                    break
+        elif header == Headers.CONNECT_ACK:
+            self._on_connect_ack()  # what was resent after a loss is already queued behind
         elif header == Headers.PAUSE_ACK:
             self.paused.set()
         elif header == Headers.STOP_ACK:
             self.stopped.set()
 
+    # ------------------------------------------------------------------ a lost coordinator
+
+    async def _watchdog(self) -> None:
+        """Ping a quiet coordinator; declare it lost after ``coordinator_timeout`` of silence,
+        and fail what waits for it past ``reconnect_timeout``."""
+        interval = self.heartbeat_interval
+        ping = _encode([int(Headers.HEARTBEAT)])
+        woke = time.monotonic()
+        while True:
+            await asyncio.sleep(interval / 2)
+            now = time.monotonic()
+            late = now - woke > interval  # this loop was blocked: silence proves nothing
+            woke = now
+            if self.stopped.is_set() or self.socket is None:
+                continue  # after STOP_ACK the coordinator exits: not a loss
+            if self.connected.is_set():
+                silent = now - self._last_heard
+                if silent >= interval:
+                    self.socket.send(ping)
+                if silent > self.coordinator_timeout and not late:
+                    self._lose(f"no message from it for {silent:.1f} s")
+            elif self._reconnect_deadline is not None and now >= self._reconnect_deadline:
+                self._give_up()
+
+    def _lose(self, why: str) -> None:
+        """The coordinator is gone: a new connection, CONNECT queued, and (resubmit) every
+        request that nothing of it reached the caller sent again behind it."""
+        if not self.connected.is_set():
+            return
+        logger.warning("client: lost the coordinator at %s (%s); reconnecting", self.address, why)
+        self.connected.clear()
+        self.lost_reason = why
+        self._reconnect_deadline = time.monotonic() + self.reconnect_timeout
+        for request_id in [r for r in self._streams if r in self._partial]:
+            self._fail_request(request_id, ConnectionError(self._lost_message(partial=True)))
+        if not self.resubmit:
+            for request_id in list(self._submits):
+                self._fail_request(request_id, ConnectionError(self._lost_message()))
+        self._replace_socket()
+        if self.resubmit:
+            self._resend()  # queued behind CONNECT: delivered once the coordinator is back
+
+    def _resend(self) -> None:
+        """Send every request in flight again (after a loss, behind the new CONNECT)."""
+        for message in self._submits.values():
+            self.socket.send(message, copy=len(message) < 65536)
+
+    def _give_up(self) -> None:
+        """The reconnect deadline passed: fail what waits; new requests fail at once until the
+        coordinator is back (a fresh connection carries only CONNECT, so nothing stale runs)."""
+        self._reconnect_deadline = None
+        waiting = list(self._submits)
+        for request_id in waiting:
+            self._fail_request(request_id, ConnectionError(self._unreachable()))
+        if waiting:
+            logger.error("client: %d request(s) failed: %s", len(waiting), self._unreachable())
+        self._replace_socket()
+
+    def _gave_up(self) -> bool:
+        return not self.connected.is_set() and self._reconnect_deadline is None
+
+    def _replace_socket(self) -> None:
+        old, self.socket = self.socket, None
+        if old is not None:
+            old.close(0)
+        if self.listener_task is not None:
+            self.listener_task.cancel()
+        for waiter in self._stats_waiters:
+            waiter.cancel()
+        self._stats_waiters.clear()
+        self._aborting.clear()
+        sock = self._open_socket()
+        self.listener_task = asyncio.get_running_loop().create_task(self._recv_task(sock))
+
+    def _fail_request(self, request_id: int, error: Exception) -> None:
+        self._forget(request_id)
+        self._hand_over(request_id, error, failed=True)
+
+    def _forget(self, request_id: int) -> None:
+        self._submits.pop(request_id, None)
+        self._partial.discard(request_id)
+        self.request_submission_times.pop(request_id, None)
+
+    def _lost_message(self, partial: bool = False) -> str:
+        what = "after part of it was streamed to you (a partial generation cannot be resumed)"
+        if not partial:
+            what = "and resubmission is off"
+        return f"lost the coordinator at {self.address} ({self.lost_reason}) {what}"
+
+    def _unreachable(self) -> str:
+        why = f" ({self.lost_reason})" if self.lost_reason else ""
+        return (
+            f"the coordinator at {self.address} is unreachable{why}; gave up waiting after "
+            f"{self.reconnect_timeout:g} s (the client reconnects by itself when it is back)"
+        )
+
     def _on_reply(self, request_id: int, record: dict[str, Any]) -> None:
         self._aborting.discard(request_id)
+        self._submits.pop(request_id, None)
+        self._partial.discard(request_id)
         started = self.request_submission_times.pop(request_id, None)
         if started is not None:
             record["latency"] = time.perf_counter() - started
@@ -254,7 +467,8 @@ class InferenceClient:
         if type(request_id) is int:
             self._aborting.discard(request_id)
         error = RequestError(code, text)
-        self.request_submission_times.pop(request_id, None)
+        if type(request_id) is int:
+            self._forget(request_id)
         if self._hand_over(request_id, error, failed=True):
             return
         logger.warning("client: coordinator error: %s", error)
@@ -319,9 +533,12 @@ class InferenceClient:
         Pending futures are cancelled, and open streams end with a ConnectionError, so no
         reader waits forever for a record that can no longer arrive.
         """
-        if self.listener_task is not None:
-            self.listener_task.cancel()
-            self.listener_task = None
+        for task in (self.listener_task, self._watchdog_task):
+            if task is not None:
+                task.cancel()
+        self.listener_task = self._watchdog_task = None
+        self._submits.clear()
+        self._partial.clear()
         for future in self.completion_futures.values():
             if not future.done():
                 future.cancel()
@@ -332,6 +549,7 @@ class InferenceClient:
 
     def _close(self) -> None:
         self.running.clear()
+        self.connected.clear()
         if self.socket is not None:
             self.socket.close(0)
             self.socket = None

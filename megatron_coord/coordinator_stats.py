@@ -29,6 +29,15 @@ from .protocol import (
 log = logging.getLogger(__name__)
 
 
+def is_serving(engine: Any) -> bool:
+    """Whether a STATS ``engines`` entry takes requests: alive, and not reporting that its
+    model steps keep failing (``"healthy": false`` in its load report)."""
+    if not isinstance(engine, dict):
+        return False
+    load = engine.get("load") if isinstance(engine.get("load"), dict) else {}
+    return engine.get("alive") is True and load.get("healthy") is not False
+
+
 class CoordinatorStats:
     """Queries ``[STATS]`` on a coordinator; ``await query(timeout)`` -> dict or None."""
 

@@ -46,6 +46,7 @@ class Headers(enum.IntEnum):
     # "processed_tokens": int (cumulative prompt tokens prefilled + tokens generated), ...}]
     # coord -> engine: [HEARTBEAT, {}] answers each HEARTBEAT of an engine that asked for it
     # ("heartbeat_reply": true), so the engine can tell a lost coordinator from a quiet one.
+    # client -> coord: [HEARTBEAT] (clients of ours); coord -> client: [HEARTBEAT, {}] at once.
     HEARTBEAT = 102
     # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids]], ...]]
     # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text]

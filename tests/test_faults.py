@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 from conftest import (
     Peer,
@@ -22,8 +23,41 @@ from megatron_coord.testing.fake_engine import spawn
 PARAMS = {"num_tokens_to_generate": 3}
 
 
-def test_no_engine_is_refused_at_once_then_a_joining_engine_serves():
-    coord, client = elastic_coordinator()
+def test_requests_before_any_engine_wait_for_one_then_are_served():
+    """Replicas still loading when clients start: requests are held, not refused."""
+    coord, client = elastic_coordinator(wait_for_engine=30)
+    client.send(3, "early", "hi", PARAMS)
+    client.send(3, "given-up", "hi", PARAMS)
+    client.send(104, "given-up")  # an abort of a held request ends it at once
+    error = client.recv()
+    assert error[:3] == [100, "given-up", "aborted"], error
+    assert not client.poll(300)  # "early" is held, not answered
+    assert query_stats(client)["maps"]["orphans"] == 1
+    engine = spawn(coord.address, 0)
+    try:
+        reply = client.recv()
+        assert reply[:2] == [4, "early"] and reply[2]["requests"][0]["generated_text"] == "hih"
+        stats = query_stats(client)
+        assert stats["requests_resubmitted"] == 0 and stats["maps"]["orphans"] == 0
+        stop(coord, client)
+        assert engine.wait(30) == 0
+    finally:
+        engine.kill()
+
+
+def test_a_request_waits_for_an_engine_at_most_wait_for_engine():
+    coord, client = elastic_coordinator(wait_for_engine=0.3)
+    started = time.monotonic()
+    client.send(3, "x", "hi", PARAMS)
+    error = client.recv()
+    assert time.monotonic() - started >= 0.3
+    assert error[:3] == [100, "x", "no_engine"] and "registered within 0.3 s" in error[3]
+    assert query_stats(client)["maps"]["orphans"] == 0
+    stop(coord, client)
+
+
+def test_no_engine_is_refused_at_once_without_a_wait_then_a_joining_engine_serves():
+    coord, client = elastic_coordinator(wait_for_engine=0)
     client.send(3, "early", "hi", PARAMS)
     reply = client.recv()
     assert reply[:3] == [100, "early", "no_engine"]

@@ -178,11 +178,14 @@ def test_joined_replica_that_loses_the_coordinator_says_so_and_exits(checkpoint,
     job = None
     try:
         probe = StatsProbe(coordinator.address)
-        job = ReplicaJob(
-            coordinator.address, checkpoint, "--coordinator-timeout", "2", log_path=log
-        )
+        job = ReplicaJob(coordinator.address, checkpoint, "--coordinator-timeout", "2",
+                         "--no-coordinator-reconnect", log_path=log)  # fmt: skip
         probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "replica registered")
         probe.close()
+        deadline = time.monotonic() + 30  # answered (a heartbeat), so it counts as joined
+        while "replica 0 joined" not in job.log():
+            assert time.monotonic() < deadline, job.log()
+            time.sleep(0.1)
         coordinator.process.kill()  # kill -9: no goodbye to anyone
         coordinator.process.wait()
         assert job.wait(60) != 0
@@ -237,12 +240,13 @@ def test_auth_keys_let_a_replica_in_and_keep_a_keyless_one_out(checkpoint, tmp_p
         probe = StatsProbe(coordinator.address, auth_keys=keys)
         jobs.append(ReplicaJob(coordinator.address, checkpoint, "--auth-keys", keys))
         log = str(tmp_path / "keyless.log")
-        keyless = ReplicaJob(coordinator.address, checkpoint, "--coordinator-timeout", "3",
+        keyless = ReplicaJob(coordinator.address, checkpoint, "--join-timeout", "3",
                              log_path=log)  # fmt: skip
         jobs.append(keyless)
         probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "keyed replica registered")
         assert keyless.wait(120) != 0  # never heard back: it gives up
-        assert "lost the coordinator" in keyless.log()
+        assert "could not reach the coordinator" in keyless.log()
+        assert "joined" not in keyless.log()
         assert len(probe.stats()["engines"]) == 1
 
         async def one_request() -> str:
@@ -274,8 +278,9 @@ def test_reconnecting_replica_registers_with_a_restarted_coordinator(checkpoint,
     log = str(tmp_path / "replica.log")
     try:
         probe = StatsProbe(first.address)
-        job = ReplicaJob(first.address, checkpoint, "--coordinator-timeout", "2",
-                         "--coordinator-reconnect", log_path=log)  # fmt: skip
+        job = ReplicaJob(
+            first.address, checkpoint, "--coordinator-timeout", "2", log_path=log
+        )  # reconnecting is the default
         probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "replica registered")
         probe.close()
         first.process.kill()

@@ -160,3 +160,70 @@ def test_ten_thousand_bad_frames_among_valid_traffic():
             engine.kill()
         for peer in (fuzzer, *strangers):
             peer.close()
+
+
+def _posing_frames(rng: random.Random) -> list[bytes]:
+    """What a stranger posing as an engine sends: an empty frame (Megatron's registration), a
+    REGISTER of ours (valid or mutated), or a reply for a request it was never given."""
+    encode = msgspec.msgpack.encode
+    register_frame = encode([101, {"data_parallel_rank": rng.randrange(4), "protocol": 1}])
+    kind = rng.randrange(4)
+    if kind == 0:
+        return [b""]
+    if kind == 1:
+        return [register_frame]
+    if kind == 2:
+        return [_mutate(rng, register_frame)]
+    return [encode([4, [{"requests": [{"request_id": rng.randrange(64)}]}]])]
+
+
+def test_strangers_posing_as_engines_never_swallow_requests():
+    """data_parallel_size=2 with both engines in: no stranger (never CONNECTed) becomes a
+    third engine by registering, and no client can register either, so every valid request
+    is answered exactly once by the real engines."""
+    rng = random.Random(SEED + 1)
+    coord = ThreadedCoordinator(2, max_message_bytes=MAX_BYTES)
+    engines = [spawn(coord.address, rank) for rank in range(2)]
+    strangers = [Peer(coord.address) for _ in range(50)]
+    good = client_posing = None
+    try:
+        assert coord.ready.wait(60)
+        good = Peer(coord.address).connect_ours()
+        client_posing = Peer(coord.address).connect_ours()
+        expected: dict[int, str] = {}
+        for sent in range(2000):
+            rng.choice(strangers).send_raw(*_posing_frames(rng))
+            if sent % 50 == 0:
+                client_posing.send_raw(b"")  # a client cannot become an engine either
+            if sent % 10 == 0:
+                request_id = len(expected)
+                prompt = f"ok{request_id}"
+                expected[request_id] = (prompt * 3)[:3]
+                good.send(3, request_id, prompt, {"num_tokens_to_generate": 3})
+        answers: dict[int, list] = {request_id: [] for request_id in expected}
+        while any(not a for a in answers.values()):
+            message = good.recv()
+            assert message[0] == 4, message
+            answers[message[1]].append(message)
+        assert not good.poll(300)  # and nothing twice
+        for request_id, replies in answers.items():
+            assert len(replies) == 1
+            assert replies[0][2]["requests"][0]["generated_text"] == expected[request_id]
+        stats = query_stats(good)
+        assert len(stats["engines"]) == 2 and stats["requests_in_flight"] == 0
+        assert sorted(e.data_parallel_rank for e in coord.coordinator.engines.values()) == [0, 1]
+        late = Peer(coord.address)  # a well-formed REGISTER is told why it is refused
+        late.send(101, {"data_parallel_rank": 2, "protocol": 1})
+        refusal = late.recv()
+        late.close()
+        assert refusal[:3] == [100, None, "overloaded"] and "engine places" in refusal[3]
+        assert coord.error is None and coord.thread.is_alive()
+        stop(coord, good)
+        for engine in engines:
+            assert engine.wait(30) == 0
+    finally:
+        for engine in engines:
+            engine.kill()
+        for peer in (*strangers, good, client_posing):
+            if peer is not None:
+                peer.close()

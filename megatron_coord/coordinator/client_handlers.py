@@ -15,6 +15,7 @@ import msgspec
 
 from ..protocol import CONTROL_SIGNALS, ErrorCode, Headers, ProtocolError
 from ..sampling_params import validate_sampling_params
+from .requests import UNROUTED
 from .wire import (
     DECODE_ERRORS,
     HEADER_ONLY,
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("megatron_coord.coordinator")
 
 _SAMPLING_CACHE_SIZE = 1024
+_HEARTBEAT_REPLY = encode([int(Headers.HEARTBEAT), {}])
 
 
 class ClientHandlers:
@@ -48,6 +50,7 @@ class ClientHandlers:
             int(Headers.CONNECT): self.on_connect,
             int(Headers.ABORT): self.on_abort,
             int(Headers.STATS): self.on_stats,
+            int(Headers.HEARTBEAT): self.on_heartbeat,
         }
         for header in CONTROL_SIGNALS:
             self.table[int(header)] = lambda client, payload, h=header: self.on_control(h, payload)
@@ -122,6 +125,8 @@ class ClientHandlers:
 
         engine = self._admit()  # no_engine / overloaded / shutting_down refuse it here
         request_id = c.requests.add(client, client_request_id, engine, streaming)
+        if engine is UNROUTED:
+            c.requests.orphans[request_id] = c.now + c.wait_for_engine
         if c.limits.request_timeout is not None:
             c.requests.deadlines.add(c.now + c.limits.request_timeout, request_id)
         if prompt.__class__ is str:
@@ -160,20 +165,25 @@ class ClientHandlers:
         return clean
 
     def _admit(self) -> bytes:
-        """The engine for a new request, or ProtocolError (no engine, overloaded, shutting down)."""
+        """The engine for a new request, or ProtocolError (no engine, overloaded, shutting down).
+
+        With no engine to route to, ``UNROUTED``: the request waits up to ``wait_for_engine``
+        seconds for one (replicas still loading when their clients start, the usual order)."""
         c = self.c
         if c.shutdown.active:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
-        routable = c.routing_policy.engines  # registered and healthy
-        if not routable:
-            why = "is healthy" if c.registry.order else "is registered"
-            raise ProtocolError(ErrorCode.NO_ENGINE, f"no engine {why}; retry later")
         if len(c.requests) >= c.limits.max_outstanding:
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
                 f"{c.limits.max_outstanding} requests are in flight (the coordinator's "
                 "limit); retry later",
             )
+        routable = c.routing_policy.engines  # registered and healthy
+        if not routable:
+            if c.wait_for_engine > 0:
+                return UNROUTED  # held (an orphan) until an engine registers
+            why = "is healthy" if c.registry.order else "is registered"
+            raise ProtocolError(ErrorCode.NO_ENGINE, f"no engine {why}; retry later")
         engine = c.routing_policy.choose()
         cap = c.limits.max_outstanding_per_engine
         counts = c.requests.per_engine
@@ -204,7 +214,7 @@ class ClientHandlers:
                 submitted[item[1]] = item[2] = encode((submit, item[1], item[2], item[3]))
         for engine, request_id, frame, _, _ in pending:
             # An engine found dead during this loop has had its requests moved or failed.
-            moved = frame is None or engine_of.get(request_id) != engine
+            moved = frame is None or engine_of.get(request_id) != engine or engine is UNROUTED
             if not moved and not c.send(engine, frame):
                 c.engine_handlers.engine_unreachable(engine, request_id)
 
@@ -243,7 +253,19 @@ class ClientHandlers:
             raise ProtocolError(
                 ErrorCode.INVALID_REQUEST, f"no request {client_request_id!r} is in flight"
             )
-        c.send(c.requests.engine_of[request_id], encode([int(Headers.ABORT), request_id]))
+        engine = c.requests.engine_of[request_id]
+        if engine is UNROUTED:  # still waiting for an engine: nothing ran, nothing to return
+            c.fail(request_id, ErrorCode.ABORTED, "aborted before any engine took it")
+            return
+        c.send(engine, encode([int(Headers.ABORT), request_id]))
+
+    def on_heartbeat(self, client: bytes, payload: bytes) -> None:
+        """HEARTBEAT ``[102]``: a client of ours checks that the coordinator lives; answered at
+        once (it tells a lost coordinator from a quiet one, as engines do)."""
+        check_header_only(payload)
+        if not self.c.clients.get(client):
+            raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "HEARTBEAT needs our protocol (CONNECT)")
+        self.c.send(client, _HEARTBEAT_REPLY)
 
     def on_stats(self, client: bytes, payload: bytes) -> None:
         """STATS (health checks, metrics): each replica's liveness and outstanding load."""

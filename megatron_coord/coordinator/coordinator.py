@@ -40,6 +40,8 @@ from typing import Any
 import zmq
 
 from ..auth import ServerAuth, check_bind
+from ..exit_codes import ConfigurationError
+from ..ports import port_in_use_message
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode, Headers, ProtocolError
 from .client_handlers import ClientHandlers
 from .control import ControlState
@@ -57,6 +59,7 @@ logger = logging.getLogger("megatron_coord.coordinator")
 
 _MAX_EARLY_FRAMES = 65536
 DEFAULT_FAILOVER_WAIT_S = 10.0
+DEFAULT_WAIT_FOR_ENGINE_S = 30.0
 # pyzmq's Cython socket methods, bypassing its Python wrappers on the hot path (ints, not enums).
 _zmq_send = zmq.backend.Socket.send
 _zmq_recv = zmq.backend.Socket.recv
@@ -70,7 +73,8 @@ class DataParallelInferenceCoordinator:
     """Routes requests from clients to data-parallel engines and their results back.
 
     Binds a ROUTER (``host`` option, 127.0.0.1 by default; a port in use falls back to a random
-    port with a warning), sends its address through ``pipe_connection`` and blocks until
+    port with a warning, or with ``strict_port=True`` raises ``ConfigurationError``; port None or
+    0 binds any free port), sends its address through ``pipe_connection`` and blocks until
     ``data_parallel_size`` engines have registered. ``start()`` then serves until every engine
     acknowledged a STOP. ``data_parallel_size=0``: serve at once and let engines join and leave
     at any time (the standalone coordinator).
@@ -83,7 +87,9 @@ class DataParallelInferenceCoordinator:
     ``request_timeout`` (seconds, None), ``shutdown_grace`` (seconds in-flight requests get after
     SIGTERM/SIGINT, 10), ``shutdown_stops_engines`` (end a graceful shutdown with a STOP round, so
     the engines of a launch end too; False), ``failover_wait`` (seconds the requests of a dead engine wait for an
-    engine when none is left, 10; 0: fail them at once), ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a
+    engine when none is left, 10; 0: fail them at once), ``wait_for_engine`` (seconds a new
+    request waits for an engine when none can take it, as while replicas still load, 30; 0:
+    ``no_engine`` at once), ``strict_port`` (see above), ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a
     non-loopback bind without keys, with a loud warning).
     """
 
@@ -112,6 +118,9 @@ class DataParallelInferenceCoordinator:
         self.failover_wait = float(options.pop("failover_wait", DEFAULT_FAILOVER_WAIT_S))
         if not self.failover_wait >= 0:
             raise ValueError("failover_wait must be a non-negative number of seconds")
+        self.wait_for_engine = float(options.pop("wait_for_engine", DEFAULT_WAIT_FOR_ENGINE_S))
+        if not self.wait_for_engine >= 0:
+            raise ValueError("wait_for_engine must be a non-negative number of seconds")
         self.shutdown = GracefulShutdown(
             options.pop("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S),
             stop_engines=bool(options.pop("shutdown_stops_engines", False)),
@@ -120,6 +129,7 @@ class DataParallelInferenceCoordinator:
         routing = options.pop("routing", "round_robin")
         log_level = options.pop("log_level", None)
         registration_timeout = options.pop("registration_timeout", None)
+        self.strict_port = bool(options.pop("strict_port", False))
         if options:
             raise TypeError(f"unknown coordinator options: {sorted(options)}")
         if log_level is not None:
@@ -200,7 +210,8 @@ class DataParallelInferenceCoordinator:
     # ------------------------------------------------------------------ setup
 
     def _bind(self, host: str, port: int | None) -> zmq.Socket:
-        """Bind the ROUTER; a port in use falls back to a random one with a warning."""
+        """Bind the ROUTER; a port in use falls back to a random one with a warning (the
+        seed's behaviour), or with ``strict_port`` raises ConfigurationError naming its holder."""
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 0)
@@ -209,16 +220,19 @@ class DataParallelInferenceCoordinator:
         sock.setsockopt(zmq.LINGER, 1000)
         if self._auth is not None:
             self._auth.apply(sock)
-        if port is not None:
+        if port:  # None or 0: any free port
             try:
                 sock.bind(f"tcp://{host}:{port}")
                 return sock
             except zmq.ZMQError as exc:
-                if exc.errno != errno.EADDRINUSE:
+                in_use = exc.errno == errno.EADDRINUSE
+                if not in_use or self.strict_port:
                     sock.close(0)
+                    if in_use:
+                        raise ConfigurationError(port_in_use_message(host, port)) from None
                     raise
                 logger.warning("port %d is in use; binding a random port instead", port)
-        sock.bind_to_random_port(f"tcp://{host}")
+        sock.bind(f"tcp://{host}:*")
         return sock
 
     def _register_engines(self, timeout: float | None) -> None:
@@ -448,7 +462,7 @@ class DataParallelInferenceCoordinator:
         """ABORT a request on its engine and end it: with an ERROR ``code`` to its client, or
         (None: the client is gone) silently."""
         engine = self.requests.engine_of.get(request_id)
-        if engine is not None:
+        if engine:  # None: ended; UNROUTED: no engine has it
             self.send_quietly(engine, encode([int(Headers.ABORT), request_id]))
         if code is None:
             self.free(request_id)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..protocol import ErrorCode, Headers, ProtocolError
 from .engines import BadRegistration, Engine, parse_registration
+from .requests import UNROUTED
 from .wire import (
     check_header_only,
     decode_as,
@@ -78,7 +79,8 @@ class EngineHandlers:
             rank = info.get("data_parallel_rank")
             rank = rank if type(rank) is int and rank >= 0 else None
             logger.warning("engine %r, declared dead, is alive: registering it again", identity)
-            self._add(identity, rank, ours=True, info=info)
+            if not self._add(identity, rank, ours=True, info=info):
+                return
             engine = c.registry.engines[identity]
             engine.load = info
             self._heartbeat(engine)
@@ -104,13 +106,38 @@ class EngineHandlers:
         self._add(identity, rank, ours, info if ours else None)
         return True
 
-    def _add(self, identity: bytes, rank: int | None, ours: bool, info: dict | None) -> None:
+    def _add(self, identity: bytes, rank: int | None, ours: bool, info: dict | None) -> bool:
+        """Register an engine; False if refused (registered already, or no place for it)."""
         c = self.c
+        if self._full(identity, ours):
+            return False
         if not c.registry.add(identity, rank, ours, info):
-            return
+            return False
         c.monitor.learn(identity, c.stranger_fd)  # to notice when its connection closes
         if getattr(c, "routing_policy", None) is not None:  # serving already: a join
             self._join(identity)
+        return True
+
+    def _full(self, identity: bytes, ours: bool) -> bool:
+        """No black holes: with ``data_parallel_size=N > 0`` a new engine only takes the place
+        of one that is gone, so a stranger's empty frame never makes an N+1-th engine that
+        swallows requests. (N=0, the standalone coordinator: joins stay open; off loopback,
+        only --auth-keys keeps strangers out.)"""
+        c = self.c
+        size = c.data_parallel_size
+        if size == 0 or len(c.registry) < size or identity in c.registry.engines:
+            return False
+        logger.warning(
+            "refused a registration from %r: all %d engine places are taken", identity, size
+        )
+        if ours:
+            c.send_error(
+                identity,
+                None,
+                ErrorCode.OVERLOADED,
+                f"all {size} engine places are taken (data_parallel_size={size})",
+            )
+        return True
 
     def _join(self, identity: bytes) -> None:
         """An engine registered while serving: route to it from now on, in the state the
@@ -304,21 +331,24 @@ class EngineHandlers:
         self._resubmit(request_id, dead, payload)
 
     def _resubmit(self, request_id: int, dead: bytes, payload: bytes) -> None:
-        """Send a request of the dead engine ``dead``, unchanged, to the routing policy's pick."""
+        """Send a request of the dead engine ``dead`` (UNROUTED: of none yet), unchanged, to
+        the routing policy's pick."""
         c = self.c
         engine = c.routing_policy.choose()
         c.requests.move(request_id, dead, engine)
         if c.tracks_load:
             c.routing_policy.on_resubmit(dead, engine, request_id)
-        c.requests_resubmitted += 1
+        if dead is not UNROUTED:
+            c.requests_resubmitted += 1
         if not c.send(engine, payload):
             c.fail(request_id, ErrorCode.ENGINE_FAILED, "no engine could take the request")
 
     def _adopt_orphans(self) -> None:
         """An engine joined: the requests waiting for one go to it (or the policy's pick)."""
         c = self.c
+        c.client_handlers.flush()  # requests held in this wake-up get their SUBMIT frame
         orphans, c.requests.orphans = c.requests.orphans, {}
-        logger.warning("resubmitting %d request(s) that waited for an engine", len(orphans))
+        logger.warning("sending %d request(s) that waited for an engine", len(orphans))
         for request_id in orphans:
             self._resubmit(
                 request_id, c.requests.engine_of[request_id], c.requests.submitted[request_id]
@@ -329,11 +359,11 @@ class EngineHandlers:
         c = self.c
         expired = [rid for rid, deadline in c.requests.orphans.items() if deadline <= now]
         for request_id in expired:
-            c.fail(
-                request_id,
-                ErrorCode.NO_ENGINE,
-                _no_engine_left(f"no engine came back within {c.failover_wait:g} s"),
-            )
+            if c.requests.engine_of.get(request_id) is UNROUTED:
+                why = f"no engine registered within {c.wait_for_engine:g} s; retry later"
+            else:
+                why = _no_engine_left(f"no engine came back within {c.failover_wait:g} s")
+            c.fail(request_id, ErrorCode.NO_ENGINE, why)
 
 
 def _no_engine_left(reason: str) -> str:

@@ -13,6 +13,10 @@ from typing import Any
 
 from .limits import DeadlineQueue
 
+# The "engine" of a request admitted while no engine could take it: it waits in ``orphans``.
+# ZMQ identities are never empty, so no engine has this one.
+UNROUTED = b""
+
 
 class Stream:
     """Incremental detokenization of one streaming request (never splits a character)."""
@@ -54,7 +58,8 @@ class RequestTable:
         self.submitted: dict[int, bytes] = {}  # the SUBMIT frame sent: resent if its engine dies
         self.per_engine: dict[bytes, int] = {}  # engine -> requests outstanding on it
         self.deadlines = DeadlineQueue()
-        # Requests of a dead engine that wait for an engine (none was left): id -> deadline.
+        # Requests that wait for an engine (none was left, or none had registered yet):
+        # id -> deadline.
         self.orphans: dict[int, float] = {}
 
     def __len__(self) -> int:

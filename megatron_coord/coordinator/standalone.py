@@ -4,19 +4,25 @@ Inside one torchrun world the death of any rank ends the whole world, so replica
 alone run as separate torchrun jobs that register with a coordinator living outside all of them
 (``launch/serve.py --coordinator-address tcp://H:P``). This coordinator starts with no engine
 (``data_parallel_size=0``): replicas join and leave at any time; a request that arrives while
-none is registered gets a ``no_engine`` ERROR at once. SIGTERM/SIGINT: new requests are refused
-with ``shutting_down``, those in flight get ``--shutdown-grace`` seconds, then it exits 0.
+none is registered waits up to ``--wait-for-engine`` seconds for one, then gets ``no_engine``.
+SIGTERM/SIGINT: new requests are refused with ``shutting_down``, those in flight get
+``--shutdown-grace`` seconds, then it exits 0. SIGHUP: those in flight fail with
+``shutting_down`` at once, and it exits.
+
+``--port P`` is a promise: if P cannot be bound it exits 2 naming what holds it; ``--port 0``
+binds any free port, printed (and written to ``--address-file``).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Any
 
-from .coordinator import DEFAULT_FAILOVER_WAIT_S
+from ..exit_codes import HELP_EPILOG, OK, ConfigurationError, run_main
+from ..files import write_atomically
+from .coordinator import DEFAULT_FAILOVER_WAIT_S, DEFAULT_WAIT_FOR_ENGINE_S
 from .liveness import DEFAULT_ENGINE_TIMEOUT_S
 
 logger = logging.getLogger("megatron_coord.coordinator.standalone")
@@ -26,9 +32,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_coord.coordinator",
         description=__doc__,
+        epilog=HELP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--port", type=int, required=True, help="TCP port to bind (0: any free)")
+    parser.add_argument(
+        "--port", type=int, required=True, help="TCP port to bind (0: any free one, printed)"
+    )
     parser.add_argument(
         "--host",
         default="127.0.0.1",
@@ -55,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_FAILOVER_WAIT_S,
         help="seconds the requests of a dead replica wait for another when none is left, "
         f"before they fail with no_engine (default {DEFAULT_FAILOVER_WAIT_S:g}; 0: at once)",
+    )
+    parser.add_argument(
+        "--wait-for-engine",
+        type=float,
+        default=DEFAULT_WAIT_FOR_ENGINE_S,
+        help="seconds a request waits for an engine when none is registered (replicas still "
+        f"loading) before it fails with no_engine (default {DEFAULT_WAIT_FOR_ENGINE_S:g}; 0: "
+        "at once)",
     )
     parser.add_argument("--max-outstanding", type=int, default=None, help="requests in flight")
     parser.add_argument(
@@ -96,6 +113,8 @@ def coordinator_options(args: argparse.Namespace) -> dict[str, Any]:
         "routing": args.routing,
         "engine_timeout": args.engine_timeout,
         "failover_wait": args.failover_wait,
+        "wait_for_engine": args.wait_for_engine,
+        "strict_port": True,
         "request_timeout": args.request_timeout,
         "shutdown_grace": args.shutdown_grace,
         "auth_keys": args.auth_keys,
@@ -109,42 +128,41 @@ def coordinator_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: see megatron_coord.exit_codes (each in --help)."""
     args = parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    return run_main(lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
     from ..auth import check_bind
     from ..tokenizer import load_tokenizer
     from .coordinator import DataParallelInferenceCoordinator
 
     try:
         check_bind(args.host, args.auth_keys, args.insecure_no_auth)  # before any slow work
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if args.tokenizer is None:
-        from ..models.default_model import default_checkpoint_dir
+        if args.tokenizer is None:
+            from ..models.default_model import default_checkpoint_dir
 
-        args.tokenizer = default_checkpoint_dir()
-    try:
+            args.tokenizer = default_checkpoint_dir()
+        tokenizer = load_tokenizer(args.tokenizer)
         coordinator = DataParallelInferenceCoordinator(
-            None, 0, load_tokenizer(args.tokenizer), args.port, **coordinator_options(args)
+            None, 0, tokenizer, args.port, **coordinator_options(args)
         )
     except (ValueError, FileNotFoundError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise ConfigurationError(str(exc)) from None
     coordinator.install_signal_handlers()
     print(f"coordinator listening at {coordinator.addr}", flush=True)
     if args.address_file:
-        with open(args.address_file + ".tmp", "w") as f:
-            f.write(coordinator.addr)
-        os.replace(args.address_file + ".tmp", args.address_file)
+        write_atomically(args.address_file, coordinator.addr)
     try:
         coordinator.start()
     finally:
         coordinator.stop()
     logger.info("coordinator shut down")
-    return 0
+    return OK
 
 
 if __name__ == "__main__":

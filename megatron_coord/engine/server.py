@@ -56,6 +56,8 @@ _FORWARDED_SIGNALS = {
 }
 
 
+DEFAULT_JOIN_TIMEOUT_S = 60.0
+
 # The request id of a replica's self-probes (coordinator request ids are never negative).
 PROBE_REQUEST_ID = -2
 
@@ -63,6 +65,13 @@ PROBE_REQUEST_ID = -2
 def engine_identity(data_parallel_rank: int) -> bytes:
     """The DEALER identity of a replica's TP-coordinator."""
     return b"mp-coord-%d" % data_parallel_rank
+
+
+def joined_identity(data_parallel_rank: int) -> bytes:
+    """A fresh identity for each registration of a joined replica: a restarted replica, another
+    job, or this replica registering again never reuses one (a ROUTER ignores a connection
+    whose identity a closing one still holds)."""
+    return engine_identity(data_parallel_rank) + b"-" + os.urandom(4).hex().encode()
 
 
 class EngineServer:
@@ -81,6 +90,8 @@ class EngineServer:
         coordinator_timeout_s: float | None = None,
         auth_keys: str | None = None,
         reconnect: bool = False,
+        join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
+        on_joined: Callable[[], None] | None = None,
         max_step_s: float = DEFAULT_MAX_STEP_S,
         max_step_failures: int = DEFAULT_MAX_STEP_FAILURES,
         probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
@@ -113,6 +124,7 @@ class EngineServer:
         # wait forever on a socket nobody will ever write to.
         self.coordinator_alive = coordinator_alive
         self.coordinator_lost = False
+        self.lost_reason: str | None = None  # why, when coordinator_lost
         # HEARTBEAT load reports (the coordinator shows them in STATS); None: never sent. They
         # start once the coordinator has spoken: before every engine registered it would only
         # queue (or drop) them.
@@ -130,6 +142,17 @@ class EngineServer:
         # coordinator_timeout_s) instead of ending the replica.
         self.reconnect = reconnect
         self._reconnect_pending = False
+        # Requests whose outcome is never sent: our own probes, and those of a coordinator we
+        # registered away from.
+        self._silenced: set[int] = {PROBE_REQUEST_ID}
+        # Joined: a REGISTER is not acknowledged, so the replica has joined once the coordinator
+        # answers (its first HEARTBEAT, usually); until then it waits join_timeout_s at most,
+        # after every (re-)registration. on_joined (TP-coordinator) is told each time.
+        self.joined = False
+        self._answered = False
+        self.join_timeout_s = join_timeout_s
+        self.on_joined = on_joined
+        self._join_deadline = 0.0
         # Heartbeats during steps longer than the interval (step_heartbeat.py).
         self._step_heartbeat: StepHeartbeat | None = None
         # A launch's own coordinator drains on SIGTERM and then STOPs every engine: with
@@ -165,6 +188,7 @@ class EngineServer:
         sock.connect(address)
         self.socket = sock
         self._registered_at = time.monotonic()
+        self._join_deadline = self._registered_at + self.join_timeout_s
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
         info: dict[str, Any] = {
@@ -206,7 +230,26 @@ class EngineServer:
             why,
         )
         self.coordinator_lost = True
+        self.lost_reason = f"lost the coordinator at {self.coordinator_address}: {why}"
         self.shutdown_requested = True
+
+    def _await_join(self) -> None:
+        """Joined replicas, not yet answered: report the join once the coordinator spoke, or
+        give up (exit) once ``join_timeout_s`` passed without a word."""
+        if self._answered:
+            self.joined = True
+            self._last_heard = time.monotonic()
+            if self.on_joined is not None:
+                self.on_joined()
+            return
+        if time.monotonic() > self._join_deadline and not self.coordinator_lost:
+            self.lost_reason = (
+                f"could not reach the coordinator at {self.coordinator_address} within "
+                f"{self.join_timeout_s:g} s (is it running there, and does it accept our key?)"
+            )
+            log.error("rank %d: %s; exiting", self.state.rank, self.lost_reason)
+            self.coordinator_lost = True
+            self.shutdown_requested = True
 
     def _not_known(self) -> None:
         """The coordinator answers us as a stranger: it restarted at the same address, or it
@@ -226,9 +269,13 @@ class EngineServer:
     def _register_again(self, inputs: StepInputs) -> None:
         """Drop every request (the old coordinator's), then connect and REGISTER afresh."""
         self._reconnect_pending = False
+        self.joined = self._answered = False
         engine = self.engine
         for request_id in [r.request_id for r in engine.waiting] + list(engine.active):
             inputs.signals += [ABORT_SIGNAL, request_id]
+            # The new coordinator numbers its requests afresh: an outcome of an old one must
+            # never reach it, where the same id may be a request of its own.
+            self._silenced.add(request_id)
         if self.paused:
             inputs.signals.append(int(Headers.UNPAUSE))
         if self.suspended:
@@ -237,6 +284,7 @@ class EngineServer:
         self.context.term()
         self._last_heard = time.monotonic()
         self._next_heartbeat = 0.0
+        self.identity = joined_identity(self.state.dp_rank)
         self._connect(self.coordinator_address)
         if self._wake_r is not None:
             self.poller.register(self._wake_r, zmq.POLLIN)
@@ -359,11 +407,14 @@ class EngineServer:
         if self.heartbeat_interval_s is not None and (self._heard_from_coordinator or joined):
             self._maybe_heartbeat()
         if joined and not self.stop_received:
-            silent = time.monotonic() - self._last_heard
-            if silent > self.coordinator_timeout_s:
-                self._lose_coordinator(
-                    f"no message and no answer to our heartbeats for {silent:.1f} s"
-                )
+            if not self.joined:
+                self._await_join()
+            else:
+                silent = time.monotonic() - self._last_heard
+                if silent > self.coordinator_timeout_s:
+                    self._lose_coordinator(
+                        f"no message and no answer to our heartbeats for {silent:.1f} s"
+                    )
             if self._reconnect_pending and not self.shutdown_requested:
                 self._register_again(inputs)
         if self.drain_deadline is not None and time.monotonic() > self.drain_deadline:
@@ -439,14 +490,16 @@ class EngineServer:
             log.warning("engine %d: dropped a bad frame: %s", self.state.dp_rank, exc)
             return
         header = message[0]
+        if header == Headers.ERROR and len(message) == 4 and message[2] == "not_connected":
+            self._not_known()  # spoken to, but as a stranger: not joined
+            return
+        self._answered = True
         if header == Headers.SUBMIT_REQUEST:
             self._parse_request(message, inputs)
         elif header == Headers.ABORT and len(message) == 2 and type(message[1]) is int:
             inputs.signals += [ABORT_SIGNAL, message[1]]
         elif header == Headers.HEARTBEAT:
             pass  # the coordinator's answer to ours: it is alive (noted by _collect)
-        elif header == Headers.ERROR and len(message) == 4 and message[2] == "not_connected":
-            self._not_known()
         elif header in _FORWARDED_SIGNALS:
             inputs.signals.append(int(header))
         else:
@@ -478,7 +531,22 @@ class EngineServer:
         new.seed = choose_seed(params.seed, prompt, self.deterministic_mode)
         inputs.requests.append(new)
 
+    def _unsilenced(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``records`` without those of silenced requests (a final record ends the silence)."""
+        kept = []
+        for record in records:
+            request_id = record["requests"][0]["request_id"]
+            if request_id not in self._silenced:
+                kept.append(record)
+            elif request_id != PROBE_REQUEST_ID:
+                self._silenced.discard(request_id)
+        return kept
+
     def _send_error(self, request_id: int, code: ErrorCode, message: str) -> None:
+        if request_id in self._silenced:
+            if request_id != PROBE_REQUEST_ID:
+                self._silenced.discard(request_id)
+            return
         self._send([Headers.ERROR, request_id, code.value, message])
 
     def _apply(self, inputs: StepInputs) -> None:
@@ -519,10 +587,10 @@ class EngineServer:
                 self._send([Headers.STOP_ACK])
 
     def _reply(self, result: StepResult) -> None:
-        if self._next_probe and result.finished:  # a probe ran once: never reply to one
-            result.finished = [
-                r for r in result.finished if r["requests"][0]["request_id"] != PROBE_REQUEST_ID
-            ]
+        if result.finished:
+            result.finished = self._unsilenced(result.finished)
+        if result.partial and len(self._silenced) > 1:  # probes never stream
+            result.partial = [p for p in result.partial if p[0] not in self._silenced]
         if result.partial:
             self._send([Headers.PARTIAL_REPLY, result.partial])
         if result.finished:

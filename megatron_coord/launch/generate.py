@@ -9,7 +9,7 @@ Global rank 0 spawns the coordinator and a client; every rank serves as part of 
 completions are printed (with a progress bar for many prompts) and written, in prompt order, to
 --output-json as a list of {prompt, prompt_tokens, generated_text, generated_tokens,
 data_parallel_rank, finish_reason} ({prompt, error} for a prompt that could not be served; the
-exit status is then 1).
+exit status is then 4).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import argparse
 import json
 import sys
 
+from ..exit_codes import GENERATE_HELP_EPILOG, OK, REQUESTS_FAILED, ConfigurationError, run_main
 from ..sampling_params import SamplingParams
 from .replica import (
     add_replica_arguments,
@@ -29,7 +30,9 @@ from .replica import (
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog=GENERATE_HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_replica_arguments(parser)
     parser.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -58,8 +61,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: see megatron_coord.exit_codes (each in --help)."""
     args = parse_args(argv)
-    prompts = read_prompts(args.prompt, args.prompts_file)
+    return run_main(lambda: _generate(args))
+
+
+def _generate(args: argparse.Namespace) -> int:
+    try:
+        prompts = read_prompts(args.prompt, args.prompts_file)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(str(exc)) from None
     params = SamplingParams(
         temperature=args.temperature,
         top_k=args.top_k,
@@ -71,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     completions = run_generate(options_from_args(args), prompts, params, progress=len(prompts) >= 8)
     if completions is None:  # not global rank 0
-        return 0
+        return OK
     for i, c in enumerate(completions):
         if "error" in c:
             short = c["prompt"] if len(c["prompt"]) <= 60 else c["prompt"][:57] + "..."
@@ -82,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as f:
             json.dump(completions, f, indent=1)
-    return 1 if any("error" in c for c in completions) else 0
+    return REQUESTS_FAILED if any("error" in c for c in completions) else OK
 
 
 if __name__ == "__main__":

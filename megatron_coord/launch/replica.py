@@ -27,6 +27,7 @@ import logging
 import multiprocessing
 import os
 import signal
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,9 +39,10 @@ from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
 from ..engine.engine import InferenceEngine
-from ..engine.server import EngineServer, engine_identity
+from ..engine.server import DEFAULT_JOIN_TIMEOUT_S, EngineServer, joined_identity
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
+from ..exit_codes import CONFIG_ERROR, ConfigurationError, PeerLostError
 from ..lifetime import die_with_parent, warn_unless_main_thread
 from ..parallel_state import ParallelState
 
@@ -73,15 +75,20 @@ def _coordinator_main(
     from ..coordinator.coordinator import DataParallelInferenceCoordinator
     from ..tokenizer import load_tokenizer
 
-    DataParallelInferenceCoordinator.entrypoint(
-        pipe_connection,
-        ready_event,
-        data_parallel_size,
-        load_tokenizer(tokenizer_path),
-        port,
-        deterministic_mode,
-        **options,
-    )
+    try:
+        DataParallelInferenceCoordinator.entrypoint(
+            pipe_connection,
+            ready_event,
+            data_parallel_size,
+            load_tokenizer(tokenizer_path),
+            port,
+            deterministic_mode,
+            **options,
+        )
+    except ConfigurationError as exc:  # before binding: rank 0 reads it instead of an address
+        with contextlib.suppress(OSError):
+            pipe_connection.send(exc)
+        sys.exit(CONFIG_ERROR)
 
 
 def spawn_coordinator(
@@ -120,6 +127,9 @@ def spawn_coordinator(
         raise RuntimeError("the coordinator did not report its address in time")
     try:
         address = parent_end.recv()
+        if isinstance(address, ConfigurationError):  # the child could not bind the port
+            process.join(5)
+            raise address
     except EOFError:
         process.join(5)
         raise RuntimeError(
@@ -173,7 +183,10 @@ class ReplicaOptions:
     # silence from it. auth_keys: CURVE key directory (megatron_coord.auth) for the socket.
     coordinator_address: str | None = None
     coordinator_timeout_s: float = 10.0
-    coordinator_reconnect: bool = False  # wait to register again instead of exiting
+    # Lost, register again (a restarted coordinator gets the replica back) instead of exiting.
+    coordinator_reconnect: bool = True
+    # Joined: seconds to wait for the coordinator's first answer after each registration.
+    join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
     auth_keys: str | None = None
 
     def drain_s(self) -> float:
@@ -236,10 +249,10 @@ class Replica:
         auth): a unique identity, so a restarted replica or another job never collides."""
         out: dict[str, Any] = {"auth_keys": self.options.auth_keys}
         if self.options.coordinator_address is not None:
-            suffix = os.urandom(4).hex().encode()
-            out["identity"] = engine_identity(self.state.dp_rank) + b"-" + suffix
+            out["identity"] = joined_identity(self.state.dp_rank)
             out["coordinator_timeout_s"] = self.options.coordinator_timeout_s
             out["reconnect"] = self.options.coordinator_reconnect
+            out["join_timeout_s"] = self.options.join_timeout_s
         return out
 
     def _share_coordinator_address(self) -> str:
@@ -270,6 +283,8 @@ class Replica:
                 box[0] = exc  # tell the other ranks instead of leaving them in the collective
         dist.broadcast_object_list(box, src=0)
         if isinstance(box[0], Exception):
+            if isinstance(box[0], ConfigurationError):
+                raise box[0]  # a port taken, a bad option: the user's to fix (exit code 2)
             raise RuntimeError(f"rank 0 could not start the coordinator: {box[0]}")
         return box[0]
 
@@ -286,7 +301,7 @@ class Replica:
             self.shutdown()
         if self.server.coordinator_lost:
             # A non-zero exit makes torchrun end the other replicas too.
-            raise RuntimeError("the coordinator was lost; shutting the launch down")
+            raise PeerLostError(self.server.lost_reason or "the coordinator was lost")
 
     def shutdown(self) -> None:
         """Close sockets, end the coordinator process (rank 0), leave the process group."""
@@ -394,15 +409,6 @@ def add_replica_arguments(parser: Any) -> None:
         f"(default {DEFAULT_MAX_STEP_S:g})",
     )
     parser.add_argument(
-        "--max-step-failures",
-        type=int,
-        default=DEFAULT_MAX_STEP_FAILURES,
-        help="a model step that raises fails its batch's requests (engine_failed) and the "
-        "replica serves on; after this many failed steps in a row it reports itself "
-        "unhealthy and gets no new requests until a step succeeds again "
-        f"(default {DEFAULT_MAX_STEP_FAILURES}; 0: never unhealthy)",
-    )
-    parser.add_argument(
         "--shutdown-grace",
         type=float,
         default=DEFAULT_SHUTDOWN_GRACE_S,
@@ -411,6 +417,15 @@ def add_replica_arguments(parser: Any) -> None:
         f"with shutting_down; then every process exits (default {DEFAULT_SHUTDOWN_GRACE_S:g}). "
         f"Keep it plus {STOP_ROUND_S + DRAIN_MARGIN_S:g} s under torchrun's --shutdown-timeout "
         "(30 s by default), after which torchrun SIGKILLs the workers",
+    )
+    parser.add_argument(
+        "--max-step-failures",
+        type=int,
+        default=DEFAULT_MAX_STEP_FAILURES,
+        help="a model step that raises fails its batch's requests (engine_failed) and the "
+        "replica serves on; after this many failed steps in a row it reports itself "
+        "unhealthy and gets no new requests until a step succeeds again "
+        f"(default {DEFAULT_MAX_STEP_FAILURES}; 0: never unhealthy)",
     )
     parser.add_argument(
         "--deterministic-mode",

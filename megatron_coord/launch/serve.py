@@ -3,8 +3,10 @@ r"""Serve a model with N data-parallel replicas of T tensor-parallel ranks until
     torchrun --nproc-per-node N launch/serve.py [--model DIR] --tensor-parallel-size T \
         [--port 5555] [--deterministic-mode] [--http-port 8000]
 
-Global rank 0 spawns the coordinator on 127.0.0.1:PORT (a random free port if PORT is taken or
-not given) and prints its address; clients (megatron_coord.InferenceClient, or Megatron-core's)
+Global rank 0 spawns the coordinator on 127.0.0.1:PORT (any free port for --port 0 or none; a
+PORT that cannot be bound ends the launch with exit code 2 and a line naming what holds it) and
+prints its address; once every replica has registered it prints a ``ready:`` line (and writes
+--ready-file); clients (megatron_coord.InferenceClient, or Megatron-core's)
 connect there. Every rank serves until a client sends STOP (``await client.stop_engines()``),
 or until Ctrl-C / SIGTERM, which drain: new requests are refused with shutting_down, those in
 flight get --shutdown-grace seconds to finish (then fail with shutting_down), and every process
@@ -16,8 +18,11 @@ and lets the HTTP requests in flight end with the drain. If the torchrun agent i
 
 With --coordinator-address tcp://H:P the job spawns no coordinator: its replicas register with
 an existing one (``python -m megatron_coord.coordinator --port P``), which outlives them, so a
-replica that dies fails alone and a restarted job joins again. A joined replica that hears
-nothing from the coordinator for --coordinator-timeout seconds says so and exits non-zero.
+replica that dies fails alone and a restarted job joins again. A joined replica says it is
+waiting until the coordinator has answered it, then that it joined; with no answer within
+--join-timeout seconds it exits 3. One that hears nothing from the coordinator for
+--coordinator-timeout seconds registers again (a restarted coordinator gets it back), or with
+--no-coordinator-reconnect exits 3.
 """
 
 from __future__ import annotations
@@ -25,9 +30,18 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING
 
-from .replica import Replica, add_replica_arguments, options_from_args
+from ..engine.server import DEFAULT_JOIN_TIMEOUT_S
+from ..exit_codes import HELP_EPILOG, OK, run_main
+from ..files import write_atomically
+from .replica import (
+    COORDINATOR_START_TIMEOUT_S,
+    Replica,
+    add_replica_arguments,
+    options_from_args,
+)
 
 if TYPE_CHECKING:
     from ..serving import HTTPServerProcess
@@ -35,12 +49,24 @@ if TYPE_CHECKING:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=__doc__,
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_replica_arguments(parser)
-    parser.add_argument("--port", type=int, default=None, help="coordinator port (default: random)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=None,
+        help="coordinator port; taken: exit 2 (default, or 0: any free port, printed)",
+    )
     parser.add_argument(
         "--address-file", help="also write the coordinator's address to this file (rank 0)"
+    )
+    parser.add_argument(
+        "--ready-file",
+        help="rank 0 writes the coordinator's address here once every replica of the launch "
+        "has registered (joined: once rank 0's replica has joined), for scripts to wait on",
     )
     parser.add_argument(
         "--coordinator-address",
@@ -53,11 +79,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=10.0,
         help="with --coordinator-address: seconds of silence from the coordinator after which "
-        "the replicas exit non-zero (default 10)",
+        "it is lost (default 10)",
+    )
+    parser.add_argument(
+        "--join-timeout",
+        type=float,
+        default=DEFAULT_JOIN_TIMEOUT_S,
+        help="with --coordinator-address: seconds a replica waits for the coordinator to "
+        "answer its registration (and each re-registration) before it exits 3 "
+        f"(default {DEFAULT_JOIN_TIMEOUT_S:g})",
     )
     parser.add_argument(
         "--coordinator-reconnect",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="with --coordinator-address: when the coordinator is lost, abort this job's "
         "requests and keep trying to register again (a restarted coordinator at the same "
         "address gets the replicas back) instead of exiting",
@@ -90,9 +125,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
     """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
-    rank's engine loop); it connects once every engine has registered."""
+    rank's engine loop). It serves at once (/health/live) and connects in the background: the
+    coordinator answers once every engine has registered (/health/ready)."""
     from ..serving import HTTPServerProcess
-    from .replica import COORDINATOR_START_TIMEOUT_S, DRAIN_MARGIN_S
+    from .replica import DRAIN_MARGIN_S
 
     name = args.served_model_name or (
         os.path.basename(os.path.normpath(args.model)) if args.model else "megatron_coord-default"
@@ -104,6 +140,7 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
         host=args.http_host,
         port=args.http_port,
         connect_timeout_s=COORDINATOR_START_TIMEOUT_S,
+        wait_for_coordinator=False,  # live at once; /health/ready once the replicas are in
         # In flight at a SIGTERM: answered within the drain (a result, or shutting_down).
         graceful_shutdown_s=replica.options.drain_s() + DRAIN_MARGIN_S,
         api_key=args.api_key or os.environ.get("MEGATRON_COORD_API_KEY"),
@@ -113,32 +150,68 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: see megatron_coord.exit_codes (each in --help)."""
     args = parse_args(argv)
+    return run_main(lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
     options = options_from_args(args, port=args.port)
+    if args.port is not None:
+        options.coordinator_options["strict_port"] = True  # the user's port, or exit 2
     options.coordinator_address = args.coordinator_address
     options.coordinator_timeout_s = args.coordinator_timeout
     options.coordinator_reconnect = args.coordinator_reconnect
+    options.join_timeout_s = args.join_timeout
     replica = Replica(options)
     if args.coordinator_address is not None:
-        if replica.state.is_tp_coordinator:
-            print(
-                f"replica {replica.state.dp_rank} joined the coordinator at {replica.address}",
-                flush=True,
-            )
+        _announce_joins(replica, args.ready_file)
     elif replica.is_global_rank0:
         print(f"coordinator listening at {replica.address}", flush=True)
         if args.address_file:
-            with open(args.address_file + ".tmp", "w") as f:
-                f.write(replica.address)
-            os.replace(args.address_file + ".tmp", args.address_file)
-    serve_http = replica.is_global_rank0 and args.http_port is not None
-    http = start_http(replica, args) if serve_http else None
+            write_atomically(args.address_file, replica.address)
+        _announce_ready(replica, args.ready_file)
+    http = None
     try:
+        if replica.is_global_rank0 and args.http_port is not None:
+            http = start_http(replica, args)
         replica.serve()
     finally:
         if http is not None:
             http.stop()
-    return 0
+        replica.shutdown()  # after serve() a no-op; after a failed start, the cleanup
+    return OK
+
+
+def _announce_joins(replica: Replica, ready_file: str | None) -> None:
+    """Joined replicas: say they wait, and say they joined only once the coordinator has
+    answered (each time: a replica that registers again after a loss says so again)."""
+    if not replica.state.is_tp_coordinator:
+        return
+    dp_rank = replica.state.dp_rank
+    print(f"replica {dp_rank}: waiting for the coordinator at {replica.address}", flush=True)
+
+    def joined() -> None:
+        print(f"replica {dp_rank} joined the coordinator at {replica.address}", flush=True)
+        if ready_file and replica.is_global_rank0:
+            write_atomically(ready_file, replica.address)
+
+    replica.server.on_joined = joined
+
+
+def _announce_ready(replica: Replica, ready_file: str | None) -> None:
+    """Rank 0 with its own coordinator: a ``ready:`` line (and the ready file) once every
+    replica has registered, from a thread (the main thread runs the engine loop)."""
+
+    def wait() -> None:
+        if not replica.ready_event.wait(COORDINATOR_START_TIMEOUT_S):
+            return  # the replicas never all registered: the launch fails its own way
+        count = replica.state.data_parallel_size
+        print(f"ready: {count} replica(s) registered at {replica.address}", flush=True)
+        if ready_file:
+            write_atomically(ready_file, replica.address)
+
+    threading.Thread(target=wait, name="ready-announcer", daemon=True).start()
 
 
 if __name__ == "__main__":

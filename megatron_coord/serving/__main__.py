@@ -1,5 +1,7 @@
 """``python -m megatron_coord.serving``: see ``cli.py``."""
 
+import sys
+
 from .cli import main
 
-main()
+sys.exit(main())

@@ -6,8 +6,9 @@ event loop, so thousands of open HTTP requests cost no threads.
 
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with server-sent-event
 streaming, ``n`` choices, ``stop`` strings, ``seed``, and the sampled tokens' log-probabilities
-when not streaming), ``GET /v1/models``, ``GET /health`` (503 unless a replica is alive) and
-``GET /metrics`` (Prometheus). Errors use OpenAI's JSON error shape: 400 bad request, 401 bad
+when not streaming), ``GET /v1/models``, ``GET /health/live`` (200 while this server runs),
+``GET /health/ready`` and its alias ``GET /health`` (503 unless connected to the coordinator
+and a replica is alive and healthy) and ``GET /metrics`` (Prometheus). Errors use OpenAI's JSON error shape: 400 bad request, 401 bad
 API key, 404 unknown model, 413 body too large, 429 overloaded, 503 no replica, 504 timeout,
 500 anything else. Valid OpenAI parameters that are not served (penalties, logit_bias, echo,
 top-k log-probability lists, tools) are refused with 400 rather than ignored.
@@ -26,6 +27,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..coordinator_stats import is_serving
 from . import openai_protocol as oa
 from .chat_template import render_chat_prompt
 from .errors import install_error_handlers
@@ -108,15 +110,29 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             raise _unknown_model(model)
         return _model_card(state)
 
+    @app.get("/health/live")
+    async def live() -> Response:
+        """Liveness: this server answers (restart it if not); says nothing of the replicas."""
+        return JSONResponse({"status": "live"})
+
     @app.get("/health")
-    async def health() -> Response:
+    @app.get("/health/ready")
+    async def ready() -> Response:
+        """Readiness: connected to the coordinator, which has a healthy replica (503 if not)."""
+        if not state.backend.connected:
+            raise OpenAIError(
+                503,
+                f"not connected to the coordinator at {state.backend.address} (reconnecting)",
+                "service_unavailable",
+                code="no_coordinator",
+            )
         stats = await state.stats.query(state.opts.stats_timeout_s)
         if stats is None:
             raise OpenAIError(
                 503, "the coordinator did not answer", "service_unavailable", code="no_coordinator"
             )
         engines = [e for e in stats.get("engines") or [] if isinstance(e, dict)]
-        alive = sum(1 for e in engines if e.get("alive") is True)
+        alive = sum(1 for e in engines if is_serving(e))
         if alive == 0:
             raise OpenAIError(
                 503, "no model replica is alive", "service_unavailable", code="no_engine"

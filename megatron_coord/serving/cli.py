@@ -8,6 +8,7 @@ import contextlib
 import logging
 import os
 
+from ..exit_codes import HELP_EPILOG, OK, ConfigurationError, run_main
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .runner import load_cli_tokenizer, serve_http
 from .state import DEFAULT_MODEL_NAME
@@ -17,6 +18,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m megatron_coord.serving",
         description="OpenAI-compatible HTTP front end for a running megatron_coord coordinator.",
+        epilog=HELP_EPILOG,
     )
     parser.add_argument(
         "--coordinator-address",
@@ -80,14 +82,22 @@ def build_arg_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> None:
-
+def main(argv: list[str] | None = None) -> int:
+    """Exit codes: see megatron_coord.exit_codes (each in --help)."""
     args = build_arg_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper())
+    return run_main(lambda: _serve(args))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        tokenizer = load_cli_tokenizer(args.tokenizer)
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot load the tokenizer {args.tokenizer!r}: {exc}") from None
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after shutting down
         serve_http(
             args.coordinator_address,
-            tokenizer=load_cli_tokenizer(args.tokenizer),
+            tokenizer=tokenizer,
             model_name=args.model_name,
             host=args.host,
             port=args.port,
@@ -99,3 +109,4 @@ def main(argv: list[str] | None = None) -> None:
             api_key=args.api_key,
             max_body_bytes=args.max_body_bytes,
         )
+    return OK

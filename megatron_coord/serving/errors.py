@@ -26,6 +26,7 @@ ERROR_MAP = {
     "overloaded": (429, "rate_limit_error", "overloaded"),
     "no_engine": (503, "service_unavailable", "no_replica"),
     "shutting_down": (503, "service_unavailable", "no_replica"),
+    "no_coordinator": (503, "service_unavailable", "no_replica"),
     "timeout": (504, "timeout", "timeout"),
 }
 

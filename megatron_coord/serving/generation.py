@@ -61,18 +61,29 @@ class CoordinatorBackend:
     """
 
     def __init__(
-        self, address: str, eod_text: str | None = None, connect_timeout_s: float = 30.0
+        self,
+        address: str,
+        eod_text: str | None = None,
+        connect_timeout_s: float = 30.0,
+        wait_for_coordinator: bool = True,
     ) -> None:
         self.address = address
         self.eod_text = eod_text or None
         self.connect_timeout_s = connect_timeout_s
+        self.wait_for_coordinator = wait_for_coordinator
         self.client: InferenceClient | None = None
 
     async def start(self) -> None:
-        """Connect (the coordinator answers CONNECT once every engine has registered)."""
+        """Connect (the coordinator answers CONNECT once every engine has registered); with
+        ``wait_for_coordinator`` False, in the background (the server is live, not ready)."""
         client = InferenceClient(self.address, connect_timeout=self.connect_timeout_s)
-        await client.start()
+        await client.start(wait=self.wait_for_coordinator)
         self.client = client
+
+    @property
+    def connected(self) -> bool:
+        """Whether a coordinator has acknowledged us (False while it is away)."""
+        return self.client is not None and self.client.connected.is_set()
 
     def stop(self) -> None:
         if self.client is not None:
@@ -82,6 +93,11 @@ class CoordinatorBackend:
     def _client(self) -> InferenceClient:
         if self.client is None:
             raise GenerationError("shutting_down", "the server is not connected to a coordinator")
+        if not self.client.connected.is_set():
+            raise GenerationError(
+                "no_coordinator",
+                f"the coordinator at {self.address} is unreachable (reconnecting); retry later",
+            )
         return self.client
 
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> ChoiceResult:
@@ -96,6 +112,8 @@ class CoordinatorBackend:
             raise
         except RequestError as exc:
             raise GenerationError(exc.code, exc.message) from None
+        except ConnectionError as exc:  # the coordinator was lost and did not come back
+            raise GenerationError("no_coordinator", str(exc)) from None
         return self._result(record, params)
 
     async def stream(
@@ -128,6 +146,9 @@ class CoordinatorBackend:
         except RequestError as exc:
             finished = True
             raise GenerationError(exc.code, exc.message) from None
+        except ConnectionError as exc:  # lost mid-stream: nothing left to abort
+            finished = True
+            raise GenerationError("no_coordinator", str(exc)) from None
         finally:
             if not finished:
                 self.abort(request_id)

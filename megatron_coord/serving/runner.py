@@ -9,6 +9,7 @@ engine loop. All of them bind the listening socket themselves (port 0 picks a fr
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -21,7 +22,9 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
+from ..exit_codes import ConfigurationError, PeerLostError
 from ..lifetime import die_with_parent, warn_unless_main_thread
+from ..ports import port_in_use_message
 from .app import create_app
 from .state import DEFAULT_MODEL_NAME, check_options
 
@@ -29,14 +32,21 @@ log = logging.getLogger(__name__)
 
 
 def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
-    """A listening TCP socket (port 0: a free one); its port is ``getsockname()[1]``."""
+    """A listening TCP socket (port 0: a free one); its port is ``getsockname()[1]``. A port
+    that cannot be bound raises ConfigurationError naming what holds it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
     # and accepted sockets inherit it. With proto 0, each keep-alive response waits ~40 ms for
     # Nagle and the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigurationError(port_in_use_message(host, port)) from None
+        raise ConfigurationError(f"cannot bind {host}:{port}: {exc.strerror}") from None
     sock.listen(2048)
     sock.setblocking(False)
     return sock
@@ -74,7 +84,10 @@ def serve_http(
     log_level: str = "warning",
     **options: Any,
 ) -> None:
-    """Serve the OpenAI API on ``host:port`` until interrupted (blocks; Ctrl-C stops it)."""
+    """Serve the OpenAI API on ``host:port`` until interrupted (blocks; Ctrl-C stops it).
+
+    Raises ConfigurationError if the port cannot be bound, PeerLostError if the coordinator
+    never acknowledged (the app's startup failed)."""
     app = create_app(coordinator_address, tokenizer, model_name, **options)
     sock = bind_socket(host, port)
     server = _uvicorn_server(app, log_level)
@@ -82,6 +95,11 @@ def serve_http(
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if not server.started:
+        raise PeerLostError(
+            f"the HTTP server did not start: no answer from the coordinator at "
+            f"{coordinator_address} (see the log)"
+        )
 
 
 class HTTPServerThread:
@@ -229,6 +247,9 @@ class HTTPServerProcess:
             raise RuntimeError(f"the HTTP server process failed to start: {exc}") from None
         finally:
             parent_end.close()
+        if isinstance(reply, ConfigurationError):
+            self.stop()
+            raise reply
         if isinstance(reply, str):
             self.stop()
             raise RuntimeError(f"the HTTP server process failed to start: {reply}")
@@ -268,7 +289,10 @@ def _server_process_main(
     try:
         sock = bind_socket(host, port)
         app = create_app(coordinator_address, load_cli_tokenizer(tokenizer), model_name, **options)
-    except Exception as exc:  # reported to the parent, which raises it
+    except ConfigurationError as exc:  # reported to the parent, which raises it
+        conn.send(exc)
+        return
+    except Exception as exc:
         conn.send(f"{type(exc).__name__}: {exc}")
         return
     conn.send(sock.getsockname()[1])

@@ -40,6 +40,9 @@ class ServerOptions:
     stats_timeout_s: float = 1.0
     # How long startup waits for the coordinator to acknowledge CONNECT.
     connect_timeout_s: float = 30.0
+    # False: start serving at once and connect in the background (/health/live answers while
+    # the coordinator still waits for its replicas; /health/ready says when it is ready).
+    wait_for_coordinator: bool = True
     # When set, /v1/* requires "Authorization: Bearer <api_key>" (/health, /metrics stay open).
     api_key: str | None = None
     # Request bodies above this are refused with 413 before they are read into memory.
@@ -69,6 +72,7 @@ class ServerState:
             address,
             eod_text=_eod_text(self.tokenizer, self.termination_id),
             connect_timeout_s=opts.connect_timeout_s,
+            wait_for_coordinator=opts.wait_for_coordinator,
         )
         self.stats = CoordinatorStats(address)
         self.running = 0
