@@ -14,7 +14,10 @@ answered: must be 0), errors by code, and per fault: time until the coordinator 
 engine dead (``detect_s``, from STATS), time until every request that was in flight at the
 fault was answered (``last_affected_answer_s``; an upper bound on the affected requests, since
 it includes those on the survivor), and time until the restarted replica registered; for the
-overload: answers by kind, none lost or doubled, the coordinator's RSS before/peak/after.
+overload: answers by kind, none lost or doubled, the coordinator's RSS before/peak/after. Last,
+the coordinator itself is SIGKILLed under load and restarted on the same port: when the client
+noticed, reconnected and the replicas registered again, and requests lost (must be 0, the
+client resubmits) and failed.
 
     python benchmarks/faults.py [--duration 40] [--baseline 10] [--kill-every 6]
 """
@@ -43,6 +46,7 @@ from megatron_coord.testing.fault_harness import (  # noqa: E402
     ReplicaJob,
     StandaloneCoordinator,
     StatsProbe,
+    free_port,
 )
 
 PROMPTS = ["The quick brown fox", "Data parallel inference", "Hello world", "One two three"]
@@ -72,6 +76,8 @@ class Load:
                 self.completed += 1
             except RequestError as exc:
                 self.errors[exc.code] += 1
+            except ConnectionError:  # the coordinator was away past the reconnect deadline
+                self.errors["connection"] += 1
             del self.outstanding[request_id]
             self.answered_at[request_id] = time.monotonic()
 
@@ -186,6 +192,54 @@ async def _session(args: argparse.Namespace, address: str, jobs: list, model: st
         stats.close()
 
 
+async def _restart_coordinator(
+    args: argparse.Namespace, box: list[StandaloneCoordinator], model: str, port: int
+) -> dict:
+    """Kill -9 the coordinator under load and start a new one on the same port: when the
+    client noticed, reconnected (resubmitting what nothing reached it of), the replicas
+    registered again; requests lost (must be 0) and failed."""
+    client = InferenceClient(box[0].address)
+    await client.start()
+    try:
+        load = Load(client, args.concurrency, args.tokens)
+        running = asyncio.create_task(load.run(args.restart_phase))
+        await asyncio.sleep(args.restart_phase / 3)
+        in_flight = len(load.outstanding)
+        box[0].process.kill()
+        box[0].process.wait()
+        killed = time.monotonic()
+        while client.connected.is_set():
+            await asyncio.sleep(0.005)
+        detected = time.monotonic() - killed
+        box[0] = await asyncio.to_thread(_coordinator, model, port, args.coordinator_log_level)
+        started = time.monotonic() - killed
+        await client.connected.wait()
+        reconnected = time.monotonic() - killed
+        stats = CoordinatorStats(box[0].address)
+        await _wait_engines(stats, 2, 120)
+        rejoined = time.monotonic() - killed
+        stats.close()
+        window = await running
+        return {
+            "load": window,
+            "in_flight_at_kill": in_flight,
+            "client_detected_s": round(detected, 3),
+            "new_coordinator_bound_s": round(started, 2),
+            "client_reconnected_s": round(reconnected, 2),
+            "replicas_registered_again_s": round(rejoined, 2),
+            "requests_submitted": load.submitted,
+            "requests_lost": load.submitted - load.completed - sum(load.errors.values()),
+            "requests_failed": dict(load.errors),
+        }
+    finally:
+        client.stop()
+
+
+def _coordinator(model: str, port: int, log_level: str) -> StandaloneCoordinator:
+    args = ("--port", str(port), "--log-level", log_level)
+    return StandaloneCoordinator(model, *args, "--max-outstanding", str(MAX_OUTSTANDING))
+
+
 REPLICA_ARGS = ("--max-batch-size", "8")
 MAX_OUTSTANDING = 256  # the coordinator's limit in this benchmark (overload phase)
 
@@ -248,21 +302,22 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16, help="tokens generated per request")
     parser.add_argument("--coordinator-log-level", default="ERROR")
     parser.add_argument("--burst", type=int, default=20000, help="overload phase requests")
+    parser.add_argument(
+        "--restart-phase", type=float, default=20.0, help="coordinator kill-and-restart, seconds"
+    )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "faults.json"))
     args = parser.parse_args()
     model = default_checkpoint_dir()
-    coordinator = StandaloneCoordinator(
-        model,
-        "--log-level",
-        args.coordinator_log_level,
-        "--max-outstanding",
-        str(MAX_OUTSTANDING),
-    )
+    port = free_port()
+    box = [_coordinator(model, port, args.coordinator_log_level)]
+    coordinator = box[0]
     jobs = [ReplicaJob(coordinator.address, model, *REPLICA_ARGS) for _ in range(2)]
     try:
         result = asyncio.run(_session(args, coordinator.address, jobs, model))
         pid = coordinator.process.pid
         result["overload"] = overload(coordinator.address, pid, args.burst, args.tokens)
+        result["coordinator_restart"] = asyncio.run(_restart_coordinator(args, box, model, port))
+        coordinator = box[0]
         probe = StatsProbe(coordinator.address)
         probe.socket.send(b"\x91\x0a")  # STOP: every live replica and the coordinator exit
         probe.close()
@@ -270,7 +325,8 @@ def main() -> None:
     finally:
         for job in jobs:
             job.kill()
-        coordinator.kill()
+        for each in {coordinator, *box}:
+            each.kill()
     result["config"] = {
         "model": "embedded default (4-layer hidden-256 Llama, GPT-2 vocab)",
         "replicas": 2,

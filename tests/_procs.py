@@ -19,6 +19,7 @@ __all__ = [
     "ServeLaunch",
     "cmdline",
     "free_port",
+    "http_get",
     "launch_env",
     "processes_with",
     "torchrun",
@@ -39,6 +40,19 @@ def torchrun(nproc: int, script: str, *args: str) -> list[str]:
         "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
         os.path.join(ROOT, "launch", script), *args,
     ]  # fmt: skip
+
+
+def http_get(url: str) -> tuple[int, dict]:
+    """GET ``url``: (status, JSON body), for error statuses too."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
 
 
 def cmdline(pid: int) -> str:

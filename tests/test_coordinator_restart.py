@@ -14,6 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
+from _procs import http_get
 
 from megatron_coord import InferenceClient, SamplingParams
 from megatron_coord.testing.fault_harness import (
@@ -35,14 +36,6 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
     )
     try:
         with urllib.request.urlopen(request, timeout=120) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
-def _get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -114,7 +107,7 @@ def test_clients_and_http_outlive_a_killed_coordinator(tmp_path):
                 await asyncio.wait_for(_drain(streamed), MARGIN_S)  # parts before the loss
             assert time.monotonic() - killed_at < DETECTION_S + MARGIN_S
             assert not keeps.connected.is_set() and not any(f.done() for f in kept)
-            status, body = _get(f"{http.url}/health/ready")
+            status, body = http_get(f"{http.url}/health/ready")
             assert status == 503 and body["error"]["code"] == "no_coordinator"
             status, body = await loop.run_in_executor(
                 None, _post, completions, {"model": "megatron_coord", "prompt": "x"}
@@ -133,7 +126,7 @@ def test_clients_and_http_outlive_a_killed_coordinator(tmp_path):
             for client in (keeps, fails):  # the same objects serve new requests
                 record = await asyncio.wait_for(client.add_request(_prompt(0), LONG), 120)
                 assert record["requests"][0]["generated_tokens"] == tokens[0]  # greedy: same
-            assert _get(f"{http.url}/health/ready")[0] == 200
+            assert http_get(f"{http.url}/health/ready")[0] == 200
             await keeps.stop_engines()
         finally:
             keeps.stop()

@@ -96,6 +96,27 @@ def _is_control(frame: bytes) -> bool:
     )
 
 
+def _submit_valid(good: Peer, expected: dict[int, str]) -> None:
+    """One valid request of the well-behaved client (the fake engine echoes its prompt)."""
+    request_id = len(expected)
+    prompt = f"ok{request_id}"
+    expected[request_id] = (prompt * 3)[:3]
+    good.send(3, request_id, prompt, {"num_tokens_to_generate": 3})
+
+
+def _assert_answered_once(good: Peer, expected: dict[int, str]) -> None:
+    """Every valid request was answered exactly once, with the right text."""
+    answers: dict[int, list] = {request_id: [] for request_id in expected}
+    while any(not a for a in answers.values()):
+        message = good.recv()
+        assert message[0] == 4, message
+        answers[message[1]].append(message)
+    assert not good.poll(300)  # and nothing twice
+    for request_id, replies in answers.items():
+        assert len(replies) == 1
+        assert replies[0][2]["requests"][0]["generated_text"] == expected[request_id]
+
+
 def test_ten_thousand_bad_frames_among_valid_traffic():
     rng = random.Random(SEED)
     coord = ThreadedCoordinator(0, max_message_bytes=MAX_BYTES)
@@ -119,23 +140,12 @@ def test_ten_thousand_bad_frames_among_valid_traffic():
             target.send_raw(*frames)
             sent += 1
             if sent % 10 == 0:
-                request_id = len(expected)
-                prompt = f"ok{request_id}"
-                expected[request_id] = (prompt * 3)[:3]
-                good.send(3, request_id, prompt, {"num_tokens_to_generate": 3})
+                _submit_valid(good, expected)
             if sent % 2000 == 0:  # an oversize frame: the socket drops that connection
                 big = Peer(coord.address)
                 big.send_raw(b"\x91" + b"\x00" * (MAX_BYTES + 1))
                 big.close()
-        answers: dict[int, list] = {request_id: [] for request_id in expected}
-        while any(not a for a in answers.values()):
-            message = good.recv()
-            assert message[0] == 4, message
-            answers[message[1]].append(message)
-        assert not good.poll(300)  # and nothing twice
-        for request_id, replies in answers.items():
-            assert len(replies) == 1
-            assert replies[0][2]["requests"][0]["generated_text"] == expected[request_id]
+        _assert_answered_once(good, expected)
         stats = wait_stats(good, lambda s: s["requests_in_flight"] == 0, "maps drained")
         maps = {k: v for k, v in stats["maps"].items() if k != "peer_fds"}
         assert maps == dict.fromkeys(maps, 0)
@@ -196,19 +206,8 @@ def test_strangers_posing_as_engines_never_swallow_requests():
             if sent % 50 == 0:
                 client_posing.send_raw(b"")  # a client cannot become an engine either
             if sent % 10 == 0:
-                request_id = len(expected)
-                prompt = f"ok{request_id}"
-                expected[request_id] = (prompt * 3)[:3]
-                good.send(3, request_id, prompt, {"num_tokens_to_generate": 3})
-        answers: dict[int, list] = {request_id: [] for request_id in expected}
-        while any(not a for a in answers.values()):
-            message = good.recv()
-            assert message[0] == 4, message
-            answers[message[1]].append(message)
-        assert not good.poll(300)  # and nothing twice
-        for request_id, replies in answers.items():
-            assert len(replies) == 1
-            assert replies[0][2]["requests"][0]["generated_text"] == expected[request_id]
+                _submit_valid(good, expected)
+        _assert_answered_once(good, expected)
         stats = query_stats(good)
         assert len(stats["engines"]) == 2 and stats["requests_in_flight"] == 0
         assert sorted(e.data_parallel_rank for e in coord.coordinator.engines.values()) == [0, 1]

@@ -6,17 +6,14 @@ registered wait for one, and the HTTP front end tells live from ready."""
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 
 import pytest
-from _procs import free_port, launch_env, processes_with, torchrun
+from _procs import free_port, http_get, launch_env, processes_with, torchrun
 
 from megatron_coord import InferenceClient, SamplingParams
 from megatron_coord.exit_codes import CONFIG_ERROR, PEER_LOST
@@ -115,14 +112,6 @@ def test_a_replica_pointed_at_nothing_never_claims_to_have_joined(checkpoint, tm
         job.kill()
 
 
-def _get(url: str) -> tuple[int, dict]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read())
-
-
 def test_clients_started_before_their_replicas_are_served(checkpoint, tmp_path):
     """The usual deployment order: coordinator, clients and HTTP first, replicas still
     loading. Requests wait for a replica (within --wait-for-engine), wait_ready() returns once
@@ -138,15 +127,15 @@ def test_clients_started_before_their_replicas_are_served(checkpoint, tmp_path):
         try:
             params = SamplingParams(num_tokens_to_generate=4, top_k=1)
             early = [client.add_request([5, 6, 7, i], params) for i in range(3)]
-            assert _get(f"{http.url}/health/live")[0] == 200
-            status, body = _get(f"{http.url}/health/ready")
+            assert http_get(f"{http.url}/health/live")[0] == 200
+            status, body = http_get(f"{http.url}/health/ready")
             assert status == 503 and body["error"]["code"] == "no_engine"
             with pytest.raises(TimeoutError, match="1 engine"):
                 await client.wait_ready(min_engines=1, timeout=0.5)
             job = ReplicaJob(coordinator.address, checkpoint, log_path=str(tmp_path / "r.log"))
             stats = await client.wait_ready(min_engines=1, timeout=120)
             records = await asyncio.wait_for(asyncio.gather(*early), 120)
-            assert _get(f"{http.url}/health/ready")[0] == 200
+            assert http_get(f"{http.url}/health/ready")[0] == 200
             await client.stop_engines()
             return records, stats
         finally:

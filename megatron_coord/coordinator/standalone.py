@@ -154,9 +154,9 @@ def _serve(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError, OSError) as exc:
         raise ConfigurationError(str(exc)) from None
     coordinator.install_signal_handlers()
-    print(f"coordinator listening at {coordinator.addr}", flush=True)
-    if args.address_file:
+    if args.address_file:  # first: whoever read the line below finds the file
         write_atomically(args.address_file, coordinator.addr)
+    print(f"coordinator listening at {coordinator.addr}", flush=True)
     try:
         coordinator.start()
     finally:

@@ -206,11 +206,29 @@ class Replica:
         die_with_parent(signal.SIGKILL)
         self.options = options
         self.state: ParallelState = parallel_state.initialize(options.tensor_parallel_size)
-        self.model_path = options.model or default_checkpoint_dir()
         self.coordinator: multiprocessing.process.BaseProcess | None = None
         self.ready_event: Any = None
-        self.address = self._share_coordinator_address()
-        model = load_model(self.model_path, self.state, dtype=options.dtype)
+        try:
+            self.model_path = options.model or default_checkpoint_dir()
+            self.address = self._share_coordinator_address()
+            self._build(load_model(self.model_path, self.state, dtype=options.dtype))
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _abandon(self) -> None:
+        """A start that failed (a port taken, a bad checkpoint): end the coordinator child and
+        leave the process group, so the process exits with its error, not an abort (a gloo
+        thread left running at exit makes C++ call terminate)."""
+        if self.coordinator is not None:
+            stop_process(self.coordinator, 0.5)
+            self.coordinator = None
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+    def _build(self, model: Any) -> None:
+        """The engine and its server, over this rank's shard of the model."""
+        options = self.options
         self.engine = InferenceEngine(
             model,
             max_batch_size=options.max_batch_size,

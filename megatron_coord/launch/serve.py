@@ -167,9 +167,9 @@ def _serve(args: argparse.Namespace) -> int:
     if args.coordinator_address is not None:
         _announce_joins(replica, args.ready_file)
     elif replica.is_global_rank0:
-        print(f"coordinator listening at {replica.address}", flush=True)
-        if args.address_file:
+        if args.address_file:  # first: whoever read the line below finds the file
             write_atomically(args.address_file, replica.address)
+        print(f"coordinator listening at {replica.address}", flush=True)
         _announce_ready(replica, args.ready_file)
     http = None
     try:
