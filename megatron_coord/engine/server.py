@@ -57,6 +57,7 @@ _FORWARDED_SIGNALS = {
 
 
 DEFAULT_JOIN_TIMEOUT_S = 60.0
+DRAIN_SILENCE_S = 3.0  # a draining replica whose coordinator is silent this long leaves
 
 # The request id of a replica's self-probes (coordinator request ids are never negative).
 PROBE_REQUEST_ID = -2
@@ -161,6 +162,7 @@ class EngineServer:
         self.drain_s = drain_s
         self.on_drain = on_drain
         self.drain_deadline: float | None = None
+        self._drain_started = 0.0
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
@@ -191,12 +193,15 @@ class EngineServer:
         self._join_deadline = self._registered_at + self.join_timeout_s
         self.poller = zmq.Poller()
         self.poller.register(sock, zmq.POLLIN)
+        # Answers to our heartbeats tell a lost coordinator from a quiet one (joined replicas;
+        # a launch's replicas while they drain).
         info: dict[str, Any] = {
             "data_parallel_rank": self.state.dp_rank,
             "protocol": PROTOCOL_VERSION,
+            "heartbeat_reply": True,
         }
-        if self.coordinator_timeout_s is not None:  # joined: say who we are, ask for answers
-            info.update(pid=os.getpid(), host=socket.gethostname(), heartbeat_reply=True)
+        if self.coordinator_timeout_s is not None:  # joined: say who we are
+            info.update(pid=os.getpid(), host=socket.gethostname())
         self._send([Headers.REGISTER, info])
 
     def _send(self, message: list[Any]) -> None:
@@ -231,6 +236,23 @@ class EngineServer:
         )
         self.coordinator_lost = True
         self.lost_reason = f"lost the coordinator at {self.coordinator_address}: {why}"
+        self.shutdown_requested = True
+
+    def _check_drain(self) -> None:
+        """Draining: leave at the drain's end without a STOP, or once the coordinator has
+        been silent for DRAIN_SILENCE_S (it died: torchrun is tearing the world down after
+        another rank failed, and no STOP will ever come)."""
+        now = time.monotonic()
+        silent = now - max(self._last_heard, self._drain_started)  # heartbeats are answered
+        if now <= self.drain_deadline and silent <= DRAIN_SILENCE_S:
+            return
+        if not self.shutdown_requested:
+            why = (
+                "no STOP by the end of the drain"
+                if silent <= DRAIN_SILENCE_S
+                else (f"the coordinator has been silent for {silent:.1f} s")
+            )
+            log.warning("rank %d: %s; exiting", self.state.rank, why)
         self.shutdown_requested = True
 
     def _await_join(self) -> None:
@@ -311,7 +333,8 @@ class EngineServer:
             signum,
             self.drain_s,
         )
-        self.drain_deadline = time.monotonic() + self.drain_s
+        self._drain_started = time.monotonic()
+        self.drain_deadline = self._drain_started + self.drain_s
         if self.on_drain is not None:
             self.on_drain()
 
@@ -404,7 +427,8 @@ class EngineServer:
             self._heard_from_coordinator = True
             self._last_heard = time.monotonic()
         joined = self.coordinator_timeout_s is not None
-        if self.heartbeat_interval_s is not None and (self._heard_from_coordinator or joined):
+        talking = self._heard_from_coordinator or joined or self.drain_deadline is not None
+        if self.heartbeat_interval_s is not None and talking:
             self._maybe_heartbeat()
         if joined and not self.stop_received:
             if not self.joined:
@@ -417,10 +441,8 @@ class EngineServer:
                     )
             if self._reconnect_pending and not self.shutdown_requested:
                 self._register_again(inputs)
-        if self.drain_deadline is not None and time.monotonic() > self.drain_deadline:
-            if not self.shutdown_requested:
-                log.warning("rank %d: no STOP by the end of the drain; exiting", self.state.rank)
-            self.shutdown_requested = True
+        if self.drain_deadline is not None:
+            self._check_drain()
         if self.coordinator_alive is not None and not self.coordinator_alive():
             if not self.stop_received and self.drain_deadline is None:  # else it is expected
                 log.error("rank %d: the coordinator process died", self.state.rank)
