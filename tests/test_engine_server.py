@@ -35,7 +35,8 @@ class Harness:
             engine, single_process_state(), f"tcp://127.0.0.1:{port}", idle_timeout_s=0.05
         )
         self.identity, first = self.recv()
-        assert first == [Headers.REGISTER, {"data_parallel_rank": 0, "protocol": 1}]
+        info = {"data_parallel_rank": 0, "protocol": 1, "heartbeat_reply": True}
+        assert first == [Headers.REGISTER, info]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
 
