@@ -216,12 +216,12 @@ class Replica:
             self._abandon()
             raise
 
-    def _abandon(self) -> None:
-        """A start that failed (a port taken, a bad checkpoint): end the coordinator child and
-        leave the process group, so the process exits with its error, not an abort (a gloo
-        thread left running at exit makes C++ call terminate)."""
+    def _abandon(self, coordinator_grace_s: float = 0.5) -> None:
+        """End the coordinator child (rank 0) and leave the process group. Also after a start
+        that failed (a port taken, a bad checkpoint), so the process exits with its error, not
+        an abort (a gloo thread left running at exit makes C++ call terminate)."""
         if self.coordinator is not None:
-            stop_process(self.coordinator, 0.5)
+            stop_process(self.coordinator, coordinator_grace_s)
             self.coordinator = None
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -324,14 +324,9 @@ class Replica:
     def shutdown(self) -> None:
         """Close sockets, end the coordinator process (rank 0), leave the process group."""
         self.server.close()
-        if self.coordinator is not None:
-            # After a STOP round trip (a client's, or the drain's) it exits by itself; else
-            # (a second signal, a drain that never ended) it gets SIGTERM.
-            grace = 10.0 if self.server.stop_received else 0.5
-            stop_process(self.coordinator, grace)
-            self.coordinator = None
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # After a STOP round trip (a client's, or the drain's) the coordinator exits by itself;
+        # else (a second signal, a drain that never ended) it gets SIGTERM.
+        self._abandon(10.0 if self.server.stop_received else 0.5)
 
 
 # ---------------------------------------------------------------------- launch scripts
