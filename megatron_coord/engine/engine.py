@@ -1,9 +1,14 @@
 """A continuous-batching inference engine over one (possibly tensor-parallel) model replica.
 
-Each ``step()`` admits waiting requests into free KV-cache slots (up to ``max_batch_size``),
-decodes one token for every request already running and prefills the newly admitted ones (which
-yields their first token). Requests leave when they hit their termination id, their token
-budget or the maximum sequence length, and come back as Megatron-shaped records.
+Each ``step()`` admits waiting requests into free batch slots (up to ``max_batch_size``) and
+the KV blocks they need, decodes one token for every request already running and prefills the
+newly admitted ones (which yields their first token). Requests leave when they hit their
+termination id, their token budget or the maximum sequence length, and come back as
+Megatron-shaped records.
+
+The KV cache is paged (kv_blocks.py): with prefix caching (the default), a prompt whose first
+blocks were computed before reuses them and prefills only the rest; full blocks are named once
+computed (in ``commit_step``, so a failed step never names a block it may have spoiled).
 
 The engine is pure computation: it never talks ZMQ. Every rank of a TP group runs an identical
 engine and feeds it identical inputs (see tp_broadcast), so they all take the same decisions.
@@ -17,6 +22,8 @@ from typing import Any
 
 import torch
 
+from ..prefix_hash import ROOT_HASH, block_hashes, chain_hash
+from .kv_blocks import DEFAULT_BLOCK_SIZE, BlockPool
 from .sampling import SamplingState, sample
 from .tp_broadcast import NewRequest
 
@@ -30,6 +37,10 @@ class RunningRequest:
     max_new_tokens: int
     termination_ids: frozenset[int]
     slot: int | None = None
+    blocks: list[int] = field(default_factory=list)  # KV block table (positions in order)
+    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (not prefilled)
+    hashes: list[int] = field(default_factory=list)  # names of its full blocks known so far
+    named: int = 0  # leading blocks of the table already named (registered or reused)
     generated: list[int] = field(default_factory=list)
     log_probs: list[float] | None = None
     prompt_log_probs: list[float] | None = None
@@ -43,6 +54,14 @@ class RunningRequest:
     @property
     def length(self) -> int:
         return len(self.new.prompt_tokens) + len(self.generated)
+
+    def tokens(self, start: int, end: int) -> list[int]:
+        """Its tokens (prompt, then generated) in ``[start, end)``."""
+        prompt = self.new.prompt_tokens
+        if end <= len(prompt):
+            return prompt[start:end]
+        cut = len(prompt)
+        return prompt[start:] + self.generated[max(0, start - cut) : end - cut]
 
 
 @dataclass
@@ -69,8 +88,11 @@ class InferenceEngine:
     """Continuous batching with a KV cache over a LlamaModel-like ``model``.
 
     ``model`` follows the model contract: ``config`` (vocab_size, max_position_embeddings,
-    eos_token_id), ``allocate_kv_cache(batch, seq)`` and
-    ``forward(tokens, start_positions, slots, kv_cache, all_logits=False)``.
+    eos_token_id), ``allocate_kv_cache(blocks, block_len)`` and
+    ``forward(tokens, start_positions, block_tables, kv_cache, all_logits=False)``.
+
+    ``kv_blocks`` bounds the KV pool (default: a max-length sequence for every batch slot, the
+    memory of an unpaged cache); ``prefix_caching=False`` frees blocks as requests leave.
     """
 
     def __init__(
@@ -80,6 +102,9 @@ class InferenceEngine:
         max_seq_len: int | None = None,
         termination_id: int | None = None,
         data_parallel_rank: int = 0,
+        prefix_caching: bool = True,
+        kv_block_size: int = DEFAULT_BLOCK_SIZE,
+        kv_blocks: int | None = None,
     ) -> None:
         config = model.config
         limit = config.max_position_embeddings
@@ -99,7 +124,13 @@ class InferenceEngine:
         )
         self.data_parallel_rank = data_parallel_rank
         self.device = next(model.parameters()).device
-        self.kv_cache = model.allocate_kv_cache(max_batch_size, self.max_seq_len)
+        if kv_block_size < 1 or (kv_blocks is not None and kv_blocks < 1):
+            raise ValueError("kv_block_size and kv_blocks must be >= 1")
+        per_sequence = -(-self.max_seq_len // kv_block_size)
+        self.blocks = BlockPool(
+            kv_blocks or max_batch_size * per_sequence, kv_block_size, prefix_caching
+        )
+        self.kv_cache = model.allocate_kv_cache(self.blocks.num_blocks, kv_block_size)
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self.waiting: deque[RunningRequest] = deque()
         self.active: dict[int, RunningRequest] = {}
@@ -120,7 +151,18 @@ class InferenceEngine:
                 f"prompt of {len(prompt_tokens)} tokens leaves no room to generate within "
                 f"the maximum sequence length {self.max_seq_len}"
             )
+        footprint = min(len(prompt_tokens) + max_new_tokens, self.max_seq_len)
+        blocks = self.blocks.blocks_for(footprint)
+        if blocks > self.blocks.num_blocks:
+            return (
+                f"{footprint} tokens of prompt and budget need {blocks} KV blocks of "
+                f"{self.blocks.block_size}, more than the engine's {self.blocks.num_blocks}"
+            )
         return None
+
+    def footprint(self, running: RunningRequest) -> int:
+        """The KV positions a request may fill: its blocks, reserved at admission."""
+        return min(len(running.new.prompt_tokens) + running.max_new_tokens, self.max_seq_len)
 
     @staticmethod
     def token_budget(new: NewRequest) -> int:
@@ -149,6 +191,8 @@ class InferenceEngine:
             termination_ids=stops,
             log_probs=[] if p.return_log_probs else None,
         )
+        if self.blocks.caching:
+            running.hashes = block_hashes(new.prompt_tokens, self.blocks.block_size)
         self._known.add(new.request_id)
         if budget == 0:
             self._finish(running, "length", self._done)
@@ -201,18 +245,38 @@ class InferenceEngine:
         return len(self.waiting) + len(self.active)
 
     def _admit(self) -> list[RunningRequest]:
+        """Admit in arrival order while a slot and the KV blocks are there: a request that
+        cannot get its blocks waits (and those behind it), until running ones leave."""
         admitted = []
         while self.waiting and self.free_slots:
-            running = self.waiting.popleft()
+            running = self.waiting[0]
+            # Prompt log probs need every prompt position's logits: no reuse for them.
+            hashes = [] if self._wants_prompt_log_probs(running) else running.hashes
+            got = self.blocks.allocate(
+                hashes, len(running.new.prompt_tokens), self.footprint(running)
+            )
+            if got is None:
+                break
+            self.waiting.popleft()
+            running.blocks, reused = got
+            running.named = reused
+            running.cached_tokens = reused * self.blocks.block_size
             running.slot = self.free_slots.pop()
             self.active[running.request_id] = running
             admitted.append(running)
         return admitted
 
-    def _finish(self, running: RunningRequest, reason: str, out: list[dict[str, Any]]) -> None:
+    def _release(self, running: RunningRequest) -> None:
+        """Give back a request's batch slot and KV blocks."""
         if running.slot is not None:
             self.free_slots.append(running.slot)
             running.slot = None
+        if running.blocks:
+            self.blocks.free(running.blocks)
+            running.blocks = []
+
+    def _finish(self, running: RunningRequest, reason: str, out: list[dict[str, Any]]) -> None:
+        self._release(running)
         self.active.pop(running.request_id, None)
         self._known.discard(running.request_id)
         out.append(self._record(running, reason))
@@ -256,7 +320,7 @@ class InferenceEngine:
             self._run_phase(pending, self._decode, pending.decoding)
         for group in self._prefill_groups(pending.admitted):
             self._run_phase(pending, self._prefill, group)
-            pending.prefill_tokens += len(group) * len(group[0].new.prompt_tokens)
+            pending.prefill_tokens += len(group) * self._prefill_len(group[0])
         return pending
 
     @staticmethod
@@ -273,15 +337,31 @@ class InferenceEngine:
         self._done = []
         result.tokens = len(pending.decoding) + len(pending.admitted)
         for running in pending.decoding + pending.admitted:
+            if self.blocks.caching:
+                self._name_blocks(running)
             self._after_token(running, result)
         return result
+
+    def _name_blocks(self, running: RunningRequest) -> None:
+        """Name the request's blocks that this step filled, so later prompts can reuse them.
+
+        K/V are written for every position but the newest token's, i.e. ``length - 1``.
+        """
+        size = self.blocks.block_size
+        full = min((running.length - 1) // size, len(running.blocks))
+        hashes = running.hashes
+        while running.named < full:
+            i = running.named
+            if i == len(hashes):
+                previous = hashes[-1] if hashes else ROOT_HASH
+                hashes.append(chain_hash(previous, running.tokens(i * size, (i + 1) * size)))
+            self.blocks.register(running.blocks[i], hashes[i])
+            running.named = i + 1
 
     # ----------------------------------------------------------------- failed steps
     def discard(self, running: RunningRequest) -> None:
         """Drop a request without a record (its failure is reported by the caller)."""
-        if running.slot is not None:
-            self.free_slots.append(running.slot)
-            running.slot = None
+        self._release(running)
         self.active.pop(running.request_id, None)
         self._known.discard(running.request_id)
 
@@ -300,13 +380,25 @@ class InferenceEngine:
             running.log_probs = [] if p.return_log_probs else None
             running.prompt_log_probs = None
             running.streamed = running.steps_since_stream = 0
+            # Names of blocks with generated tokens go: the rerun may generate others.
+            del running.hashes[len(running.new.prompt_tokens) // self.blocks.block_size :]
             self.waiting.appendleft(running)
+
+    def _tables(self, batch: list[RunningRequest], end: list[int]) -> torch.Tensor:
+        """Block tables [B, W] covering positions ``[0, end[b])`` of each row (padded with
+        block 0, which the attention mask hides)."""
+        size = self.blocks.block_size
+        widths = [-(-e // size) for e in end]
+        width = max(widths)
+        rows = [r.blocks[:w] + [0] * (width - w) for r, w in zip(batch, widths, strict=True)]
+        return torch.tensor(rows, device=self.device)
 
     def _decode(self, batch: list[RunningRequest]) -> None:
         tokens = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
-        starts = torch.tensor([r.length - 1 for r in batch], device=self.device)
-        slots = torch.tensor([r.slot for r in batch], device=self.device)
-        logits = self.model.forward(tokens, starts, slots, self.kv_cache)
+        lengths = [r.length for r in batch]
+        starts = torch.tensor([n - 1 for n in lengths], device=self.device)
+        tables = self._tables(batch, lengths)
+        logits = self.model.forward(tokens, starts, tables, self.kv_cache)
         self._take_tokens(batch, logits)
 
     @staticmethod
@@ -314,20 +406,28 @@ class InferenceEngine:
         p = running.new.params
         return p.return_log_probs and not p.skip_prompt_log_probs
 
+    @staticmethod
+    def _prefill_len(running: RunningRequest) -> int:
+        """Prompt tokens to compute: those after its reused prefix."""
+        return len(running.new.prompt_tokens) - running.cached_tokens
+
     def _prefill_groups(self, admitted: list[RunningRequest]) -> list[list[RunningRequest]]:
-        """Requests with equal prompt length (and log-prob needs) share one forward call."""
+        """Requests with as many tokens to prefill (and equal log-prob needs) share one
+        forward call, whatever prefix each reuses."""
         groups: dict[tuple[int, bool], list[RunningRequest]] = {}
         for running in admitted:
-            key = (len(running.new.prompt_tokens), self._wants_prompt_log_probs(running))
+            key = (self._prefill_len(running), self._wants_prompt_log_probs(running))
             groups.setdefault(key, []).append(running)
         return list(groups.values())
 
     def _prefill(self, batch: list[RunningRequest]) -> None:
-        prompts = torch.tensor([r.new.prompt_tokens for r in batch], device=self.device)
-        starts = torch.zeros(len(batch), dtype=torch.long, device=self.device)
-        slots = torch.tensor([r.slot for r in batch], device=self.device)
+        prompts = torch.tensor(
+            [r.new.prompt_tokens[r.cached_tokens :] for r in batch], device=self.device
+        )
+        starts = torch.tensor([r.cached_tokens for r in batch], device=self.device)
+        tables = self._tables(batch, [len(r.new.prompt_tokens) for r in batch])
         all_logits = self._wants_prompt_log_probs(batch[0])
-        logits = self.model.forward(prompts, starts, slots, self.kv_cache, all_logits=all_logits)
+        logits = self.model.forward(prompts, starts, tables, self.kv_cache, all_logits=all_logits)
         if all_logits:
             lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             chosen = lp.gather(2, prompts[:, 1:, None])[..., 0]

@@ -14,10 +14,13 @@ Each rank of a tensor-parallel (TP) group holds one shard of every weight:
 - the attention output and down projections are row-parallel: each rank multiplies its slice
   and an all-reduce sums the partial results.
 
-So a layer costs exactly two all-reduces, as in Megatron. The KV cache is indexed by *slot*
-(one per in-flight request, managed by the engine), so a decode step can mix requests at
-different positions: row b writes its new K/V at ``start_positions[b]..`` of ``slots[b]`` and
-attends causally over that slot's entries ``[0, start_positions[b] + S)``.
+So a layer costs exactly two all-reduces, as in Megatron. The KV cache is a pool of *blocks*
+of equal length (managed by the engine), so a decode step can mix requests at different
+positions: row b writes its new K/V at ``start_positions[b]..`` and attends causally over its
+positions ``[0, start_positions[b] + S)``. A row's positions live either in one block (``slots``
+[B]: a block per request, as long as the sequence) or in the blocks of its block table
+(``slots`` [B, W]: position p in block ``table[b, p // block_len]``), which lets rows share the
+blocks of a common prefix (prefix caching, engine/kv_blocks.py).
 """
 
 from __future__ import annotations
@@ -188,12 +191,17 @@ class TPLayout:
 
 @dataclass
 class KVCache:
-    """Per-layer K and V, each ``[max_batch, n_kv_heads_local, max_seq_len, head_dim]``."""
+    """Per-layer K and V, each ``[blocks, block_len, n_kv_heads_local, head_dim]``.
+
+    ``allocate_kv_cache(max_batch_size, max_seq_len)`` names the blocks slots (one per request,
+    as long as a sequence); a paged pool is the same object with many short blocks.
+    Position-major blocks make a block table's gather a plain ``index_select`` + ``view``.
+    """
 
     k: list[torch.Tensor]
     v: list[torch.Tensor]
-    max_batch_size: int
-    max_seq_len: int
+    max_batch_size: int  # number of blocks
+    max_seq_len: int  # positions per block
 
 
 @dataclass
@@ -203,8 +211,11 @@ class _Step:
     cos: torch.Tensor  # [B, S, 1, head_dim]
     sin: torch.Tensor
     positions: torch.Tensor  # [B, S]
-    slots: torch.Tensor  # [B]
+    slots: torch.Tensor  # [B, W] block table (one column: a slot per row)
     first_slot: int | None  # rows use slots first_slot.. in order: read the cache as a view
+    write_blocks: torch.Tensor  # [B, S] block of each new position
+    write_offsets: torch.Tensor  # [B, S] its offset in that block
+    read_blocks: int  # table columns holding the kv_len keys
     kv_len: int  # keys to read from the cache: max over rows of start + S
     mask: torch.Tensor | None  # [B, 1, S, kv_len] bool, None when all rows start at 0
 
@@ -213,6 +224,14 @@ def _slot_checks(slots: torch.Tensor) -> list[torch.Tensor]:
     """[repeated entries, 1 if strictly ascending] of a 1-D tensor, computed on its device."""
     ordered = slots.sort().values
     return [(ordered[1:] == ordered[:-1]).sum(), (slots[1:] > slots[:-1]).all().long()]
+
+
+def _write_places(
+    table: torch.Tensor, positions: torch.Tensor, block_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block, offset) [B, S] of each new position (clamped: checked by the caller)."""
+    columns = (positions // block_len).clamp(0, table.shape[1] - 1)
+    return table.gather(1, columns), positions % block_len
 
 
 def _empty(*shape: int, dtype: torch.dtype, device: torch.device) -> torch.nn.Parameter:
@@ -265,10 +284,17 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
 
 
 def _read_cache(cache: torch.Tensor, step: _Step) -> torch.Tensor:
-    """The rows' K or V history [B, kv, kv_len, hd]: a view when slots are in order."""
+    """The rows' K or V history [B, kv, kv_len, hd]: a view when slots are in order, else
+    one gather of the rows' blocks."""
+    b, n = len(step.slots), step.read_blocks
     if step.first_slot is not None:
-        return cache[step.first_slot : step.first_slot + len(step.slots), :, : step.kv_len]
-    return cache[:, :, : step.kv_len].index_select(0, step.slots)
+        history = cache[step.first_slot : step.first_slot + b, : step.kv_len]
+    elif n == 1:
+        history = cache[:, : step.kv_len].index_select(0, step.slots[:, 0])
+    else:
+        blocks = cache.index_select(0, step.slots[:, :n].reshape(-1))
+        history = blocks.view(b, n * cache.shape[1], *cache.shape[2:])[:, : step.kv_len]
+    return history.transpose(1, 2)
 
 
 class Attention(torch.nn.Module):
@@ -295,10 +321,8 @@ class Attention(torch.nn.Module):
         qk = _rotate(qkv[:, :, : self.heads + self.kv_heads], step.cos, step.sin)
         q, k = qk.split([self.heads, self.kv_heads], dim=2)
         v = qkv[:, :, self.heads + self.kv_heads :]
-        # Advanced indices on dims 0 and 2 around a slice put (B, S) first: [B, S, kv, hd].
-        slot_index = step.slots[:, None]
-        k_cache[slot_index, :, step.positions] = k
-        v_cache[slot_index, :, step.positions] = v
+        k_cache[step.write_blocks, step.write_offsets] = k  # [B, S, kv, hd] both sides
+        v_cache[step.write_blocks, step.write_offsets] = v
         q = q.transpose(1, 2)
         if step.mask is None:  # every row starts at 0: the new K/V are the whole history
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
@@ -386,13 +410,14 @@ class LlamaModel(torch.nn.Module):
     # ---- setup -----------------------------------------------------------------------------
 
     def allocate_kv_cache(self, max_batch_size: int, max_seq_len: int) -> KVCache:
-        """Zeroed K/V for ``max_batch_size`` slots of ``max_seq_len`` positions each."""
+        """Zeroed K/V for ``max_batch_size`` slots of ``max_seq_len`` positions each (or,
+        for block tables, that many blocks of that many positions)."""
         if max_batch_size < 1 or max_seq_len < 1:
             raise ValueError(
                 f"max_batch_size and max_seq_len must be >= 1, got {max_batch_size}, {max_seq_len}"
             )
         self._ensure_rope(max_seq_len)
-        shape = (max_batch_size, self.layout.kv_heads, max_seq_len, self.config.head_dim)
+        shape = (max_batch_size, max_seq_len, self.layout.kv_heads, self.config.head_dim)
         n = self.config.num_hidden_layers
         k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
         v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(n)]
@@ -423,7 +448,8 @@ class LlamaModel(torch.nn.Module):
         kv_cache: KVCache,
         all_logits: bool = False,
     ) -> torch.Tensor:
-        """Run ``tokens`` [B, S] at ``start_positions`` [B] in KV ``slots`` [B].
+        """Run ``tokens`` [B, S] at ``start_positions`` [B] in KV ``slots`` [B] (a slot per
+        row) or [B, W] (a block table per row; rows may share the blocks they only read).
 
         Returns float32 logits over the full vocabulary: [B, vocab] for each row's last
         position, or [B, S, vocab] with ``all_logits``. Identical on every TP rank.
@@ -444,9 +470,9 @@ class LlamaModel(torch.nn.Module):
         if tokens.dim() != 2 or tokens.shape[0] < 1 or tokens.shape[1] < 1:
             raise ValueError(f"tokens must be a non-empty [B, S] tensor, got {tuple(tokens.shape)}")
         b, s = tokens.shape
-        if start.shape != (b,) or slots.shape != (b,):
+        if start.shape != (b,) or slots.shape[:1] != (b,) or slots.dim() not in (1, 2):
             raise ValueError(
-                f"start_positions and slots must have shape ({b},), got "
+                f"start_positions and slots must have shape ({b},) (slots: or ({b}, W)), got "
                 f"{tuple(start.shape)} and {tuple(slots.shape)}"
             )
         if not all(t.dtype in (torch.int64, torch.int32) for t in (tokens, start, slots)):
@@ -454,36 +480,50 @@ class LlamaModel(torch.nn.Module):
         if len(cache.k) != self.config.num_hidden_layers:
             raise ValueError("kv_cache was not allocated by this model")
         start = start.to(self.device, torch.int64)
-        slots = slots.to(self.device, torch.int64)
+        paged = slots.dim() == 2
+        table = slots.to(self.device, torch.int64).reshape(b, -1)
+        block_len = cache.max_seq_len
+        positions = start[:, None] + torch.arange(s, device=self.device)
+        write_blocks, write_offsets = _write_places(table, positions, block_len)
+        if paged:  # rows may share blocks, never a place they write
+            dup_check = _slot_checks((write_blocks * block_len + write_offsets).reshape(-1))
+            dup_check[1] = (table[1:, 0] > table[:-1, 0]).all().long()
+        else:
+            dup_check = _slot_checks(table[:, 0])
         checks = torch.stack(
             [
                 start.min(),
                 start.max(),
-                slots.min(),
-                slots.max(),
+                table.min(),
+                table.max(),
                 tokens.min().to(self.device, torch.int64),
                 tokens.max().to(self.device, torch.int64),
-                *_slot_checks(slots),
+                *dup_check,
             ]
         ).tolist()
         start_min, start_max, slot_min, slot_max, tok_min, tok_max, dups, ascending = checks
-        if start_min < 0 or start_max + s > cache.max_seq_len:
+        width = table.shape[1]
+        if start_min < 0 or start_max + s > width * block_len:
+            blocks = f" ({width} blocks of {block_len})" if paged else ""
             raise ValueError(
                 f"positions [{start_min}, {start_max + s}) do not fit the KV cache's "
-                f"max_seq_len {cache.max_seq_len}"
+                f"max_seq_len {width * block_len}{blocks}"
             )
         if slot_min < 0 or slot_max >= cache.max_batch_size:
             raise ValueError(
                 f"slots must lie in [0, {cache.max_batch_size}), got [{slot_min}, {slot_max}]"
             )
         if dups:
-            raise ValueError("slots must be distinct within a call (two rows would share K/V)")
+            raise ValueError(
+                "slots must be distinct within a call (two rows would share K/V)"
+                if not paged
+                else "block tables must not write one KV position twice within a call"
+            )
         if tok_min < 0 or tok_max >= self.config.vocab_size:
             raise ValueError(
                 f"token ids must lie in [0, {self.config.vocab_size}), got [{tok_min}, {tok_max}]"
             )
         self._ensure_rope(start_max + s)
-        positions = start[:, None] + torch.arange(s, device=self.device)
         cos = self._cos[positions].unsqueeze(2)
         sin = self._sin[positions].unsqueeze(2)
         kv_len = start_max + s
@@ -491,13 +531,19 @@ class LlamaModel(torch.nn.Module):
         if start_max > 0:
             keys = torch.arange(kv_len, device=self.device)
             mask = (keys[None, None, :] <= positions[:, :, None]).unsqueeze(1)
-        contiguous = ascending and slot_max - slot_min + 1 == b
+        read_blocks = math.ceil(kv_len / block_len)
+        contiguous = ascending and read_blocks == 1 and slot_max - slot_min + 1 == b
+        if paged:  # the view needs exactly the blocks first..first+B-1 in column 0
+            contiguous = contiguous and width == 1
         return _Step(
             cos=cos,
             sin=sin,
             positions=positions,
-            slots=slots,
+            slots=table,
             first_slot=slot_min if contiguous else None,
+            write_blocks=write_blocks,
+            write_offsets=write_offsets,
+            read_blocks=read_blocks,
             kv_len=kv_len,
             mask=mask,
         )
