@@ -112,19 +112,33 @@ class PeerMonitor:
 
 
 class SilenceClock:
-    """Last time each heartbeating engine was heard from; who has been silent too long."""
+    """Last time each heartbeating engine was heard from; who has been silent too long.
+
+    The coordinator asks at every wake-up, so the answer must not cost a pass over the
+    engines: it keeps ``_floor``, a lower bound of the oldest last-heard time (times only move
+    forward and new engines start at "now", so the bound stays true). While ``floor + timeout``
+    lies ahead nobody can be silent, and both questions are O(1); the engines are scanned only
+    when that moment passes, about once per timeout, never per message.
+    """
 
     def __init__(self, timeout_s: float) -> None:
         if not timeout_s > 0:
             raise ValueError("engine_timeout must be a positive number of seconds")
         self.timeout_s = timeout_s
+        self._floor: float | None = None  # <= every last-heard time (None: not known)
 
     def next_deadline(self, last_seen: Iterable[float]) -> float | None:
         """The earliest moment one of the engines could be declared dead (None: none watched)."""
-        earliest = min(last_seen, default=None)
-        return None if earliest is None else earliest + self.timeout_s
+        if self._floor is None:
+            self._floor = min(last_seen, default=None)
+        return None if self._floor is None else self._floor + self.timeout_s
 
     def silent(self, last_seen: dict[bytes, float], now: float) -> list[bytes]:
         """Engines not heard from for longer than the timeout."""
         limit = now - self.timeout_s
+        if self._floor is not None and self._floor >= limit:
+            return []
+        self._floor = min(last_seen.values(), default=None)
+        if self._floor is None or self._floor >= limit:
+            return []
         return [identity for identity, seen in last_seen.items() if seen < limit]

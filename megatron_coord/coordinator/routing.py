@@ -6,6 +6,11 @@ a request was sent (``on_submit``, with its prompt and token budget), its text p
 tokenized (``on_prompt_tokens``), tokens were streamed (``on_tokens``), it ended
 (``on_finish``), an engine sent a HEARTBEAT load report (``on_load_report``). Round robin pays
 for none of this on the hot path. No torch here: the coordinator process must start fast.
+
+Cost per request is independent of the number of engines: round robin is O(1), least loaded
+keeps the engines' loads in a min-tree (``_MinTree``) and chooses and updates in O(log n);
+membership tests on ``engines`` are O(1) (``EngineList``). Adding or removing an engine may
+cost O(n): it happens per registration or health change, never per request.
 """
 
 from __future__ import annotations
@@ -17,6 +22,26 @@ from typing import Any
 Identity = bytes
 
 
+class EngineList(list):
+    """The routable engines in routing order, with O(1) ``in`` (health checks ask per
+    HEARTBEAT). Only ``append`` and ``del engines[index]`` change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._members: set[Identity] = set()
+
+    def __contains__(self, engine: object) -> bool:
+        return engine in self._members
+
+    def append(self, engine: Identity) -> None:
+        super().append(engine)
+        self._members.add(engine)
+
+    def __delitem__(self, index: int) -> None:  # type: ignore[override]
+        self._members.discard(self[index])
+        super().__delitem__(index)
+
+
 class RoutingPolicy:
     """Base class of routing policies. Engines are ZMQ identities (bytes)."""
 
@@ -25,7 +50,7 @@ class RoutingPolicy:
     tracks_load = False
 
     def __init__(self, engines: Iterable[Identity] = ()) -> None:
-        self.engines: list[Identity] = []
+        self.engines: EngineList = EngineList()
         self._next = 0  # where a rotating choice starts (an index into engines; may be past it)
         for engine in engines:
             self.add_engine(engine)
@@ -110,6 +135,56 @@ class _Tracked:
         return (0 if self.prefilled else self.prompt) + max(0, self.budget - self.generated)
 
 
+_EMPTY = float("inf")  # the key of a slot that holds no engine
+
+
+class _MinTree:
+    """A binary min-tree over slots: set a slot's key and find the first slot at or after a
+    position holding the minimum, both in O(log n). Least loaded's choice with round-robin ties
+    is exactly that query, so it needs no scan over the engines."""
+
+    __slots__ = ("size", "tree")
+
+    def __init__(self, capacity: int) -> None:
+        size = 4
+        while size < capacity:
+            size <<= 1
+        self.size = size
+        self.tree: list[float] = [_EMPTY] * (2 * size)
+
+    def set(self, slot: int, key: float) -> None:
+        tree = self.tree
+        i = slot + self.size
+        tree[i] = key
+        i >>= 1
+        while i:
+            left, right = tree[2 * i], tree[2 * i + 1]
+            smaller = left if left <= right else right
+            if tree[i] == smaller:
+                return  # nothing above changes
+            tree[i] = smaller
+            i >>= 1
+
+    def first_min(self, start: int) -> int:
+        """The first slot >= ``start`` holding the minimum key, else the first slot holding it
+        (a rotation that wraps). The tree must hold at least one engine."""
+        tree, size = self.tree, self.size
+        smallest = tree[1]
+        i = start + size
+        if start < size:
+            while tree[i] != smallest:
+                while i & 1:  # a right child: climb to the first ancestor with a right sibling
+                    i >>= 1
+                if not i:
+                    break
+                i += 1
+        if start >= size or not i:
+            i = 1
+        while i < size:
+            i = 2 * i if tree[2 * i] == smallest else 2 * i + 1
+        return i - size
+
+
 class LeastLoaded(RoutingPolicy):
     """Send each request to the engine with the least outstanding work, counted in tokens.
 
@@ -136,6 +211,12 @@ class LeastLoaded(RoutingPolicy):
     function of the request sequence: the policy balances the cumulative cost routed to each
     engine (prompt + budget, text prompts at a fixed 4 characters per token) and ignores
     everything timing-dependent (replies, streamed tokens, load reports, tokenization results).
+
+    Each engine owns a slot of a ``_MinTree`` (slots in routing order; the slots of removed
+    engines are left empty and compacted away once they are half of them) whose key is its
+    load, updated whenever its accounting changes: the choice is one tree query, O(log n), and
+    equals the linear scan it replaced (the least load, ties to the first engine after the last
+    pick).
     """
 
     tracks_load = True
@@ -152,6 +233,10 @@ class LeastLoaded(RoutingPolicy):
         self._requests: dict[int, _Tracked] = {}
         self._chars = 0  # calibration of the text-prompt estimate
         self._tokens = 0
+        self._slot: dict[Identity, int] = {}  # engine -> its slot in the tree
+        self._slots: list[Identity | None] = []  # slot -> engine (None: removed)
+        self._tree = _MinTree(4)
+        self._next_slot = 0  # ties go to the first engine at or after this slot
         super().__init__(engines)
 
     # ------------------------------------------------------------------ engines
@@ -162,11 +247,38 @@ class LeastLoaded(RoutingPolicy):
         self._seen[engine] = 0
         self._reported[engine] = 0
         self._base[engine] = None
+        if len(self._slots) == self._tree.size:
+            self._compact(len(self._slots) + 1)
+        self._slot[engine] = len(self._slots)
+        self._slots.append(engine)
+        self._tree.set(self._slot[engine], 0)
 
     def remove_engine(self, engine: Identity) -> None:
         super().remove_engine(engine)
         for table in (self._load, self._seen, self._reported, self._base):
             del table[engine]
+        slot = self._slot.pop(engine)
+        self._slots[slot] = None
+        self._tree.set(slot, _EMPTY)
+        if len(self._slots) > 2 * len(self._slot) + 8:
+            self._compact(len(self._slots))
+
+    def _compact(self, capacity: int) -> None:
+        """Renumber the slots in routing order (dropping empty ones) into a tree with room for
+        ``capacity``; the rotation resumes at the same engine. O(n), amortised over the
+        additions and removals that made it necessary."""
+        following = [e for e in self._slots[self._next_slot :] if e is not None]
+        live = [e for e in self._slots if e is not None]
+        self._next_slot = live.index(following[0]) if following else len(live)
+        self._slots = live
+        self._slot = {engine: slot for slot, engine in enumerate(live)}
+        self._tree = _MinTree(max(capacity, 2 * len(live)))
+        for slot, engine in enumerate(live):
+            self._tree.set(slot, self.load(engine))
+
+    def _changed(self, engine: Identity) -> None:
+        """``engine``'s accounting changed: its key in the tree follows."""
+        self._tree.set(self._slot[engine], self.load(engine))
 
     def load(self, engine: Identity) -> int:
         """Outstanding work of ``engine`` in tokens: own accounting minus unseen progress."""
@@ -183,31 +295,14 @@ class LeastLoaded(RoutingPolicy):
     # ------------------------------------------------------------------ choice
 
     def choose(self, request: Any = None) -> Identity:
-        """The least-loaded engine; scanning starts after the last pick, so ties rotate.
+        """The least-loaded engine; ties go to the first one after the last pick (they rotate).
 
-        O(engines) with the load computed inline: this runs once per request."""
-        engines = self.engines
-        count = len(engines)
-        if not count:
+        O(log engines): one query of the min-tree."""
+        if not self._slot:
             raise LookupError("no engine is registered")
-        own, reported, seen = self._load, self._reported, self._seen
-        index = self._next if self._next < count else 0
-        best_index, best = index, None
-        for _ in range(count):
-            engine = engines[index]
-            load = own[engine]
-            unseen = reported[engine] - seen[engine]
-            if unseen > 0:
-                load -= unseen
-            if best is None or load < best:
-                best, best_index = load, index
-                if load <= 0:
-                    break  # idle: nothing can beat it
-            index += 1
-            if index == count:
-                index = 0
-        self._next = best_index + 1
-        return engines[best_index]
+        slot = self._tree.first_min(self._next_slot)
+        self._next_slot = slot + 1
+        return self._slots[slot]  # type: ignore[return-value]
 
     def _estimate(self, text: str) -> int:
         if self.deterministic or self._chars == 0:
@@ -234,6 +329,7 @@ class LeastLoaded(RoutingPolicy):
         budget = max(0, max_new_tokens)
         if engine in self._load:
             self._load[engine] += prompt_tokens + budget
+            self._changed(engine)
         if not self.deterministic:
             self._requests[request_id] = _Tracked(engine, prompt_tokens, budget, chars)
 
@@ -246,6 +342,7 @@ class LeastLoaded(RoutingPolicy):
         tracked.chars = 0
         if not tracked.prefilled and tracked.engine in self._load:
             self._load[tracked.engine] += prompt_tokens - tracked.prompt
+            self._changed(tracked.engine)
         tracked.prompt = prompt_tokens
 
     def on_tokens(self, engine: Identity, request_id: int, count: int) -> None:
@@ -260,6 +357,7 @@ class LeastLoaded(RoutingPolicy):
         tracked.generated += count
         self._load[tracked.engine] -= before - tracked.remaining
         self._seen[tracked.engine] += seen
+        self._changed(tracked.engine)
 
     def on_finish(self, engine: Identity, request_id: int, generated: int | None = None) -> None:
         tracked = self._requests.pop(request_id, None)
@@ -271,6 +369,7 @@ class LeastLoaded(RoutingPolicy):
             if not tracked.prefilled:
                 seen += tracked.prompt
             self._seen[tracked.engine] += seen
+        self._changed(tracked.engine)
 
     def on_resubmit(self, old: Identity, new: Identity, request_id: int) -> None:
         """The request keeps its size and starts over on ``new`` (nothing of it was seen)."""
@@ -279,9 +378,11 @@ class LeastLoaded(RoutingPolicy):
             return  # deterministic mode: the cumulative routed work stays where it was routed
         if tracked.engine in self._load:
             self._load[tracked.engine] -= tracked.remaining
+            self._changed(tracked.engine)
         tracked.engine, tracked.generated, tracked.prefilled = new, 0, False
         if new in self._load:
             self._load[new] += tracked.remaining
+            self._changed(new)
 
     def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
         if self.deterministic or engine not in self._reported:
@@ -294,6 +395,7 @@ class LeastLoaded(RoutingPolicy):
             # Conservative: whatever it processed unseen so far is not corrected for.
             base = self._base[engine] = processed - self._seen[engine]
         self._reported[engine] = processed - base
+        self._changed(engine)
 
 
 POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
