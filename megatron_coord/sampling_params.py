@@ -1,4 +1,5 @@
-"""Per-request sampling parameters, field-compatible with Megatron-core 0.16's SamplingParams."""
+"""Per-request sampling parameters, field-compatible with Megatron-core 0.16's and 0.19's
+SamplingParams."""
 
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ class SamplingParams:
     return_prompt_top_n_logprobs: bool = False
     add_BOS: bool = False
     stop_words: list[str] | None = None
+    # --- Megatron-core 0.19's additions (accepted; our engines return prompt tokens anyway) ---
+    detokenize_stop_sequence: bool = False
+    return_prompt_tokens: bool = False
     # --- megatron_coord extensions ---
     seed: int | None = None
     streaming_interval: int = 0  # >0: send partial results at most every N engine steps
@@ -55,6 +59,8 @@ _BOOL_FIELDS = {
     "return_segments",
     "return_prompt_top_n_logprobs",
     "add_BOS",
+    "detokenize_stop_sequence",
+    "return_prompt_tokens",
 }
 
 
@@ -94,6 +100,8 @@ def validate_sampling_params(data: Any) -> dict[str, Any]:
     for name, value in data.items():
         if name not in _FIELD_TYPES:
             raise _bad(f"unknown sampling parameter {name!r}")
+        if name == "num_tokens_to_generate" and value is None:
+            continue  # 0.19's default (None): the budget comes from num_tokens_total or ours
         clean[name] = _check_field(name, value)
     if clean.get("temperature", 1.0) < 0:
         raise _bad("sampling_params.temperature must be >= 0")

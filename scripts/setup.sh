@@ -23,3 +23,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! .venv/bin/python -c "import
   .venv/bin/pip install --quiet --no-deps megatron-core==0.16.1 packaging
   echo "$want" > "$stamp"
 fi
+# Megatron-core 0.19.2 beside it (a Python 3.12 wheel, unpacked under .venv, never imported by
+# the venv itself): the 0.19 interop tests and benchmark put it on their processes' path.
+.venv/bin/python -m megatron_coord.testing.megatron019

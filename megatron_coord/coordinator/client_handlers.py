@@ -4,6 +4,10 @@ A handler validates its message before acting on it and raises ``ProtocolError``
 (the coordinator answers it). Submits are admitted one by one but sent in one ``flush`` per
 wake-up, so text prompts are tokenized in a single call; control, abort and stats messages
 flush first, so they act after every submit that arrived before them.
+
+A Megatron-core 0.19 client (CONNECT ``[0]``) has its own table of 0.19's header values
+(dialects.py): the same handlers, plus SHUTDOWN (a graceful shutdown of the coordinator) and the
+signals only 0.19 engines know (SET_GENERATION_EPOCH, the CUDA profiler), relayed to those.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import msgspec
 
 from ..protocol import CONTROL_SIGNALS, ErrorCode, Headers, ProtocolError
 from ..sampling_params import validate_sampling_params
+from .dialects import BROADCAST_019, CONTROL_FROM_019, Dialect, Wire019
 from .requests import UNROUTED
 from .wire import (
     DECODE_ERRORS,
@@ -24,6 +29,7 @@ from .wire import (
     client_id_decoder,
     decode_as,
     encode,
+    peek_header,
     prompt_decoder,
     submit_decoder,
     unexpected,
@@ -36,6 +42,8 @@ logger = logging.getLogger("megatron_coord.coordinator")
 
 _SAMPLING_CACHE_SIZE = 1024
 _HEARTBEAT_REPLY = encode([int(Headers.HEARTBEAT), {}])
+_CONNECT_ACK_019 = encode([int(Wire019.CONNECT_ACK)])
+epoch_decoder = msgspec.msgpack.Decoder(tuple[int, int])
 
 
 class ClientHandlers:
@@ -53,10 +61,26 @@ class ClientHandlers:
             int(Headers.HEARTBEAT): self.on_heartbeat,
         }
         for header in CONTROL_SIGNALS:
-            self.table[int(header)] = lambda client, payload, h=header: self.on_control(h, payload)
+            self.table[int(header)] = lambda client, payload, h=header: self.on_control(
+                h, client, payload
+            )
+        self.table_019 = {
+            int(Wire019.SUBMIT_REQUEST): self.on_submit,
+            int(Wire019.CONNECT): self.on_connect,
+            int(Wire019.SHUTDOWN): self.on_shutdown,
+        }
+        for value, header in CONTROL_FROM_019.items():
+            self.table_019[value] = lambda client, payload, h=header: self.on_control(
+                h, client, payload
+            )
+        for value in BROADCAST_019:
+            self.table_019[value] = self.on_broadcast_019
 
     def handle(self, client: bytes, header: int, payload: bytes) -> None:
-        handler = self.table.get(header)
+        if self.c.clients[client] is Dialect.MEGATRON_019:
+            handler = self.table_019.get(header)
+        else:
+            handler = self.table.get(header)
         if handler is None:
             raise unexpected(header, payload, "client")
         handler(client, payload)
@@ -64,26 +88,35 @@ class ClientHandlers:
     # ------------------------------------------------------------------ handshake
 
     def on_connect(self, identity: bytes, payload: bytes) -> None:
-        """CONNECT: ``[1]`` (Megatron's client) or ``[1, {"protocol": n}]`` (ours)."""
+        """CONNECT: ``[1]`` (Megatron 0.16's client), ``[1, {"protocol": n}]`` (ours) or
+        ``[0]`` (Megatron 0.19's), each answered with its own CONNECT_ACK."""
         c = self.c
         message = decode_as(any_decoder, payload)
-        if len(message) == 1:
-            ours = False
+        if message == [int(Wire019.CONNECT)]:
+            dialect = Dialect.MEGATRON_019
+        elif message[0] != Headers.CONNECT:
+            c.clients.setdefault(identity, Dialect.MEGATRON_019)  # never risk a header >= 100
+            raise ProtocolError(ErrorCode.MALFORMED, "0.19's CONNECT takes no fields")
+        elif len(message) == 1:
+            dialect = Dialect.MEGATRON_016
         elif (
             len(message) == 2
             and isinstance(message[1], dict)
             and type(message[1].get("protocol")) is int
         ):
-            ours = True
+            dialect = Dialect.OURS
         else:
-            c.clients.setdefault(identity, False)  # never risk a header >= 100
+            c.clients.setdefault(identity, Dialect.MEGATRON_016)  # never risk a header >= 100
             raise ProtocolError(ErrorCode.MALFORMED, 'CONNECT takes no fields or {"protocol": n}')
         if identity in c.clients:
             logger.info("client %r connected again", identity)
         else:
             c.monitor.learn(identity, c.stranger_fd)  # to notice when it vanishes
-        c.clients[identity] = ours
-        c.send(identity, HEADER_ONLY[Headers.CONNECT_ACK])
+        c.clients[identity] = dialect
+        if dialect is Dialect.MEGATRON_019:
+            c.send(identity, _CONNECT_ACK_019)
+        else:
+            c.send(identity, HEADER_ONLY[Headers.CONNECT_ACK])
 
     def client_gone(self, identity: bytes) -> None:
         """A client's connection closed: abort its requests on their engines, forget them."""
@@ -215,7 +248,7 @@ class ClientHandlers:
         for engine, request_id, frame, _, _ in pending:
             # An engine found dead during this loop has had its requests moved or failed.
             moved = frame is None or engine_of.get(request_id) != engine or engine is UNROUTED
-            if not moved and not c.send(engine, frame):
+            if not moved and not c.send_submit(engine, frame):
                 c.engine_handlers.engine_unreachable(engine, request_id)
 
     def _tokenize(self, items: list[list[Any]]) -> None:
@@ -231,17 +264,47 @@ class ClientHandlers:
 
     # ------------------------------------------------------------------ the rest
 
-    def on_control(self, header: Headers, payload: bytes) -> None:
-        """Relay PAUSE/UNPAUSE/SUSPEND/RESUME/STOP to every engine."""
+    def on_control(self, header: Headers, client: bytes, payload: bytes) -> None:
+        """Relay PAUSE/UNPAUSE/SUSPEND/RESUME/STOP to every engine, each in its protocol. A
+        0.19 client's signal that 0.19's state machine does not allow now is ignored (logged;
+        a repeated PAUSE silently), as its own coordinator does."""
         check_header_only(payload)
         self.flush()
         c = self.c
+        if c.clients[client] is Dialect.MEGATRON_019 and not c.control.allows_019(header):
+            if header is not Headers.PAUSE:
+                logger.warning(
+                    "ignored %s from a 0.19 client: the engines are %s",
+                    header.name,
+                    c.control.state_019.value,
+                )
+            return
         awaited = c.control.relay(header)
-        message = HEADER_ONLY[header]
+        c.control.relayed_019(header)
         for engine in c.registry.order:
-            c.send(engine, message)
-        if awaited is not None and not c.registry.order:  # nobody to wait for
+            c.send_control(engine, header)
+        if awaited is not None and not c.awaited_from(awaited):  # nobody to wait for
             c.all_acked(awaited)
+
+    def on_broadcast_019(self, client: bytes, payload: bytes) -> None:
+        """SET_GENERATION_EPOCH ``[44, epoch]`` / START|STOP_CUDA_PROFILER ``[46]|[47]``: to
+        every 0.19 engine (the others know no such signal), unchanged."""
+        if peek_header(payload) == Wire019.SET_GENERATION_EPOCH:
+            decode_as(epoch_decoder, payload)
+        else:
+            check_header_only(payload)
+        self.flush()
+        c = self.c
+        for identity in c.registry.order:
+            if c.registry.engines[identity].dialect is Dialect.MEGATRON_019:
+                c.send(identity, payload)
+
+    def on_shutdown(self, client: bytes, payload: bytes) -> None:
+        """SHUTDOWN ``[61]`` (0.19): end the coordinator, leaving the engines running. The
+        requests in flight get the shutdown grace to finish, as after SIGTERM."""
+        check_header_only(payload)
+        logger.warning("a 0.19 client asked the coordinator to shut down")
+        self.c.shutdown.request()
 
     def on_abort(self, client: bytes, payload: bytes) -> None:
         """ABORT ``[105, client_request_id]``: tell the engine holding it."""
@@ -257,13 +320,16 @@ class ClientHandlers:
         if engine is UNROUTED:  # still waiting for an engine: nothing ran, nothing to return
             c.fail(request_id, ErrorCode.ABORTED, "aborted before any engine took it")
             return
+        if not c.speaks_ours(engine):  # Megatron's engines know no ABORT: its
+            c.fail(request_id, ErrorCode.ABORTED, "aborted")  # late reply will be dropped
+            return
         c.send(engine, encode([int(Headers.ABORT), request_id]))
 
     def on_heartbeat(self, client: bytes, payload: bytes) -> None:
         """HEARTBEAT ``[102]``: a client of ours checks that the coordinator lives; answered at
         once (it tells a lost coordinator from a quiet one, as engines do)."""
         check_header_only(payload)
-        if not self.c.clients.get(client):
+        if self.c.clients.get(client) is not Dialect.OURS:
             raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "HEARTBEAT needs our protocol (CONNECT)")
         self.c.send(client, _HEARTBEAT_REPLY)
 
@@ -272,7 +338,7 @@ class ClientHandlers:
         check_header_only(payload)
         self.flush()
         c = self.c
-        if not c.clients.get(client):
+        if c.clients.get(client) is not Dialect.OURS:
             raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "STATS needs our protocol (CONNECT)")
         engines = [
             {

@@ -44,7 +44,8 @@ from ..exit_codes import ConfigurationError
 from ..ports import port_in_use_message
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode, Headers, ProtocolError
 from .client_handlers import ClientHandlers
-from .control import ControlState
+from .control import ControlState, State019, next_019
+from .dialects import CONTROL_TO_019, Dialect, Wire019, failed_record, submit_for_019
 from .engine_handlers import EngineHandlers
 from .engines import EngineRegistry
 from .limits import Limits
@@ -58,6 +59,7 @@ from .wire import HEADER_ONLY, client_request_id_of, encode, peek_header
 logger = logging.getLogger("megatron_coord.coordinator")
 
 _MAX_EARLY_FRAMES = 65536
+HEADER_ONLY_019 = {h: encode([int(v)]) for h, v in CONTROL_TO_019.items()}
 DEFAULT_FAILOVER_WAIT_S = 10.0
 DEFAULT_WAIT_FOR_ENGINE_S = 30.0
 # pyzmq's Cython socket methods, bypassing its Python wrappers on the hot path (ints, not enums).
@@ -90,7 +92,9 @@ class DataParallelInferenceCoordinator:
     engine when none is left, 10; 0: fail them at once), ``wait_for_engine`` (seconds a new
     request waits for an engine when none can take it, as while replicas still load, 30; 0:
     ``no_engine`` at once), ``strict_port`` (see above), ``auth_keys`` (CURVE key directory), ``insecure_no_auth`` (a
-    non-loopback bind without keys, with a loud warning).
+    non-loopback bind without keys, with a loud warning), ``megatron_engines`` ("0.16", the
+    default, or "0.19": the Megatron-core version of engines that register with an empty frame,
+    which looks the same in both; dialects.py).
     """
 
     def __init__(
@@ -130,6 +134,10 @@ class DataParallelInferenceCoordinator:
         log_level = options.pop("log_level", None)
         registration_timeout = options.pop("registration_timeout", None)
         self.strict_port = bool(options.pop("strict_port", False))
+        megatron_engines = options.pop("megatron_engines", "0.16")
+        if megatron_engines not in ("0.16", "0.19"):
+            raise ValueError(f'megatron_engines must be "0.16" or "0.19", not {megatron_engines!r}')
+        self.megatron_engines = Dialect(megatron_engines)
         if options:
             raise TypeError(f"unknown coordinator options: {sorted(options)}")
         if log_level is not None:
@@ -142,7 +150,7 @@ class DataParallelInferenceCoordinator:
         self.registry = EngineRegistry(self.engine_timeout, deterministic_mode)
         self.requests = RequestTable()
         self.control = ControlState()
-        self.clients: dict[bytes, bool] = {}  # identity -> speaks our protocol
+        self.clients: dict[bytes, Dialect] = {}  # identity -> the protocol it speaks
         self.gone_clients: set[bytes] = set()  # found gone by a send: freed after the wake-up
         self.requests_resubmitted = 0
         self.now = time.monotonic()
@@ -404,10 +412,26 @@ class DataParallelInferenceCoordinator:
                 self.engine_handlers.handle_stranger(identity, header, payload)
         except ProtocolError as exc:
             logger.warning("rejected a message from %r: %s", identity, exc)
-            self.send_error(identity, client_request_id_of(payload), exc.code, str(exc))
+            self.send_error(
+                identity, self._request_refused(identity, header, payload, exc), exc.code, str(exc)
+            )
         except Exception:  # never let one message stop the coordinator
             logger.exception("internal error handling a message from %r", identity)
             self.send_error(identity, None, ErrorCode.MALFORMED, "internal error")
+
+    def _request_refused(
+        self, identity: bytes, header: int, payload: bytes, exc: ProtocolError
+    ) -> Any:
+        """The client_request_id a refusal answers (best effort), None if it answers none.
+
+        A 0.19 client is answered only for a submit it awaits no other answer for: its
+        client resolves the awaited request with any reply and fails on a reply it awaits none
+        for, so a refused duplicate id or a bad control message gets no reply at all."""
+        if self.clients.get(identity) is Dialect.MEGATRON_019 and (
+            header != Wire019.SUBMIT_REQUEST or exc.code is ErrorCode.DUPLICATE_REQUEST_ID
+        ):
+            return None
+        return client_request_id_of(payload)
 
     # ------------------------------------------------------------------ sending
 
@@ -431,11 +455,58 @@ class DataParallelInferenceCoordinator:
             self.router_socket.send_multipart([identity, payload], zmq.NOBLOCK)
 
     def send_error(self, identity: bytes, client_request_id: Any, code: ErrorCode, text: str):
-        """ERROR to ``identity`` if it speaks our protocol; Megatron peers only get the log."""
+        """ERROR to ``identity`` if it speaks our protocol; a 0.19 client gets a FAILED record
+        for its request (with ``client_request_id`` None: nothing, as Megatron's 0.16 peers)."""
         engine = self.registry.engines.get(identity)
-        ours = engine.ours if engine is not None else self.clients.get(identity, True)
-        if ours:  # strangers never said CONNECT: they get the error
+        # strangers never said CONNECT: they get the error
+        dialect = engine.dialect if engine is not None else self.clients.get(identity, Dialect.OURS)
+        if dialect is Dialect.OURS:
             self.send(identity, encode([int(Headers.ERROR), client_request_id, code.value, text]))
+        elif dialect is Dialect.MEGATRON_019 and engine is None and client_request_id is not None:
+            record = failed_record(client_request_id, code.value, text)
+            self.send(identity, encode([int(Wire019.ENGINE_REPLY), client_request_id, record]))
+
+    def send_submit(self, identity: bytes, frame: bytes) -> bool:
+        """Send a SUBMIT_REQUEST frame (kept in our header) in the engine's protocol."""
+        if identity in self.registry.speaks_019:
+            frame = submit_for_019(frame)
+        return self.send(identity, frame)
+
+    def speaks_ours(self, identity: bytes) -> bool:
+        """Whether a registered engine takes our extensions (ABORT): Megatron's crash on them."""
+        engine = self.registry.engines.get(identity)
+        return engine is not None and engine.ours
+
+    def send_control(self, identity: bytes, header: Headers) -> None:
+        """A control signal to one engine, in its protocol; a 0.19 engine only gets the
+        signals its state allows (it asserts against the others) and follows 0.19's states."""
+        engine = self.registry.engines[identity]
+        if engine.dialect is not Dialect.MEGATRON_019:
+            self.send(identity, HEADER_ONLY[header])
+            return
+        new_state = next_019(engine.state_019, header)
+        if new_state is None:
+            logger.info(
+                "not sending %s to 0.19 engine %r: it is %s",
+                header.name,
+                identity,
+                engine.state_019.value,
+            )
+            return
+        engine.state_019 = new_state
+        self.send(identity, HEADER_ONLY_019[header])
+
+    def awaited_from(self, ack: Headers) -> set[bytes]:
+        """The engines whose ``ack`` (PAUSE_ACK / STOP_ACK) completes a round: every engine but
+        0.19's, which acknowledge nothing; for STOP also the 0.19 engines sent it, which leave
+        the round by disconnecting."""
+        engines = self.registry.engines
+        return {
+            i
+            for i in self.registry.order
+            if engines[i].dialect is not Dialect.MEGATRON_019
+            or (ack is Headers.STOP_ACK and engines[i].state_019 is State019.STOPPING)
+        }
 
     # ------------------------------------------------------------------ ending requests
 
@@ -462,7 +533,7 @@ class DataParallelInferenceCoordinator:
         """ABORT a request on its engine and end it: with an ERROR ``code`` to its client, or
         (None: the client is gone) silently."""
         engine = self.requests.engine_of.get(request_id)
-        if engine:  # None: ended; UNROUTED: no engine has it
+        if engine and self.speaks_ours(engine):  # None: ended; UNROUTED: no engine has it
             self.send_quietly(engine, encode([int(Headers.ABORT), request_id]))
         if code is None:
             self.free(request_id)
@@ -473,10 +544,12 @@ class DataParallelInferenceCoordinator:
         """Every live engine acknowledged PAUSE or STOP: tell every client and engine."""
         self.control.done(header)
         message = HEADER_ONLY[header]
-        for client in list(self.clients):
-            self.send(client, message)
+        for client, dialect in list(self.clients.items()):
+            if dialect is not Dialect.MEGATRON_019:  # 0.19 has no acks
+                self.send(client, message)
         for identity in self.registry.order:
-            self.send(identity, message)
+            if self.registry.engines[identity].dialect is not Dialect.MEGATRON_019:
+                self.send(identity, message)
         if header == Headers.STOP_ACK:
             self._running = False
 
@@ -555,9 +628,10 @@ class DataParallelInferenceCoordinator:
         if self.control.stopping:
             return
         self.control.relay(Headers.STOP)
+        self.control.relayed_019(Headers.STOP)
         for identity in self.registry.order:
-            self.send(identity, HEADER_ONLY[Headers.STOP])
-        if not self.registry.order:  # nobody to wait for
+            self.send_control(identity, Headers.STOP)
+        if not self.awaited_from(Headers.STOP_ACK):  # nobody to wait for
             self.all_acked(Headers.STOP_ACK)
 
     # ------------------------------------------------------------------ debug view

@@ -11,6 +11,11 @@ request that could be resubmitted waits ``failover_wait`` seconds for one to reg
 back) before it fails with ``no_engine``. A late reply from an engine
 declared dead is dropped, and the engine is told to ABORT what it held; a HEARTBEAT from it
 registers it again.
+
+Megatron-core 0.19's engines (``megatron_engines="0.19"``) have a table of their own: replies
+``[21, [merged request, ...]]``, reshaped to our records on the way in (dialects.py), and
+DISCONNECT ``[60]``, an engine leaving (its requests fail over; during a STOP round it is how
+the engine says it stopped).
 """
 
 from __future__ import annotations
@@ -19,6 +24,14 @@ import logging
 from typing import TYPE_CHECKING
 
 from ..protocol import ErrorCode, Headers, ProtocolError
+from .control import State019
+from .dialects import (
+    ONLY_019_HEADERS,
+    Dialect,
+    Wire019,
+    flat_record,
+    wrapped_record,
+)
 from .engines import BadRegistration, Engine, parse_registration
 from .requests import UNROUTED
 from .wire import (
@@ -55,10 +68,17 @@ class EngineHandlers:
             int(Headers.ERROR): self.on_error,
             int(Headers.HEARTBEAT): self.on_heartbeat,
         }
+        self.table_019 = {
+            int(Wire019.ENGINE_REPLY): self.on_reply_019,
+            int(Wire019.DISCONNECT): self.on_disconnect,
+        }
 
     def handle(self, engine: Engine, header: int, payload: bytes) -> None:
         self.c.registry.heard_from(engine, self.c.now)
-        handler = self.table.get(header)
+        if engine.dialect is Dialect.MEGATRON_019:
+            handler = self.table_019.get(header)
+        else:
+            handler = self.table.get(header)
         if handler is not None:
             handler(engine, payload)
         elif payload == b"" or header == Headers.REGISTER:
@@ -69,7 +89,7 @@ class EngineHandlers:
     def handle_stranger(self, identity: bytes, header: int, payload: bytes) -> None:
         """A peer that is neither a registered engine nor a connected client."""
         c = self.c
-        if header == Headers.CONNECT:
+        if header == Headers.CONNECT or header == Wire019.CONNECT:
             c.client_handlers.on_connect(identity, payload)
         elif payload == b"" or header == Headers.REGISTER:
             self.try_register(identity, payload)  # an engine joining (or coming back)
@@ -79,11 +99,17 @@ class EngineHandlers:
             rank = info.get("data_parallel_rank")
             rank = rank if type(rank) is int and rank >= 0 else None
             logger.warning("engine %r, declared dead, is alive: registering it again", identity)
-            if not self._add(identity, rank, ours=True, info=info):
+            if not self._add(identity, rank, Dialect.OURS, info):
                 return
             engine = c.registry.engines[identity]
             engine.load = info
             self._heartbeat(engine)
+        elif header in ONLY_019_HEADERS:  # a 0.19 peer: an ERROR would crash it
+            logger.warning(
+                "0.19 message (header %d) from %r, which never sent CONNECT; dropped",
+                header,
+                identity,
+            )
         else:
             logger.warning("message from %r, which never sent CONNECT", identity)
             if header == -1:
@@ -95,23 +121,23 @@ class EngineHandlers:
     def try_register(self, identity: bytes, payload: bytes) -> bool:
         """Register ``identity`` if ``payload`` is a registration; False if it is not one."""
         try:
-            registration = parse_registration(identity, payload)
+            registration = parse_registration(identity, payload, self.c.megatron_engines)
         except BadRegistration as exc:
             logger.warning("bad registration from %r: %s", identity, exc)
             self.c.send_error(identity, None, ErrorCode.MALFORMED, f"bad REGISTER: {exc}")
             return True
         if registration is None:
             return False
-        rank, ours, info = registration
-        self._add(identity, rank, ours, info if ours else None)
+        rank, dialect, info = registration
+        self._add(identity, rank, dialect, info if dialect is Dialect.OURS else None)
         return True
 
-    def _add(self, identity: bytes, rank: int | None, ours: bool, info: dict | None) -> bool:
+    def _add(self, identity: bytes, rank: int | None, dialect: Dialect, info: dict | None) -> bool:
         """Register an engine; False if refused (registered already, or no place for it)."""
         c = self.c
-        if self._full(identity, ours):
+        if self._full(identity, dialect is Dialect.OURS):
             return False
-        if not c.registry.add(identity, rank, ours, info):
+        if not c.registry.add(identity, rank, dialect, info):
             return False
         c.monitor.learn(identity, c.stranger_fd)  # to notice when its connection closes
         if getattr(c, "routing_policy", None) is not None:  # serving already: a join
@@ -145,8 +171,12 @@ class EngineHandlers:
         c = self.c
         c.registry.order.append(identity)
         c.routing_policy.add_engine(identity)
-        for header in c.control.catch_up():
-            c.send(identity, encode([int(header)]))
+        if c.registry.engines[identity].dialect is Dialect.MEGATRON_019:
+            catch_up = c.control.catch_up_019()
+        else:
+            catch_up = c.control.catch_up()
+        for header in catch_up:
+            c.send_control(identity, header)
         logger.info("engine %r joined; %d engine(s) now", identity, len(c.registry.order))
         if c.requests.orphans:
             self._adopt_orphans()
@@ -155,8 +185,26 @@ class EngineHandlers:
 
     def on_reply(self, engine: Engine, payload: bytes) -> None:
         """ENGINE_REPLY ``[4, [record, ...]]``: route each finished record to its client."""
-        c = self.c
         _, records = decode_as(reply_decoder, payload)
+        self._route_records(engine, records, from_019=False)
+
+    def on_reply_019(self, engine: Engine, payload: bytes) -> None:
+        """0.19's ENGINE_REPLY ``[21, [merged request, ...]]``: each one as a record of ours
+        (``{"requests": [merged]}``, the same dict), then routed like any reply."""
+        _, merged = decode_as(reply_decoder, payload)
+        records = [{"requests": [request], "latency": request.get("latency")} for request in merged]
+        self._route_records(engine, records, from_019=True)
+
+    def on_disconnect(self, engine: Engine, payload: bytes) -> None:
+        """DISCONNECT ``[60]`` (0.19): the engine leaves; after STOP, it has stopped."""
+        check_header_only(payload)
+        if engine.state_019 is State019.STOPPING:
+            logger.info("0.19 engine %r stopped", engine.identity)
+        self.engine_gone(engine.identity, "the engine disconnected (DISCONNECT)")
+
+    def _route_records(self, engine: Engine, records: list[dict], from_019: bool) -> None:
+        """Send each finished record to its client, in the client's protocol."""
+        c = self.c
         engine_of = c.requests.engine_of
         routed = []
         for record in records:
@@ -181,6 +229,8 @@ class EngineHandlers:
             [r for _, r in routed], c.requests.prompt_text, strict=False
         )
         reply = int(Headers.ENGINE_REPLY)
+        reply_019 = int(Wire019.ENGINE_REPLY)
+        clients = c.clients
         for index, (request_id, record) in enumerate(routed):
             if index in failed:
                 c.fail(request_id, ErrorCode.ENGINE_FAILED, failed[index])
@@ -189,7 +239,14 @@ class EngineHandlers:
             if c.tracks_load:
                 generated = len(tokens_of(record["requests"][0]["generated_tokens"]))
             client, client_request_id = c.free(request_id, generated)
-            c.send(client, encode([reply, client_request_id, record]))
+            dialect = clients.get(client)
+            if dialect is Dialect.MEGATRON_019:
+                c.send(client, encode([reply_019, client_request_id, flat_record(record)]))
+            elif from_019 and dialect is Dialect.MEGATRON_016:
+                flat = record["requests"][0]
+                c.send(client, encode([reply, client_request_id, wrapped_record(flat)]))
+            else:
+                c.send(client, encode([reply, client_request_id, record]))
 
     def on_partial_reply(self, engine: Engine, payload: bytes) -> None:
         """PARTIAL_REPLY ``[103, [[request_id, new_tokens], ...]]``: relay the new text."""
@@ -210,7 +267,7 @@ class EngineHandlers:
             except Exception as exc:
                 c.fail(request_id, ErrorCode.ENGINE_FAILED, f"cannot detokenize: {exc}")
                 continue
-            if c.clients.get(client):  # only our clients understand PARTIAL_REPLY
+            if c.clients.get(client) is Dialect.OURS:  # only ours understand PARTIAL_REPLY
                 client_request_id = table.client_request_id_of[request_id]
                 c.send(client, encode([header, client_request_id, tokens, text]))
 
@@ -267,7 +324,7 @@ class EngineHandlers:
         check_header_only(payload)
         c = self.c
         header = Headers(payload[1])
-        if c.control.ack(engine.identity, header, set(c.registry.order)):
+        if c.control.ack(engine.identity, header, c.awaited_from(header)):
             c.all_acked(header)
 
     # ------------------------------------------------------------------ death and fail-over
@@ -300,10 +357,11 @@ class EngineHandlers:
         )
         abort = int(Headers.ABORT)
         for request_id in held:
-            c.send_quietly(identity, encode([abort, request_id]))  # if it still lives
+            if engine.ours:  # if it still lives (Megatron's engines know no ABORT)
+                c.send_quietly(identity, encode([abort, request_id]))
             self._fail_over(request_id, identity, reason)
         c.requests.forget_engine(identity)
-        for header in c.control.engine_left(identity, set(c.registry.order)):
+        for header in c.control.engine_left(identity, c.awaited_from):
             c.all_acked(header)
 
     def _fail_over(self, request_id: int, dead: bytes, reason: str) -> None:
@@ -340,7 +398,7 @@ class EngineHandlers:
             c.routing_policy.on_resubmit(dead, engine, request_id)
         if dead is not UNROUTED:
             c.requests_resubmitted += 1
-        if not c.send(engine, payload):
+        if not c.send_submit(engine, payload):
             c.fail(request_id, ErrorCode.ENGINE_FAILED, "no engine could take the request")
 
     def _adopt_orphans(self) -> None:

@@ -1,8 +1,9 @@
 """The coordinator's engine registry: who is registered, in which order, and who fell silent.
 
 Registration is one empty frame (Megatron: identity ``b"mp-coord-<dp_rank>"``, whose rank is
-parsed for ``deterministic_mode``) or ``[REGISTER, {"data_parallel_rank": int, "protocol":
-int}]`` (ours). ``order`` is the seed's ``identities_of_data_parallel_ranks``: the engines that
+parsed for ``deterministic_mode``; 0.16 and 0.19 register alike, so the coordinator's
+``megatron_engines`` option says which version such an engine speaks: dialects.py) or
+``[REGISTER, {"data_parallel_rank": int, "protocol": int}]`` (ours). ``order`` is the seed's ``identities_of_data_parallel_ranks``: the engines that
 get requests. Engines of ours heartbeat; one silent for ``engine_timeout`` seconds is declared
 dead by the coordinator, which then fails its requests over (engine_handlers.py). The registry
 remembers the identities it declared dead (bounded), as only those may come back with a bare
@@ -16,6 +17,8 @@ from collections import deque
 from typing import Any
 
 from ..protocol import Headers
+from .control import State019
+from .dialects import Dialect
 from .liveness import SilenceClock
 from .wire import DECODE_ERRORS, MEGATRON_IDENTITY, heartbeat_decoder, peek_header
 
@@ -27,14 +30,25 @@ _MAX_DEAD_REMEMBERED = 4096
 class Engine:
     """What the coordinator knows about one registered engine (TP-coordinator)."""
 
-    __slots__ = ("identity", "data_parallel_rank", "ours", "arrival", "load", "info")
+    __slots__ = (
+        "identity",
+        "data_parallel_rank",
+        "dialect",
+        "ours",
+        "arrival",
+        "load",
+        "info",
+        "state_019",
+    )
 
     def __init__(
-        self, identity: bytes, rank: int | None, ours: bool, arrival: int, info: dict | None
+        self, identity: bytes, rank: int | None, dialect: Dialect, arrival: int, info: dict | None
     ) -> None:
         self.identity = identity
         self.data_parallel_rank = rank
-        self.ours = ours
+        self.dialect = dialect
+        self.ours = dialect is Dialect.OURS
+        self.state_019 = State019.RUNNING  # a 0.19 engine's control state (see control.py)
         self.arrival = arrival
         self.info = info  # its REGISTER fields (ours only)
         self.load: dict[str, Any] | None = None  # last HEARTBEAT report
@@ -44,12 +58,15 @@ class BadRegistration(ValueError):
     """A REGISTER frame whose fields are wrong."""
 
 
-def parse_registration(identity: bytes, payload: bytes) -> tuple[int | None, bool, dict] | None:
-    """(data-parallel rank, speaks ours, REGISTER fields) if ``payload`` registers an engine;
-    None if it is no registration. Raises BadRegistration for a malformed REGISTER."""
+def parse_registration(
+    identity: bytes, payload: bytes, megatron: Dialect = Dialect.MEGATRON_016
+) -> tuple[int | None, Dialect, dict] | None:
+    """(data-parallel rank, dialect, REGISTER fields) if ``payload`` registers an engine (an
+    empty frame: a Megatron engine of version ``megatron``); None if it is no registration.
+    Raises BadRegistration for a malformed REGISTER."""
     if payload == b"":
         match = MEGATRON_IDENTITY.match(identity)
-        return (int(match.group(1)) if match else None), False, {}
+        return (int(match.group(1)) if match else None), megatron, {}
     if peek_header(payload) != Headers.REGISTER:
         return None
     try:
@@ -59,7 +76,7 @@ def parse_registration(identity: bytes, payload: bytes) -> tuple[int | None, boo
     rank = info.get("data_parallel_rank")
     if rank is not None and (type(rank) is not int or rank < 0):
         raise BadRegistration("data_parallel_rank must be a non-negative integer")
-    return rank, True, info
+    return rank, Dialect.OURS, info
 
 
 class EngineRegistry:
@@ -72,12 +89,13 @@ class EngineRegistry:
         self._silence = SilenceClock(engine_timeout)
         self._last_seen: dict[bytes, float] = {}  # heartbeating engines -> last message time
         self._dead: dict[bytes, None] = {}  # declared dead, newest last (bounded)
+        self.speaks_019: set[bytes] = set()  # engines of Megatron-core 0.19 (their SUBMIT differs)
         self.engines_lost = 0
 
     def __len__(self) -> int:
         return len(self.engines)
 
-    def add(self, identity: bytes, rank: int | None, ours: bool, info: dict | None) -> bool:
+    def add(self, identity: bytes, rank: int | None, dialect: Dialect, info: dict | None) -> bool:
         """Register an engine; False (logged) if ``identity`` is registered already."""
         if identity in self.engines:
             logger.warning("engine %r registered twice; ignoring the second registration", identity)
@@ -85,7 +103,9 @@ class EngineRegistry:
         if any(rank is not None and e.data_parallel_rank == rank for e in self.engines.values()):
             logger.warning("two engines claim data-parallel rank %s", rank)
         arrival = len(self.engines) + self.engines_lost
-        self.engines[identity] = Engine(identity, rank, ours, arrival, info)
+        self.engines[identity] = Engine(identity, rank, dialect, arrival, info)
+        if dialect is Dialect.MEGATRON_019:
+            self.speaks_019.add(identity)
         logger.info("engine %r registered (dp rank %s)", identity, rank)
         return True
 
@@ -106,6 +126,7 @@ class EngineRegistry:
         if engine is None:
             return None
         self.engines_lost += 1
+        self.speaks_019.discard(identity)
         self._dead[identity] = None
         if len(self._dead) > _MAX_DEAD_REMEMBERED:
             del self._dead[next(iter(self._dead))]

@@ -66,6 +66,8 @@ class TextCodec:
                         text = prompt_text.get(request.get("request_id"))
                         if text is not None:
                             request["prompt"] = text
+                        elif "prompt_tokens" in request and request["prompt_tokens"] is None:
+                            pass  # 0.19's engines send None unless asked: nothing to decode
                         else:
                             prompt_tokens = tokens_of(request["prompt_tokens"])  # may raise:
                             jobs.append((index, request, "prompt"))  # then append nothing
