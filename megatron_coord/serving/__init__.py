@@ -6,19 +6,23 @@
 - ``openai_protocol``, ``chat_template``, ``generation``: request and response shapes, chat
   prompts, one choice's generation through the coordinator;
 - ``metrics``: Prometheus metrics; ``runner``: uvicorn in this thread, a thread or a process;
+  ``workers``: N worker processes behind one port (``--http-workers``), supervised;
   ``cli``: ``python -m megatron_coord.serving``.
 """
 
 from .app import create_app
 from .runner import HTTPServerProcess, HTTPServerThread, bind_socket, serve_http
 from .state import DEFAULT_MODEL_NAME, ServerOptions
+from .workers import HTTPWorkerPool, worker_count
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
     "HTTPServerProcess",
     "HTTPServerThread",
+    "HTTPWorkerPool",
     "ServerOptions",
     "bind_socket",
     "create_app",
     "serve_http",
+    "worker_count",
 ]

@@ -7,11 +7,14 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
+import threading
 
 from ..exit_codes import HELP_EPILOG, OK, ConfigurationError, run_main
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from .runner import load_cli_tokenizer, serve_http
 from .state import DEFAULT_MODEL_NAME
+from .workers import HTTPWorkerPool, worker_count
 
 
 def build_arg_parser() -> argparse.ArgumentParser:
@@ -74,6 +77,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help=f"refuse request bodies above this size with 413 (default {DEFAULT_MAX_MESSAGE_BYTES})",
     )
     parser.add_argument(
+        "--http-workers",
+        default="1",
+        help="HTTP worker processes sharing the port (SO_REUSEPORT), each with its own "
+        "coordinator connection; a dead one is restarted, /metrics sums them all; 'auto': one "
+        "per core (default 1: this process serves)",
+    )
+    parser.add_argument(
         "--log-level",
         default="warning",
         choices=["critical", "error", "warning", "info", "debug"],
@@ -90,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    workers = worker_count(args.http_workers)
+    if workers > 1:
+        return _serve_workers(args, workers)
     try:
         tokenizer = load_cli_tokenizer(args.tokenizer)
     except (OSError, ValueError) as exc:
@@ -109,4 +122,31 @@ def _serve(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             max_body_bytes=args.max_body_bytes,
         )
+    return OK
+
+
+def _serve_workers(args: argparse.Namespace, workers: int) -> int:
+    """``--http-workers N``: this process supervises N workers until SIGTERM/SIGINT."""
+    pool = HTTPWorkerPool(
+        args.coordinator_address,
+        workers,
+        tokenizer=args.tokenizer,
+        model_name=args.model_name,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        max_concurrent_requests=args.max_concurrent_requests,
+        request_timeout_s=args.request_timeout or None,
+        default_chat_max_tokens=args.default_chat_max_tokens,
+        max_tokens_limit=args.max_tokens_limit,
+        api_key=args.api_key,
+        max_body_bytes=args.max_body_bytes,
+    )
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    pool.start()
+    print(f"serving on {pool.url} with {workers} HTTP workers", flush=True)
+    stop.wait()
+    pool.stop()
     return OK

@@ -6,14 +6,24 @@ process-global default one), so two servers in one process -- as in tests -- nev
 
 Request counters and histograms are updated as requests finish. Per-replica gauges (queue depth,
 liveness) describe the coordinator's view and are refreshed from a ``STATS`` reply just before
-each scrape, so they are never older than the scrape itself.
+each scrape, so they are never older than the scrape itself; they are built at scrape time
+(``CoordinatorView``), never stored as per-process gauge values.
+
+Several HTTP worker processes (``--http-workers N``) aggregate with prometheus_client's
+multiprocess mode: each worker writes its request metrics to files in one shared directory
+(``PROMETHEUS_MULTIPROC_DIR``, set by the supervisor before it starts the workers), and the
+worker that answers a scrape sums them over every worker that ever ran (a restarted worker's
+counts are kept), with ``requests_running`` summed over the live workers only. The coordinator
+view comes from the answering worker's own STATS query: it is the one coordinator's state, the
+same from every worker, so it is reported once, not summed.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "ServingMetrics"]
@@ -62,15 +72,69 @@ LOAD_GAUGES = {
     "steps": "Engine steps the replica has run since it started (engine report).",
     "generated_tokens": "Tokens the replica has generated since it started (engine report).",
     "paused": "1 while the replica is paused (engine report).",
+    "prefix_cache_hit_rate": "Share of admitted prompt tokens reused from the prefix cache (engine report).",
+    "kv_blocks_cached": "KV blocks holding reusable prefixes, in use or not (engine report).",
+    "kv_blocks_free": "KV blocks free or evictable (unused cached ones) (engine report).",
 }
 
 
-class ServingMetrics:
-    """The front end's metrics, in a registry of their own."""
+# The coordinator's view: (name, help) of the unlabelled gauges and of the per-replica ones.
+COORDINATOR_GAUGES = {
+    "coordinator_up": "1 if the coordinator answered the STATS query of this scrape, else 0.",
+    "replicas_alive": "Number of data-parallel replicas the coordinator considers alive.",
+    "coordinator_requests_in_flight": "Requests the coordinator has routed and not yet "
+    "answered (all clients).",
+    "coordinator_clients": "Clients connected to the coordinator.",
+}
+REPLICA_GAUGES = {
+    "replica_up": "1 if the replica (data-parallel rank) is alive, else 0.",
+    "replica_queue_depth": "Requests routed to the replica and not yet answered.",
+    "replica_outstanding_tokens": "Tokens (prompt + to generate) outstanding on the replica, "
+    "where the coordinator reports it.",
+    **{f"replica_engine_{name}": help_text for name, help_text in LOAD_GAUGES.items()},
+}
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+
+class CoordinatorView:
+    """The coordinator and replica gauges of the last STATS reply, built at each scrape (a
+    prometheus_client collector), so no per-process value of them exists to be summed."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, float] = dict.fromkeys(COORDINATOR_GAUGES, 0.0)
+        self.replicas: dict[str, dict[str, float]] = {name: {} for name in REPLICA_GAUGES}
+
+    def collect(self) -> Any:
+        for name, help_text in COORDINATOR_GAUGES.items():
+            yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=self.values[name])
+        for name, help_text in REPLICA_GAUGES.items():
+            family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["data_parallel_rank"])
+            for rank, value in self.replicas[name].items():
+                family.add_metric([rank], value)
+            yield family
+
+
+class ServingMetrics:
+    """The front end's metrics, in a registry of their own.
+
+    ``multiprocess_dir``: this process is one of several HTTP workers whose metrics live in that
+    directory (prometheus_client multiprocess mode; ``PROMETHEUS_MULTIPROC_DIR`` must have named
+    it before prometheus_client was imported here); ``render`` then sums every worker's.
+    """
+
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess_dir: str | None = None
+    ) -> None:
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.view = CoordinatorView()
+        self.multiprocess_dir = multiprocess_dir
+        self._aggregate: CollectorRegistry | None = None
+        if multiprocess_dir is not None:
+            self._aggregate = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self._aggregate, path=multiprocess_dir)
+            self._aggregate.register(self.view)
+        else:
+            r.register(self.view)
         self.requests = Counter(
             f"{PREFIX}_requests",
             "HTTP inference requests, by endpoint and outcome.",
@@ -107,52 +171,9 @@ class ServingMetrics:
             f"{PREFIX}_http_requests_running",
             "Inference requests this HTTP server is serving right now.",
             registry=r,
-        )
-        self.coordinator_up = Gauge(
-            f"{PREFIX}_coordinator_up",
-            "1 if the coordinator answered the STATS query of this scrape, else 0.",
-            registry=r,
-        )
-        self.replicas_alive = Gauge(
-            f"{PREFIX}_replicas_alive",
-            "Number of data-parallel replicas the coordinator considers alive.",
-            registry=r,
-        )
-        self.coordinator_in_flight = Gauge(
-            f"{PREFIX}_coordinator_requests_in_flight",
-            "Requests the coordinator has routed and not yet answered (all clients).",
-            registry=r,
-        )
-        self.coordinator_clients = Gauge(
-            f"{PREFIX}_coordinator_clients",
-            "Clients connected to the coordinator.",
-            registry=r,
-        )
-        self.replica_up = Gauge(
-            f"{PREFIX}_replica_up",
-            "1 if the replica (data-parallel rank) is alive, else 0.",
-            ["data_parallel_rank"],
-            registry=r,
-        )
-        self.replica_queue_depth = Gauge(
-            f"{PREFIX}_replica_queue_depth",
-            "Requests routed to the replica and not yet answered.",
-            ["data_parallel_rank"],
-            registry=r,
-        )
-        self.replica_outstanding_tokens = Gauge(
-            f"{PREFIX}_replica_outstanding_tokens",
-            "Tokens (prompt + to generate) outstanding on the replica, where the coordinator reports it.",
-            ["data_parallel_rank"],
-            registry=r,
+            multiprocess_mode="livesum",  # workers: the live ones' sum
         )
         self._known_ranks: set[str] = set()  # replicas that have gauges, for "coordinator down"
-        self.replica_load = {
-            name: Gauge(
-                f"{PREFIX}_replica_engine_{name}", help_text, ["data_parallel_rank"], registry=r
-            )
-            for name, help_text in LOAD_GAUGES.items()
-        }
         # Pre-create every outcome so a counter reads 0 (not absent) before its first event.
         for endpoint in ("completions", "chat_completions"):
             for outcome in OUTCOMES:
@@ -191,23 +212,18 @@ class ServingMetrics:
         Replicas missing from the reply are removed, so a scrape never shows a stale replica as
         alive; with no answer at all every replica reads as down.
         """
+        view = self.view
         if stats is None:
-            self.coordinator_up.set(0)
-            self.replicas_alive.set(0)
+            view.values["coordinator_up"] = 0.0
+            view.values["replicas_alive"] = 0.0
             for rank in self._known_ranks:
-                self.replica_up.labels(rank).set(0)
+                view.replicas["replica_up"][rank] = 0.0
             return
-        self.coordinator_up.set(1)
+        view.values["coordinator_up"] = 1.0
         engines = stats.get("engines") or []
-        self.coordinator_in_flight.set(_number(stats.get("requests_in_flight")))
-        self.coordinator_clients.set(_number(stats.get("clients")))
-        for gauge in (
-            self.replica_up,
-            self.replica_queue_depth,
-            self.replica_outstanding_tokens,
-            *self.replica_load.values(),
-        ):
-            gauge.clear()
+        view.values["coordinator_requests_in_flight"] = _number(stats.get("requests_in_flight"))
+        view.values["coordinator_clients"] = _number(stats.get("clients"))
+        replicas = view.replicas = {name: {} for name in REPLICA_GAUGES}
         self._known_ranks = set()
         alive = 0
         for index, engine in enumerate(engines):
@@ -217,26 +233,27 @@ class ServingMetrics:
             is_alive = engine.get("alive") is True
             self._known_ranks.add(rank)
             alive += is_alive
-            self.replica_up.labels(rank).set(1 if is_alive else 0)
-            self.replica_queue_depth.labels(rank).set(_number(engine.get("outstanding_requests")))
+            replicas["replica_up"][rank] = 1.0 if is_alive else 0.0
+            replicas["replica_queue_depth"][rank] = _number(engine.get("outstanding_requests"))
             tokens = engine.get("outstanding_tokens")
             if isinstance(tokens, int) and not isinstance(tokens, bool):
-                self.replica_outstanding_tokens.labels(rank).set(tokens)
+                replicas["replica_outstanding_tokens"][rank] = float(tokens)
             self._set_load(rank, engine.get("load"))
-        self.replicas_alive.set(alive)
+        view.values["replicas_alive"] = float(alive)
 
     def _set_load(self, rank: str, load: Any) -> None:
         """Per-replica gauges from the engine's last HEARTBEAT report, where it has one."""
         if not isinstance(load, dict):
             return
-        for name, gauge in self.replica_load.items():
+        for name in LOAD_GAUGES:
             value = load.get(name)
             if isinstance(value, (bool, int, float)):
-                gauge.labels(rank).set(float(value))
+                self.view.replicas[f"replica_engine_{name}"][rank] = float(value)
 
     def render(self) -> bytes:
-        """The registry in Prometheus' text exposition format."""
-        return generate_latest(self.registry)
+        """The registry in Prometheus' text exposition format (every worker's, summed, when
+        this is one of several)."""
+        return generate_latest(self._aggregate if self._aggregate is not None else self.registry)
 
 
 def _number(value: Any) -> float:

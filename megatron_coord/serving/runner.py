@@ -31,15 +31,23 @@ from .state import DEFAULT_MODEL_NAME, check_options
 log = logging.getLogger(__name__)
 
 
-def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+def bind_socket(
+    host: str = "127.0.0.1", port: int = 0, reuse_port: bool = False, listen: bool = True
+) -> socket.socket:
     """A listening TCP socket (port 0: a free one); its port is ``getsockname()[1]``. A port
-    that cannot be bound raises ConfigurationError naming what holds it."""
+    that cannot be bound raises ConfigurationError naming what holds it.
+
+    ``reuse_port``: SO_REUSEPORT, so several HTTP workers listen on one port and the kernel
+    spreads new connections over them; ``listen=False`` only holds the port (the workers'
+    supervisor keeps it that way, so a port 0 choice stays theirs)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
     # and accepted sockets inherit it. With proto 0, each keep-alive response waits ~40 ms for
     # Nagle and the client's delayed ACK.
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -47,7 +55,8 @@ def bind_socket(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise ConfigurationError(port_in_use_message(host, port)) from None
         raise ConfigurationError(f"cannot bind {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.setblocking(False)
     return sock
 
@@ -61,7 +70,10 @@ DEFAULT_GRACEFUL_SHUTDOWN_S = 5.0
 
 
 def _uvicorn_server(
-    app: FastAPI, log_level: str, graceful_s: float = DEFAULT_GRACEFUL_SHUTDOWN_S
+    app: FastAPI,
+    log_level: str,
+    graceful_s: float = DEFAULT_GRACEFUL_SHUTDOWN_S,
+    server_class: type[uvicorn.Server] = uvicorn.Server,
 ) -> uvicorn.Server:
     """On SIGTERM/SIGINT uvicorn stops accepting connections and gives the requests in flight
     ``graceful_s`` seconds before it cancels them."""
@@ -72,7 +84,7 @@ def _uvicorn_server(
         lifespan="on",
         timeout_graceful_shutdown=max(1, round(graceful_s)),
     )
-    return uvicorn.Server(config)
+    return server_class(config)
 
 
 def serve_http(
