@@ -31,6 +31,7 @@ import argparse
 import os
 import sys
 import threading
+from functools import partial
 from typing import TYPE_CHECKING
 
 from ..engine.server import DEFAULT_JOIN_TIMEOUT_S
@@ -44,7 +45,7 @@ from .replica import (
 )
 
 if TYPE_CHECKING:
-    from ..serving import HTTPServerProcess
+    from ..serving import HTTPServerProcess, HTTPWorkerPool
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -106,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(printed). Default: no HTTP",
     )
     parser.add_argument(
+        "--http-workers",
+        default="1",
+        help="HTTP worker processes sharing --http-port (SO_REUSEPORT), each with its own "
+        "coordinator connection; a dead one is restarted, /metrics sums them all; 'auto': one "
+        "per core (default 1)",
+    )
+    parser.add_argument(
         "--http-host", default="127.0.0.1", help="address the HTTP server binds (default 127.0.0.1)"
     )
     parser.add_argument(
@@ -123,17 +131,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
+def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess | HTTPWorkerPool:
     """Rank 0: the HTTP front end in a process of its own (it never takes the GIL from this
-    rank's engine loop). It serves at once (/health/live) and connects in the background: the
-    coordinator answers once every engine has registered (/health/ready)."""
-    from ..serving import HTTPServerProcess
+    rank's engine loop), or ``--http-workers N`` of them supervised from a thread here. It
+    serves at once (/health/live) and connects in the background: the coordinator answers
+    once every engine has registered (/health/ready)."""
+    from ..serving import HTTPServerProcess, HTTPWorkerPool, worker_count
     from .replica import DRAIN_MARGIN_S
 
     name = args.served_model_name or (
         os.path.basename(os.path.normpath(args.model)) if args.model else "megatron_coord-default"
     )
-    http = HTTPServerProcess(
+    workers = worker_count(args.http_workers)
+    server = HTTPServerProcess if workers == 1 else partial(HTTPWorkerPool, workers=workers)
+    http = server(
         replica.address,
         tokenizer=replica.model_path,
         model_name=name,
@@ -145,7 +156,8 @@ def start_http(replica: Replica, args: argparse.Namespace) -> HTTPServerProcess:
         graceful_shutdown_s=replica.options.drain_s() + DRAIN_MARGIN_S,
         api_key=args.api_key or os.environ.get("MEGATRON_COORD_API_KEY"),
     ).start()
-    print(f"OpenAI-compatible API at {http.url}/v1 (model {name!r})", flush=True)
+    count = f", {workers} HTTP workers" if workers > 1 else ""
+    print(f"OpenAI-compatible API at {http.url}/v1 (model {name!r}{count})", flush=True)
     return http
 
 

@@ -8,8 +8,8 @@ key check behave the same in each) and holds its own ``InferenceClient`` connect
 coordinator. The supervisor (the pool object, in the caller's process) holds the port bound
 but not listening, so a port-0 choice stays the workers', and watches them from a thread:
 
-* a worker that dies (any exit but 0; 0 is a requested stop: SIGTERM/SIGINT, which reach the
-  workers themselves from a terminal or torchrun) is started again at once, serving without
+* a worker that dies (anything but a requested stop: SIGTERM/SIGINT, which reach the workers
+  themselves from a terminal or torchrun, and which they drain on) is started again at once, serving without
   waiting for the coordinator (``/health/ready`` tells when it is connected). Its in-flight
   HTTP requests end with their connection: the kernel closes a dead process's sockets, so the
   HTTP clients see the connection closed before a complete response (never a hang), and the
@@ -45,6 +45,9 @@ from .state import DEFAULT_MODEL_NAME, check_options
 log = logging.getLogger(__name__)
 
 _RESTART_BACKOFF_S = 1.0  # a worker that dies within this of its start waits this long
+# Exit codes of a worker that was asked to stop: uvicorn drains on SIGTERM/SIGINT, then raises
+# the signal again (so the process ends "killed by" it).
+_STOPPED = (0, -signal.SIGTERM, -signal.SIGINT)
 
 
 def worker_count(spec: str | int) -> int:
@@ -223,7 +226,7 @@ class HTTPWorkerPool:
             conn.close()
 
     def _supervise(self) -> None:
-        """Replace every worker that dies (exit code not 0) until the pool stops."""
+        """Replace every worker that dies (not by a requested stop) until the pool stops."""
         from prometheus_client import multiprocess
 
         while not self._stopping.is_set():
@@ -237,7 +240,7 @@ class HTTPWorkerPool:
                 multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # live gauges
                 if self._stopping.is_set():
                     return
-                if process.exitcode == 0:  # asked to stop (a signal to its process group)
+                if process.exitcode in _STOPPED:  # asked to stop (a signal to its process group)
                     log.info("HTTP worker %d (pid %d) stopped", worker.index, process.pid)
                     with self._lock:
                         worker.process = None
