@@ -1,8 +1,12 @@
-"""Coordinator throughput and latency: megatron_coord vs Megatron-core 0.16.1 vs a libzmq proxy.
+"""Coordinator throughput and latency: megatron_coord vs Megatron-core 0.16.1 and 0.19.2 vs a
+libzmq proxy.
 
 Every system gets the same fake engines (separate processes that answer each drained batch of
 requests in one ENGINE_REPLY) and the same load clients (separate processes, raw DEALER
-sockets, each keeping ``--window`` requests in flight). The libzmq proxy (``zmq.proxy`` between
+sockets, each keeping ``--window`` requests in flight). Megatron-core 0.19.2 speaks another
+protocol, so its coordinator gets clients and engines of that protocol (fake_engine_019, with
+records serialized once by 0.19's own classes); ours is measured with the same 0.19 peers too
+(``megatron_coord_019_peers``), beside its run with 0.16's. The libzmq proxy (``zmq.proxy`` between
 a ROUTER for clients and a DEALER for engines, no Python per message) is the ceiling. A second
 measurement sends one request at a time through our InferenceClient, coordinator and an
 instant engine (and through Megatron's client and coordinator when importable).
@@ -34,7 +38,13 @@ from _common import RESULTS, percentiles, start_coordinator, write_results  # no
 
 from megatron_coord.coordinator import DataParallelInferenceCoordinator  # noqa: E402
 from megatron_coord.sampling_params import SamplingParams  # noqa: E402
+from megatron_coord.testing import megatron019  # noqa: E402
 from megatron_coord.testing.fake_engine import ByteTokenizer, FakeEngine, recv_ready, spawn  # noqa: E402
+
+# What a load client sends, by protocol: its CONNECT, and the first two bytes of a SUBMIT
+# (a 4-element fixarray, then the header). None: the proxy, no handshake.
+_CONNECT = {"0.16": [1], "0.19": [0]}
+_SUBMIT_PREFIX = {"0.16": b"\x94\x03", "0.19": b"\x94\x14", None: b"\x94\x03"}
 
 _encode = msgspec.msgpack.Encoder().encode
 _reply_decoder = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw])
@@ -45,7 +55,7 @@ _reply_decoder = msgspec.msgpack.Decoder(tuple[int, int, msgspec.Raw])
 
 def load_client(
     address: str,
-    handshake: bool,
+    protocol: str | None,
     window: int,
     prompt_tokens: int,
     generate_tokens: int,
@@ -61,9 +71,10 @@ def load_client(
     sock.setsockopt(zmq.RCVHWM, 0)
     sock.setsockopt(zmq.LINGER, 0)
     sock.connect(address)
-    if handshake:
-        sock.send(_encode([1]))
+    if protocol is not None:
+        sock.send(_encode(_CONNECT[protocol]))
         sock.recv()
+    prefix = _SUBMIT_PREFIX[protocol]
     rng = random.Random(os.getpid())
     prompt = [rng.randrange(32, 127) for _ in range(prompt_tokens)]
     params = SamplingParams(num_tokens_to_generate=generate_tokens, top_k=1).serialize()
@@ -75,7 +86,7 @@ def load_client(
 
     def submit(request_id: int) -> None:
         sent_at[request_id] = now()
-        sock.send(b"\x94\x03" + _encode(request_id) + tail)
+        sock.send(prefix + _encode(request_id) + tail)
 
     start.wait()
     begin = now() + warmup
@@ -158,11 +169,54 @@ def proxy_engine(address: str) -> None:
             sock.send_multipart([client, _encode([4, client_request_id, record])])
 
 
+def start_megatron_019(engines: int) -> tuple[str, list[Any]]:
+    """Megatron-core 0.19.2's coordinator and engines of its protocol, each under 0.19's path."""
+    env = megatron019.environment()
+    runner = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_megatron019_coordinator.py")
+    coordinator = subprocess.Popen(
+        [sys.executable, runner, str(engines)], env=env, stdout=subprocess.PIPE, text=True
+    )
+    address = coordinator.stdout.readline().strip()
+    procs = [coordinator, *spawn_019_engines(address, engines, env)]
+    if coordinator.stdout.readline().strip() != "ready":
+        stop_procs(procs)
+        raise RuntimeError("megatron-core 0.19.2's coordinator did not become ready")
+    return address, procs
+
+
+def spawn_019_engines(address: str, engines: int, env: dict[str, str]) -> list[Any]:
+    module = "megatron_coord.testing.fake_engine_019"
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", module, address, "--rank", str(r), "--template"], env=env
+        )
+        for r in range(engines)
+    ]
+
+
+def ours_with_019_engines(*args: Any) -> None:
+    """Our coordinator, its engines registering as Megatron-core 0.19's."""
+    DataParallelInferenceCoordinator.entrypoint(*args, megatron_engines="0.19")
+
+
+# system -> the protocol its clients speak (None: the proxy's raw frames)
+PROTOCOLS = {
+    "megatron_coord": "0.16",
+    "megatron_core_0.16.1": "0.16",
+    "megatron_coord_019_peers": "0.19",
+    "megatron_core_0.19.2": "0.19",
+    "zmq_proxy": None,
+}
+
+
 def start_system(name: str, engines: int) -> tuple[str, list[Any]]:
     """Start one system's coordinator (or proxy) and engines; returns (client address, procs)."""
+    if name == "megatron_core_0.19.2":
+        return start_megatron_019(engines)
     target = {
         "megatron_coord": DataParallelInferenceCoordinator.entrypoint,
         "megatron_core_0.16.1": megatron_entrypoint,
+        "megatron_coord_019_peers": ours_with_019_engines,
         "zmq_proxy": proxy_entrypoint,
     }[name]
     address, coordinator, ready = start_coordinator(engines, target)
@@ -173,6 +227,8 @@ def start_system(name: str, engines: int) -> tuple[str, list[Any]]:
         for _ in range(engines):
             procs.append(ctx.Process(target=proxy_engine, args=(backend,), daemon=True))
             procs[-1].start()
+    elif name == "megatron_coord_019_peers":
+        procs += spawn_019_engines(address, engines, megatron019.environment())
     else:
         procs += [spawn(address, rank, megatron_style=True) for rank in range(engines)]
     if not ready.wait(120):
@@ -190,14 +246,16 @@ def stop_procs(procs: list[Any]) -> None:
             proc.join()
 
 
-def run_load(address: str, handshake: bool, args: argparse.Namespace, procs: list[Any]) -> list:
+def run_load(
+    address: str, protocol: str | None, args: argparse.Namespace, procs: list[Any]
+) -> list:
     """Drive ``address`` with ``args.clients`` load clients released together; their latencies.
 
     ``procs`` (the system under test) are stopped with the clients, whatever happens.
     """
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
-    load = (address, handshake, args.window, args.prompt_tokens, args.generate_tokens, start)
+    load = (address, protocol, args.window, args.prompt_tokens, args.generate_tokens, start)
     clients = [
         ctx.Process(
             target=load_client,
@@ -224,7 +282,7 @@ def run_load(address: str, handshake: bool, args: argparse.Namespace, procs: lis
 def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Requests/s and latency percentiles of one system under the windowed load."""
     address, procs = start_system(name, args.engines)
-    latencies = run_load(address, name != "zmq_proxy", args, procs)
+    latencies = run_load(address, PROTOCOLS[name], args, procs)
     return {"requests_per_s": len(latencies) / args.duration, **percentiles(latencies)}
 
 
@@ -296,6 +354,8 @@ def main() -> None:
     systems = ["megatron_coord", "zmq_proxy"]
     if not args.skip_megatron and megatron_available():
         systems.insert(1, "megatron_core_0.16.1")
+    if not args.skip_megatron and megatron019.installed():
+        systems[2:2] = ["megatron_coord_019_peers", "megatron_core_0.19.2"]
     report: dict[str, Any] = {
         "config": {k: v for k, v in vars(args).items() if k != "output"},
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -309,6 +369,11 @@ def main() -> None:
     if "megatron_core_0.16.1" in report["throughput"]:
         theirs = report["throughput"]["megatron_core_0.16.1"]["requests_per_s"]
         report["ratio_ours_over_megatron"] = ours / theirs
+    if "megatron_core_0.19.2" in report["throughput"]:
+        ours_019 = report["throughput"]["megatron_coord_019_peers"]["requests_per_s"]
+        theirs_019 = report["throughput"]["megatron_core_0.19.2"]["requests_per_s"]
+        report["ratio_ours_over_megatron_019"] = ours_019 / theirs_019
+        report["ratio_ours_016_peers_over_megatron_019"] = ours / theirs_019
     report["ratio_ours_over_proxy"] = ours / report["throughput"]["zmq_proxy"]["requests_per_s"]
     write_results(args.output, report, indent=2)
 

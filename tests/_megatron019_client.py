@@ -1,8 +1,9 @@
 """Megatron-core 0.19.2's own InferenceClient against our coordinator, in its own process (0.19
 is on this process's path only: ``megatron019.environment()``). Prints one JSON line.
 
-``requests ADDRESS N [--stop]``: N requests (text and token prompts; every other one
-deserialized into 0.19's classes), then PAUSE, UNPAUSE, PAUSE and, with ``--stop``, STOP.
+``requests ADDRESS [--count N] [--stop] [--shutdown]``: N requests (text and token prompts;
+every other one deserialized into 0.19's classes), then PAUSE, UNPAUSE, PAUSE and, with
+``--stop``, STOP; with ``--shutdown``, SHUTDOWN.
 ``bad ADDRESS``: bad input on a raw socket after a 0.19 handshake, then a request; reports every
 header the coordinator sent back.
 """
@@ -42,7 +43,9 @@ def _summary(reply) -> dict:
     }
 
 
-async def run_requests(address: str, count: int, stop: bool, tokens: int) -> dict:
+async def run_requests(
+    address: str, count: int, stop: bool, tokens: int, shutdown: bool = False
+) -> dict:
     raw_client = InferenceClient(address)
     typed_client = InferenceClient(address, deserialize=True)
     raw_client.start()
@@ -61,6 +64,9 @@ async def run_requests(address: str, count: int, stop: bool, tokens: int) -> dic
     if stop:
         typed_client.stop_engines()
         await asyncio.sleep(0.5)
+    if shutdown:
+        typed_client.shutdown_coordinator()
+        await asyncio.sleep(0.2)
     # A reply the client cannot decode would have ended its listener task.
     alive = not raw_client.listener_task.done() and not typed_client.listener_task.done()
     raw_client.stop()
@@ -129,9 +135,10 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=4)
     parser.add_argument("--stop", action="store_true")
+    parser.add_argument("--shutdown", action="store_true", help="then SHUTDOWN the coordinator")
     args = parser.parse_args()
     if args.scenario == "requests":
-        scenario = run_requests(args.address, args.count, args.stop, args.tokens)
+        scenario = run_requests(args.address, args.count, args.stop, args.tokens, args.shutdown)
         result = asyncio.run(asyncio.wait_for(scenario, 120))
     else:
         result = run_bad(args.address)

@@ -291,3 +291,30 @@ def test_requests_that_wait_in_vain_fail_with_no_engine():
     assert error[:3] == [100, "x", "no_engine"] and "within 0.3 s" in error[3]
     assert query_stats(client)["maps"]["orphans"] == 0
     stop(coord, client)
+
+
+def test_megatron_engines_are_never_sent_abort():
+    """Megatron's engines crash on a header they do not know (``Headers(104)``): a client's
+    ABORT ends the request at once (its engine's late reply is dropped), and a vanished
+    client's requests are forgotten, with nothing sent to the engine."""
+    coord, client = elastic_coordinator()
+    engine = Peer(coord.address, identity=b"mp-coord-0", timeout_ms=500)
+    engine.send_raw(b"")
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    client.send(3, "a", [65], PARAMS)
+    request_id = engine.recv()[1]
+    client.send(104, "a")
+    assert client.recv()[:3] == [100, "a", "aborted"]
+    gone = Peer(coord.address).connect_ours()
+    gone.send(3, "b", [66], PARAMS)
+    assert engine.recv()[0] == 3
+    gone.sock.close()
+    wait_stats(client, lambda s: s["requests_in_flight"] == 0, "the vanished client's request")
+    record = {"request_id": request_id, "prompt_tokens": [65], "generated_tokens": [66]}
+    engine.send(4, [{"requests": [record]}])  # the aborted request's late reply: dropped
+    client.send(3, "c", [67], PARAMS)
+    message = engine.recv()
+    assert message[0] == 3, message  # no ABORT (104) came before it
+    engine.sock.close()
+    wait_stats(client, lambda s: not s["engines"], "engine left")
+    stop(coord, client)

@@ -19,6 +19,7 @@ from test_engine import hf_greedy
 from megatron_coord.client import InferenceClient as OurClient
 from megatron_coord.coordinator.dialects import FIELDS_016, FIELDS_019
 from megatron_coord.testing import megatron019
+from megatron_coord.testing.fault_harness import StandaloneCoordinator
 
 CLIENT = str(Path(__file__).with_name("_megatron019_client.py"))
 ENV = megatron019.environment()  # raises if setup did not unpack 0.19.2
@@ -223,3 +224,23 @@ def test_megatron_019_client_on_our_real_engine(checkpoint, tokenizer, model):
     assert all(r["status"] == "COMPLETED" for r in result["replies"])
     assert result["replies"][0]["generated_text"] == tokenizer.detokenize(expected[0])
     assert process.exitcode == 0
+
+
+def test_standalone_coordinator_with_019_engines_and_shutdown(checkpoint, tokenizer):
+    """``python -m megatron_coord.coordinator --megatron-engines 0.19``: a 0.19 engine joins,
+    0.19's client is served (its tokenizer on the coordinator) and its SHUTDOWN ends the
+    coordinator gracefully, leaving the engine running."""
+    coordinator = StandaloneCoordinator(checkpoint, "--megatron-engines", "0.19")
+    engine = spawn_019(coordinator.address, 0)
+    try:
+        result = run_client("requests", coordinator.address, "--count", "8", "--shutdown")
+        assert coordinator.wait(30) == 0
+        assert engine.poll() is None
+    finally:
+        coordinator.kill()
+        engine.kill()
+        engine.wait()
+    for prompt, reply in zip(prompts(8), result["replies"], strict=True):
+        tokens = prompt if isinstance(prompt, list) else tokenizer.tokenize(prompt)
+        assert reply["generated_tokens"] == expected_echo(tokens, 4)
+        assert reply["generated_text"] == tokenizer.detokenize(expected_echo(tokens, 4))

@@ -240,8 +240,9 @@ class EngineHandlers:
                 generated = len(tokens_of(record["requests"][0]["generated_tokens"]))
             client, client_request_id = c.free(request_id, generated)
             dialect = clients.get(client)
-            if dialect is Dialect.MEGATRON_019:
-                c.send(client, encode([reply_019, client_request_id, flat_record(record)]))
+            if dialect is Dialect.MEGATRON_019:  # a 0.19 engine's request is 0.19's already
+                flat = record["requests"][0] if from_019 else flat_record(record)
+                c.send(client, encode([reply_019, client_request_id, flat]))
             elif from_019 and dialect is Dialect.MEGATRON_016:
                 flat = record["requests"][0]
                 c.send(client, encode([reply, client_request_id, wrapped_record(flat)]))

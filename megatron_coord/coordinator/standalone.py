@@ -101,6 +101,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="allow a non-loopback --host without authentication (anyone reaching the port "
         "can use and stop the service)",
     )
+    parser.add_argument(
+        "--megatron-engines",
+        choices=["0.16", "0.19"],
+        default="0.16",
+        help="the Megatron-core version of engines that register with an empty frame (0.16 "
+        "and 0.19 register alike; engines of ours say who they are)",
+    )
     parser.add_argument("--address-file", default=None, help="also write the bound address here")
     parser.add_argument("--log-level", default="INFO")
     return parser.parse_args(argv)
@@ -119,6 +126,7 @@ def coordinator_options(args: argparse.Namespace) -> dict[str, Any]:
         "shutdown_grace": args.shutdown_grace,
         "auth_keys": args.auth_keys,
         "insecure_no_auth": args.insecure_no_auth,
+        "megatron_engines": args.megatron_engines,
     }
     if args.max_outstanding is not None:
         options["max_outstanding"] = args.max_outstanding
