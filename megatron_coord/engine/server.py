@@ -163,6 +163,8 @@ class EngineServer:
         self.on_drain = on_drain
         self.drain_deadline: float | None = None
         self._drain_started = 0.0
+        # Block events go out in heartbeats, so only the TP-coordinator keeps them.
+        engine.blocks.record_events = state.is_tp_coordinator
         if state.is_tp_coordinator:
             if coordinator_address is None:
                 raise ValueError("the TP-coordinator needs the coordinator's address")
@@ -199,7 +201,13 @@ class EngineServer:
             "data_parallel_rank": self.state.dp_rank,
             "protocol": PROTOCOL_VERSION,
             "heartbeat_reply": True,
+            # How to name this replica's KV blocks (prefix_hash.block_hashes), and whether it
+            # caches them at all.
+            "kv_block_size": self.engine.blocks.block_size,
+            "prefix_caching": self.engine.blocks.caching,
         }
+        # A (new) coordinator knows nothing of our cache: the next report lists all of it.
+        self.engine.blocks.request_snapshot()
         if self.coordinator_timeout_s is not None:  # joined: say who we are
             info.update(pid=os.getpid(), host=socket.gethostname())
         self._send([Headers.REGISTER, info])
@@ -465,15 +473,21 @@ class EngineServer:
         params = SamplingParams(temperature=0.0, top_k=1, num_tokens_to_generate=1)
         inputs.requests.append(NewRequest(PROBE_REQUEST_ID, [0], params, 0))
 
-    def load_report(self) -> dict[str, Any]:
-        """What this replica tells the coordinator in a HEARTBEAT."""
+    def load_report(self, block_events: bool = True) -> dict[str, Any]:
+        """What this replica tells the coordinator in a HEARTBEAT: load, prefix-cache stats
+        and (``block_events``: between steps only, never from the step-heartbeat thread)
+        the KV blocks stored and evicted since the last report."""
         engine = self.engine
+        blocks = engine.blocks
+        free_kv = min(
+            len(engine.free_slots) * engine.max_seq_len, blocks.available * blocks.block_size
+        )
         report = {
             "data_parallel_rank": self.state.dp_rank,
             "queued": len(engine.waiting),
             "active": len(engine.active),
             "free_slots": len(engine.free_slots),
-            "free_kv_tokens": len(engine.free_slots) * engine.max_seq_len,
+            "free_kv_tokens": free_kv,
             "steps": self.steps,
             "generated_tokens": self.generated_tokens,
             # Cumulative, so the coordinator can tell which progress its replies did not show.
@@ -482,7 +496,10 @@ class EngineServer:
             "suspended": self.suspended,
             "healthy": self.guard.healthy,  # False: its model steps keep failing
             "failed_steps": self.guard.failed_steps,
+            **blocks.stats(),
         }
+        if block_events:
+            report.update(blocks.drain_events())
         if self.coordinator_timeout_s is not None:
             report["heartbeat_reply"] = True  # a re-registration by HEARTBEAT keeps asking
         return report
@@ -494,7 +511,7 @@ class EngineServer:
             self._heard_from_coordinator or self.coordinator_timeout_s is not None
         ):
             return
-        report = self.load_report()
+        report = self.load_report(block_events=False)
         report["step_running_s"] = round(running_s, 3)
         with contextlib.suppress(zmq.Again):
             self.socket.send(encode([Headers.HEARTBEAT, report]), zmq.NOBLOCK)

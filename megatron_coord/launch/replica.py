@@ -39,6 +39,7 @@ from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
 from ..engine.engine import InferenceEngine
+from ..engine.kv_blocks import DEFAULT_BLOCK_SIZE
 from ..engine.server import DEFAULT_JOIN_TIMEOUT_S, EngineServer, joined_identity
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
@@ -167,6 +168,11 @@ class ReplicaOptions:
     tensor_parallel_size: int = 1
     max_batch_size: int = 8
     max_seq_len: int | None = None
+    # Paged KV cache: prefix caching on/off, positions per block, pool size (None: the memory
+    # of a max-length sequence per batch slot).
+    prefix_caching: bool = True
+    kv_block_size: int = DEFAULT_BLOCK_SIZE
+    kv_blocks: int | None = None
     port: int | None = None
     deterministic_mode: bool = False
     dtype: torch.dtype = torch.float32
@@ -234,6 +240,9 @@ class Replica:
             max_batch_size=options.max_batch_size,
             max_seq_len=options.max_seq_len,
             data_parallel_rank=self.state.dp_rank,
+            prefix_caching=options.prefix_caching,
+            kv_block_size=options.kv_block_size,
+            kv_blocks=options.kv_blocks,
         )
         self.server = EngineServer(
             self.engine,
@@ -361,6 +370,27 @@ def add_replica_arguments(parser: Any) -> None:
         help="prompt + generated tokens per request (default: the model's max positions)",
     )
     parser.add_argument(
+        "--no-prefix-caching",
+        dest="prefix_caching",
+        action="store_false",
+        help="recompute every prompt: do not keep computed KV blocks for later prompts that "
+        "start with the same tokens (prefix caching is on by default)",
+    )
+    parser.add_argument(
+        "--kv-block-size",
+        type=int,
+        default=DEFAULT_BLOCK_SIZE,
+        help=f"token positions per KV-cache block, the unit of prefix reuse (default "
+        f"{DEFAULT_BLOCK_SIZE})",
+    )
+    parser.add_argument(
+        "--kv-blocks",
+        type=int,
+        default=None,
+        help="KV-cache blocks per replica, the bound on its KV memory, cached prefixes "
+        "included (default: max-batch-size x max-seq-len positions)",
+    )
+    parser.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
         default="float32",
@@ -455,6 +485,9 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         tensor_parallel_size=args.tensor_parallel_size,
         max_batch_size=args.max_batch_size,
         max_seq_len=args.max_seq_len,
+        prefix_caching=args.prefix_caching,
+        kv_block_size=args.kv_block_size,
+        kv_blocks=args.kv_blocks,
         port=port,
         deterministic_mode=args.deterministic_mode,
         dtype=getattr(torch, args.dtype),
