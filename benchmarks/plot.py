@@ -42,6 +42,8 @@ COLORS = {"p50": "#4c72b0", "p90": "#dd8452", "p99": "#c44e52"}
 SYSTEM_LABELS = {
     "megatron_coord": "megatron_coord (ours)",
     "megatron_core_0.16.1": "Megatron-core 0.16.1",
+    "megatron_coord_019_peers": "megatron_coord (ours, 0.19 peers)",
+    "megatron_core_0.19.2": "Megatron-core 0.19.2",
     "zmq_proxy": "libzmq proxy (ceiling)",
 }
 
@@ -181,18 +183,34 @@ def plot_scaling(results: str) -> list[str]:
     return paths
 
 
+def _two_lines(label: str) -> str:
+    """A system's label broken so that five fit side by side."""
+    return (
+        label.replace(" (", "\n(")
+        .replace("Megatron-core ", "Megatron-core\n")
+        .replace(", 0.19", ",\n0.19")
+    )
+
+
 def plot_coordinator(results: str) -> list[str]:
-    """Ours vs Megatron-core 0.16.1 vs a libzmq proxy: throughput and latency percentiles."""
+    """Ours vs Megatron-core 0.16.1 and 0.19.2 vs a libzmq proxy: throughput and latency."""
     data = load(results, "coordinator_throughput.json")
     if data is None:
         return []
     cfg, loaded = data["config"], data["throughput"]
     systems = list(loaded)
-    labels = [SYSTEM_LABELS.get(s, s).replace(" (", "\n(") for s in systems]
-    colors = ["#4c72b0", "#c44e52", "#8c8c8c", "#55a868"]
+    labels = [_two_lines(SYSTEM_LABELS.get(s, s)) for s in systems]
+    palette = {
+        "megatron_coord": "#4c72b0",
+        "megatron_core_0.16.1": "#c44e52",
+        "megatron_coord_019_peers": "#64b5cd",
+        "megatron_core_0.19.2": "#dd8452",
+        "zmq_proxy": "#8c8c8c",
+    }
+    colors = [palette.get(s, "#55a868") for s in systems]
     single = data.get("single_request_latency", {})
 
-    fig, axes = plt.subplots(1, 3 if single else 2, figsize=(16 if single else 11, 4.8))
+    fig, axes = plt.subplots(1, 3 if single else 2, figsize=(18 if single else 12, 5.0))
     ax = axes[0]
     rps = [loaded[s]["requests_per_s"] for s in systems]
     value_bars(ax, labels, rps, "{:,.0f}", "throughput (requests/s)", colors)
@@ -210,12 +228,14 @@ def plot_coordinator(results: str) -> list[str]:
         fmt="{:.1f}",
     )
     axes[1].set_title("Latency percentiles under the same load", fontsize=9)
+    for axis in axes[:2]:
+        axis.tick_params(axis="x", labelsize=8)
     axes[1].legend(fontsize=8)
     if single:
         names = list(single)
         grouped_bars(
             axes[2],
-            [SYSTEM_LABELS.get(s, s).replace(" (", "\n(") for s in names],
+            [_two_lines(SYSTEM_LABELS.get(s, s)) for s in names],
             {q: [single[s][f"{q}_ms"] for s in names] for q in PERCENTILES},
             "latency (ms, log scale)",
             COLORS,

@@ -26,6 +26,7 @@ import sys
 from typing import Any
 
 import msgpack
+import msgspec
 import torch
 import zmq
 from megatron.core.inference.headers import Headers, UnknownHeaderError
@@ -38,6 +39,7 @@ from megatron.core.inference.sampling_params import SamplingParams
 
 from .fake_engine import _generate, recv_ready
 
+_encode = msgspec.msgpack.Encoder().encode
 _TRANSITIONS = {  # signal -> (states it is valid in, the state it leads to): 0.19's engine
     Headers.PAUSE: (None, "paused"),  # valid anywhere; a no-op unless running
     Headers.UNPAUSE: ({"paused"}, "running"),
@@ -126,9 +128,9 @@ class Engine019:
                             submits, self.held = submits + self.held, []
                     else:
                         raise UnknownHeaderError(header)
-                if submits:
+                if submits:  # the same msgpack as 0.19's engine sends, encoded faster
                     records = [self.record(*s) for s in submits]
-                    sock.send(msgpack.packb([Headers.ENGINE_REPLY.value, records]))
+                    sock.send(_encode([Headers.ENGINE_REPLY.value, records]))
             sock.send(msgpack.packb([Headers.DISCONNECT.value]))
             return 0
         except (AssertionError, UnknownHeaderError, ValueError) as exc:
