@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import start_coordinator
+from conftest import Peer, elastic_coordinator, start_coordinator, stop, wait_stats
 from test_engine import hf_greedy
 
 from megatron_coord.client import InferenceClient as OurClient
@@ -244,3 +244,38 @@ def test_standalone_coordinator_with_019_engines_and_shutdown(checkpoint, tokeni
         tokens = prompt if isinstance(prompt, list) else tokenizer.tokenize(prompt)
         assert reply["generated_tokens"] == expected_echo(tokens, 4)
         assert reply["generated_text"] == tokenizer.detokenize(expected_echo(tokens, 4))
+
+
+def test_a_019_engine_gets_only_019_messages_and_bad_replies_are_not_answered():
+    """Frame by frame: a 0.19 engine is sent SUBMIT as ``[20, ...]``, its ``[21, [merged]]``
+    reaches a client of ours as a record, and bad frames from it (garbage, 0.16's reply header,
+    a reply for a request it does not hold) are dropped without a word back to it."""
+    import zmq
+
+    coord, client = elastic_coordinator(megatron_engines="0.19")
+    engine = Peer(coord.address, identity=b"mp-coord-0", timeout_ms=500)
+    engine.send_raw(b"")
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    client.send(3, "a", "Hi", {"num_tokens_to_generate": 2})
+    header, request_id, prompt, params = engine.recv()
+    assert (header, prompt, params) == (20, [72, 105], {"num_tokens_to_generate": 2})
+    engine.send_raw(b"\xc1 garbage")
+    engine.send(4, [{"requests": [{"request_id": request_id}]}])  # 0.16's header
+    engine.send(21, [{"request_id": 12345, "generated_tokens": [1]}])  # not its request
+    merged = {"request_id": request_id, "prompt_tokens": None, "generated_tokens": [72, 105]}
+    engine.send(21, [{**merged, "status": "COMPLETED", "latency": 0.5}])
+    reply = client.recv()
+    assert reply[:2] == [4, "a"]
+    assert reply[2]["requests"][0]["generated_text"] == "Hi"
+    assert reply[2]["requests"][0]["prompt"] == "Hi"
+    try:
+        unexpected = engine.recv()
+    except zmq.Again:
+        unexpected = None
+    assert unexpected is None, unexpected
+    client.send(5)  # PAUSE: no ack awaited from a 0.19 engine, so the client is told at once
+    assert engine.recv() == [40]
+    assert client.recv() == [6]
+    engine.send(60)  # DISCONNECT
+    wait_stats(client, lambda s: not s["engines"], "engine left")
+    stop(coord, client)
