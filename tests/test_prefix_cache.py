@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import struct
 import subprocess
 import sys
@@ -168,34 +169,38 @@ def test_block_events_name_blocks_as_the_coordinator_would(model):
 
 
 def test_eviction_under_memory_pressure_with_requests_in_flight(model):
-    # 10 blocks of 16; each request reserves 3 (prompt + budget <= 48): 3 fit at once.
-    _, first, second = prompts()
-    batch = [p[:28] for p in first + second]
-    reference = run_wave(_engine(model, False), batch, 0)
-    engine = _engine(model, True, kv_blocks=10)
+    # 8 blocks of 16 for requests of 2-3 blocks each (28 prompt tokens + their budget): the
+    # queue waits for blocks while slots are free, and admissions evict what finished requests
+    # left cached, while others are still decoding.
+    rng = random.Random(3)
+    batch = [[rng.randrange(50000) for _ in range(28)] for _ in range(6)]
+    batch[5] = list(batch[0])  # a repeat: shares the first's blocks if they survived
+    budgets = [4, 20, 12, 20, 4, 8]
+
+    def submit(engine):
+        for i, (prompt, n) in enumerate(zip(batch, budgets, strict=True)):
+            engine.add_request(_request(i, prompt, num_tokens_to_generate=n, termination_id=-1))
+
+    reference = _engine(model, False)
+    submit(reference)
+    expected = _run(reference)
+    engine = _engine(model, True, kv_blocks=8)
     engine.blocks.record_events = True
-    for i, prompt in enumerate(batch):
-        engine.add_request(
-            _request(i, prompt, num_tokens_to_generate=NEW_TOKENS, termination_id=-1)
-        )
-    engine.step()
-    assert len(engine.active) == 3 and len(engine.waiting) == 3  # slots free, blocks not
-    held = {b for r in engine.active.values() for b in r.blocks}
-    records = {}
-    evicted_in_use = False
+    submit(engine)
+    records, evictions, waited = {}, 0, False
     while engine.has_work:
-        in_use = {b for r in engine.active.values() for b in r.blocks}
+        in_use = {engine.blocks._hash_of.get(b) for r in engine.active.values() for b in r.blocks}
         result = engine.step()
-        events = engine.blocks.drain_events()
-        names = set(events.get("kv_blocks_evicted", ()))
-        evicted_in_use |= any(engine.blocks._hash_of.get(b) in names for b in in_use)
+        waited |= bool(engine.waiting) and bool(engine.free_slots)
+        evicted = set(engine.blocks.drain_events().get("kv_blocks_evicted", ()))
+        assert not evicted & in_use, "a block in use was evicted"
+        evictions += len(evicted) if engine.active else 0
         for record in result.finished:
             records[record["requests"][0]["request_id"]] = record["requests"][0]
-    assert held and not evicted_in_use
-    assert [records[i]["generated_tokens"] for i in range(len(batch))] == [
-        r["generated_tokens"] for r in reference
-    ]
-    assert engine.blocks.in_use == 0 and engine.blocks.available == 10
+    assert waited and evictions > 0
+    for i in range(len(batch)):
+        assert records[i]["generated_tokens"] == expected[i]["generated_tokens"]
+    assert engine.blocks.in_use == 0 and engine.blocks.available == 8
 
 
 def test_a_request_larger_than_the_pool_is_refused_clearly(model):
