@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -71,7 +72,8 @@ async def run_requests(
     alive = not raw_client.listener_task.done() and not typed_client.listener_task.done()
     raw_client.stop()
     typed_client.stop()
-    return {"replies": [_summary(r) for r in replies], "listeners_alive": alive}
+    fields = [f.name for f in dataclasses.fields(DynamicInferenceRequest)]
+    return {"replies": [_summary(r) for r in replies], "listeners_alive": alive, "fields": fields}
 
 
 def run_bad(address: str) -> dict:

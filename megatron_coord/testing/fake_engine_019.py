@@ -14,7 +14,8 @@ test sees a coordinator that sent one); STOP, or SIGTERM, sends DISCONNECT ``[60
 ``--template``: serialize one record per distinct request shape with the real classes, then
 only change its id (the benchmark's instant engine: the classes cost more than the coordinator).
 
-Run: ``python -m megatron_coord.testing.fake_engine_019 tcp://127.0.0.1:PORT --rank 0``.
+Run: ``python -m megatron_coord.testing.fake_engine_019 tcp://127.0.0.1:PORT --rank 0
+[--ranks N] [--template]``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import argparse
 import copy
 import signal
 import sys
+import threading
 from typing import Any
 
 import msgpack
@@ -65,11 +67,7 @@ class Engine019:
         self.template = template
         self._templates: dict[bytes, dict[str, Any]] = {}
         self.epoch: int | None = None
-        self.terminated = False
-        signal.signal(signal.SIGTERM, self._terminate)
-
-    def _terminate(self, signum: int, frame: Any) -> None:
-        self.terminated = True  # the loop ends after this wake-up; then DISCONNECT
+        self.terminated = False  # SIGTERM: the loop ends after this wake-up; then DISCONNECT
 
     def record(self, request_id: int, prompt: Any, params: dict[str, Any]) -> dict[str, Any]:
         """The merged, serialized record 0.19's engine sends for a finished request."""
@@ -145,9 +143,33 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("address")
     parser.add_argument("--rank", type=int, default=0)
+    parser.add_argument(
+        "--ranks",
+        type=int,
+        default=1,
+        help="serve ranks RANK.. RANK+N-1, a thread each (tests: "
+        "importing 0.19 takes seconds per process); the exit status is the worst one's",
+    )
     parser.add_argument("--template", action="store_true", help="reuse serialized records")
     args = parser.parse_args(argv)
-    sys.exit(Engine019(args.address, args.rank, args.template).serve())
+    engines = [Engine019(args.address, args.rank + i, args.template) for i in range(args.ranks)]
+    statuses = [0] * len(engines)
+
+    def terminate(signum: int, frame: Any) -> None:
+        for engine in engines:
+            engine.terminated = True
+
+    signal.signal(signal.SIGTERM, terminate)
+
+    def serve(index: int) -> None:
+        statuses[index] = engines[index].serve()
+
+    threads = [threading.Thread(target=serve, args=(i,)) for i in range(len(engines))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    sys.exit(max(statuses))
 
 
 if __name__ == "__main__":
