@@ -198,8 +198,6 @@ class EngineHandlers:
     def on_disconnect(self, engine: Engine, payload: bytes) -> None:
         """DISCONNECT ``[60]`` (0.19): the engine leaves; after STOP, it has stopped."""
         check_header_only(payload)
-        if engine.state_019 is State019.STOPPING:
-            logger.info("0.19 engine %r stopped", engine.identity)
         self.engine_gone(engine.identity, "the engine disconnected (DISCONNECT)")
 
     def _route_records(self, engine: Engine, records: list[dict], from_019: bool) -> None:
@@ -348,8 +346,10 @@ class EngineHandlers:
         if identity in c.routing_policy.engines:
             c.routing_policy.remove_engine(identity)
         held = c.requests.held_by(identity)
-        logger.error(
-            "engine %r (dp rank %s) is dead: %s; %d request(s) in flight on it; %d engine(s) left",
+        stopped = engine.state_019 is State019.STOPPING  # a 0.19 engine leaving after STOP
+        logger.log(
+            logging.INFO if stopped else logging.ERROR,
+            "engine %r (dp rank %s) is gone: %s; %d request(s) in flight on it; %d engine(s) left",
             identity,
             engine.data_parallel_rank,
             reason,
