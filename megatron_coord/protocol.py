@@ -40,10 +40,14 @@ class Headers(enum.IntEnum):
     # engine -> coord: [ERROR, request_id, code, message] (that request failed on the engine)
     ERROR = 100
     # engine -> coord: [REGISTER, {"data_parallel_rank": int, "protocol": int, ...}]; joined
-    # replicas add "pid", "host" and "heartbeat_reply": true (shown in STATS engines[].info)
+    # replicas add "pid", "host" and "heartbeat_reply": true (shown in STATS engines[].info);
+    # our engines add "kv_block_size" and "prefix_caching" (prefix_hash.py names their blocks)
     REGISTER = 101
     # engine -> coord: [HEARTBEAT, {"queued": int, "active": int, "free_kv_tokens": int,
-    # "processed_tokens": int (cumulative prompt tokens prefilled + tokens generated), ...}]
+    # "processed_tokens": int (cumulative prompt tokens prefilled + tokens generated), ...}];
+    # ours also report prefix-cache stats and the KV block events since the last one
+    # ("kv_blocks_stored", "kv_blocks_evicted": lists of 64-bit names; "kv_blocks_reset"),
+    # see README, "Prefix caching"
     # coord -> engine: [HEARTBEAT, {}] answers each HEARTBEAT of an engine that asked for it
     # ("heartbeat_reply": true), so the engine can tell a lost coordinator from a quiet one.
     # client -> coord: [HEARTBEAT] (clients of ours); coord -> client: [HEARTBEAT, {}] at once.
