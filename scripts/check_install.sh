@@ -12,13 +12,14 @@ trap 'rm -rf "$work"' EXIT
 "$PYTHON" -m venv "$work/venv"
 bin="$work/venv/bin"
 "$bin/pip" install --quiet --upgrade "pip>=24" "setuptools>=64" wheel
-"$bin/pip" install --quiet torch==2.13.0
+# --no-compile: byte-compiling torch's files takes longer than the install (imports compile lazily)
+"$bin/pip" install --quiet --no-compile torch==2.13.0
 # The wheel is built from a copy of the project's files (tracked, or new and not ignored), so
 # nothing the checkout built (build/, the editable _C) can leak into it.
 mkdir "$work/src"
 git -C "$src" ls-files -z --cached --others --exclude-standard | (cd "$src" && xargs -0 cp --parents -t "$work/src")
 "$bin/pip" wheel --quiet --no-build-isolation --no-deps --wheel-dir "$work/dist" "$work/src"
-"$bin/pip" install --quiet --no-build-isolation "$work"/dist/megatron_coord-*.whl
+"$bin/pip" install --quiet --no-compile --no-build-isolation "$work"/dist/megatron_coord-*.whl
 
 cd "$work"
 export MEGATRON_COORD_CACHE="$work/cache"
