@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from _prefix_workload import BLOCK, NEW_TOKENS, prompts, run_wave, run_workload
 from test_engine import _request, _run
 
@@ -132,6 +133,31 @@ def test_pool_without_caching_names_nothing_and_events_stay_off_by_default():
     table, _ = quiet.allocate([], 3, 3)
     quiet.register(table[0], 5)
     assert quiet.drain_events() == {}  # followers of a TP group keep no events
+
+
+# ---------------------------------------------------------------------- the model
+def test_model_block_tables_match_one_slot_per_row_and_refuse_shared_writes(model):
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 50000, (2, 20))
+    zeros = torch.zeros(2, dtype=torch.long)
+    slots, slot_cache = torch.arange(2), model.allocate_kv_cache(2, 64)
+    tables = torch.tensor([[5, 2, 9, 0, 12, 4], [7, 1, 3, 14, 6, 10]])  # blocks of 4, shuffled
+    pool = model.allocate_kv_cache(16, 4)
+    expected = model(tokens, zeros, slots, slot_cache, True)
+    torch.testing.assert_close(
+        model(tokens, zeros, tables, pool, True), expected, atol=1e-5, rtol=0
+    )
+    # A decode step reads the 20 cached positions back through the tables (5 blocks + 1).
+    step = expected[:, -1].argmax(-1, keepdim=True)
+    at = torch.full((2,), 20)
+    torch.testing.assert_close(
+        model(step, at, tables, pool), model(step, at, slots, slot_cache), atol=1e-5, rtol=0
+    )
+    # Rows may share blocks they read, never a place they write.
+    with pytest.raises(ValueError, match="twice"):
+        model(tokens, zeros, tables[[0, 0]], pool)
+    with pytest.raises(ValueError, match="6 blocks of 4"):
+        model(tokens, torch.tensor([0, 5]), tables, pool)
 
 
 # ---------------------------------------------------------------------- the engine
