@@ -229,6 +229,47 @@ def test_eviction_under_memory_pressure_with_requests_in_flight(model):
     assert engine.blocks.in_use == 0 and engine.blocks.available == 8
 
 
+def test_a_failed_step_spoils_no_cached_block(model):
+    """A step that fails (here out of memory, after the model wrote K/V) while two requests
+    prefill on a reused prefix: one fails, the other starts over, and the cache stays good."""
+    from megatron_coord.engine.step_guard import StepGuard
+    from megatron_coord.parallel_state import single_process_state
+    from megatron_coord.testing.step_faults import StepFaults
+
+    _, first, second = prompts()
+    waves = [[first[0]], [second[1], second[3]], [first[0]]]
+    reference = _engine(model, False)
+    expected = [
+        [r["generated_tokens"] for r in run_wave(reference, w, 10 * i)] for i, w in enumerate(waves)
+    ]
+    engine = _engine(model, True)
+    guard = StepGuard(engine, single_process_state())
+    got, failed = [], []
+    for i, wave in enumerate(waves):
+        if i == 1:
+            faults = StepFaults(steps={1}, kind="oom").install(engine)  # its first step fails
+        for j, prompt in enumerate(wave):
+            engine.add_request(
+                _request(10 * i + j, prompt, num_tokens_to_generate=NEW_TOKENS, termination_id=-1)
+            )
+        records = {}
+        while engine.has_work:
+            outcome = guard.step()
+            failed += [request_id for request_id, _ in outcome.failed]
+            for record in outcome.result.finished:
+                records[record["requests"][0]["request_id"]] = record["requests"][0][
+                    "generated_tokens"
+                ]
+        got.append(records)
+    assert faults.raised and guard.failed_steps == 1  # one step (both its prefill groups)
+    assert failed == [11]  # the larger footprint fails, 10 starts over
+    assert got[1] == {10: expected[1][0]}
+    assert got[2] == {20: expected[2][0]} and got[0] == {0: expected[0][0]}
+    # The rerun and the repeat reused the prefix: 2 + 2 (+ 2 in the failed step) + 2 blocks.
+    assert engine.blocks.stats()["prefix_cache_hit_tokens"] == 16 * (2 + 2 + 2 + 2)
+    assert engine.blocks.in_use == 0
+
+
 def test_a_request_larger_than_the_pool_is_refused_clearly(model):
     engine = _engine(model, True, kv_blocks=2)
     with pytest.raises(ValueError, match="KV blocks"):
