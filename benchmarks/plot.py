@@ -11,6 +11,8 @@ scaling_latency.png         scaling.json                     benchmarks/scaling.
 coordinator_comparison.png  coordinator_throughput.json      benchmarks/coordinator_throughput.py
 routing_latency.png         routing.json                     benchmarks/routing.py
 http_throughput.png         http_throughput*.json            benchmarks/http_throughput.py
+http_workers.png            http_throughput.json             benchmarks/http_throughput.py
+scale_out.png               scale_out.json                   benchmarks/scale_out.py
 engine_overhead.png         engine_overhead.json             benchmarks/engine_overhead.py
 pack_unpack.png             pack_unpack.json                 benchmarks/pack_unpack.py
 tp_broadcast.png            tp_broadcast.json                benchmarks/tp_broadcast.py
@@ -319,6 +321,85 @@ def plot_http(results: str) -> list[str]:
     return [save(fig, results, "http_throughput.png")]
 
 
+def plot_http_workers(results: str) -> list[str]:
+    """Unary requests/s and streamed tokens/s by HTTP worker count, one run side by side."""
+    data = load(results, "http_throughput.json")
+    if data is None or "http_workers" not in data:
+        return []
+    runs = data["http_workers"]
+    labels = [f"{w} worker{'s' if w != '1' else ''}" for w in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    direct = data["direct_inference_client"]["requests_per_s"]
+    value_bars(
+        axes[0],
+        [*labels, "direct client"],
+        [*(r["unary"]["requests_per_s"] for r in runs.values()), direct],
+        "{:,.0f}",
+        "unary requests/s",
+        ["#4c72b0"] * len(runs) + ["#8c8c8c"],
+    )
+    axes[0].set_title("POST /v1/completions (unary)", fontsize=9)
+    stream = next(iter(runs.values()))["stream"]
+    value_bars(
+        axes[1],
+        labels,
+        [r["stream"]["tokens_per_s"] for r in runs.values()],
+        "{:,.0f}",
+        "streamed tokens/s",
+        "#55a868",
+    )
+    axes[1].set_title(
+        f"{stream['concurrent_streams']} concurrent streams x {stream['tokens_per_stream']} tokens",
+        fontsize=9,
+    )
+    fig.suptitle(f"--http-workers on one port ({machine_note(data)}, fake engines)", fontsize=11)
+    return [save(fig, results, "http_workers.png")]
+
+
+def plot_scale_out(results: str) -> list[str]:
+    """Coordinator CPU per routed request against replicas and connected clients, per policy."""
+    data = load(results, "scale_out.json")
+    if data is None:
+        return []
+    runs = data["runs"]
+    replicas = sorted({r["replicas"] for r in runs})
+    clients = sorted({r["clients"] for r in runs})
+    policies = sorted({r["policy"] for r in runs})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, axis, fixed, xs in (
+        (axes[0], "replicas", ("clients", clients[0]), replicas),
+        (axes[1], "clients", ("replicas", replicas[0]), clients),
+    ):
+        for policy in policies:
+            ys = [
+                next(
+                    r["coordinator_cpu_us_per_request"]
+                    for r in runs
+                    if r["policy"] == policy and r[axis] == x and r[fixed[0]] == fixed[1]
+                )
+                for x in xs
+            ]
+            ax.plot(xs, ys, marker="o", label=policy)
+            for x, y in zip(xs, ys, strict=True):
+                ax.annotate(
+                    f"{y:.0f}", (x, y), fontsize=7, textcoords="offset points", xytext=(0, 5)
+                )
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [str(x) for x in xs])
+        ax.set_xlabel(f"{axis} ({fixed[0]} = {fixed[1]})")
+        ax.set_ylabel("coordinator CPU µs per request (median of repeats)")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    memory = data.get("memory", {})
+    fig.suptitle(
+        f"Coordinator at scale ({machine_note(data)}); RSS per 10k requests in flight: "
+        f"{memory.get('rss_mib_per_10k_in_flight', '?')} MiB",
+        fontsize=11,
+    )
+    return [save(fig, results, "scale_out.png")]
+
+
 def plot_engine_overhead(results: str) -> list[str]:
     """Tokens/s of the engine alone vs the same work through coordinator and client."""
     data = load(results, "engine_overhead.json")
@@ -410,6 +491,8 @@ PLOTS: dict[str, Callable[[str], list[str]]] = {
     "coordinator": plot_coordinator,
     "routing": plot_routing,
     "http": plot_http,
+    "http_workers": plot_http_workers,
+    "scale_out": plot_scale_out,
     "engine_overhead": plot_engine_overhead,
     "pack_unpack": plot_pack_unpack,
     "tp_broadcast": plot_tp_broadcast,
