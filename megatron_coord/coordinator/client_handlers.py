@@ -20,7 +20,7 @@ import msgspec
 from ..protocol import CONTROL_SIGNALS, ErrorCode, Headers, ProtocolError
 from ..sampling_params import validate_sampling_params
 from .dialects import BROADCAST_019, CONTROL_FROM_019, Dialect, Wire019
-from .requests import UNROUTED
+from .requests import ROUTE_LATER, UNROUTED
 from .wire import (
     DECODE_ERRORS,
     HEADER_ONLY,
@@ -52,6 +52,9 @@ class ClientHandlers:
     def __init__(self, coordinator: DataParallelInferenceCoordinator) -> None:
         self.c = coordinator
         self.pending: list[list[Any]] = []  # [engine, request id, prompt, params, text]
+        # Requests of a policy that routes by tokens (ROUTE_LATER): (pending item, prompt,
+        # token budget), routed in flush once tokenized.
+        self.later: list[tuple[list[Any], str | list[int], int]] = []
         self._sampling_cache: dict[bytes, tuple[msgspec.Raw, bool, tuple]] = {}
         self.table = {
             int(Headers.SUBMIT_REQUEST): self.on_submit,
@@ -171,7 +174,10 @@ class ClientHandlers:
             to_generate, total = budget
             if total is not None:  # Megatron: num_tokens_total wins (text: an upper bound)
                 to_generate = max(0, total - len(prompt)) if prompt.__class__ is list else total
-            c.routing_policy.on_submit(engine, request_id, prompt, to_generate)
+            if engine is ROUTE_LATER:
+                self.later.append((self.pending[-1], prompt, to_generate))
+            else:
+                c.routing_policy.on_submit(engine, request_id, prompt, to_generate)
 
     def _sampling_params(self, raw: msgspec.Raw) -> tuple[msgspec.Raw, bool, tuple]:
         """Validated sampling params as msgpack, whether they stream and the token budget
@@ -201,7 +207,8 @@ class ClientHandlers:
         """The engine for a new request, or ProtocolError (no engine, overloaded, shutting down).
 
         With no engine to route to, ``UNROUTED``: the request waits up to ``wait_for_engine``
-        seconds for one (replicas still loading when their clients start, the usual order)."""
+        seconds for one (replicas still loading when their clients start, the usual order).
+        A policy that routes by tokens gets ``ROUTE_LATER``: ``flush`` chooses."""
         c = self.c
         if c.shutdown.active:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
@@ -217,7 +224,16 @@ class ClientHandlers:
                 return UNROUTED  # held (an orphan) until an engine registers
             why = "is healthy" if c.registry.order else "is registered"
             raise ProtocolError(ErrorCode.NO_ENGINE, f"no engine {why}; retry later")
-        engine = c.routing_policy.choose()
+        if c.routes_by_tokens:
+            return ROUTE_LATER
+        return self._choose()
+
+    def _choose(self, tokens: list[int] | None = None) -> bytes:
+        """The policy's pick, or the engine holding fewest requests if the pick holds the
+        per-engine limit; ProtocolError (overloaded) if every engine does."""
+        c = self.c
+        engine = c.routing_policy.choose(tokens)
+        routable = c.routing_policy.engines
         cap = c.limits.max_outstanding_per_engine
         counts = c.requests.per_engine
         if counts.get(engine, 0) >= cap:
@@ -239,6 +255,8 @@ class ClientHandlers:
         texts = [item for item in pending if item[2] is None]
         if texts:
             self._tokenize(texts)
+        if self.later:
+            self._route_later()
         submit = int(Headers.SUBMIT_REQUEST)
         submitted = c.requests.submitted  # kept until the request ends: resent if its engine dies
         engine_of = c.requests.engine_of
@@ -250,6 +268,40 @@ class ClientHandlers:
             moved = frame is None or engine_of.get(request_id) != engine or engine is UNROUTED
             if not moved and not c.send_submit(engine, frame):
                 c.engine_handlers.engine_unreachable(engine, request_id)
+
+    def _route_later(self) -> None:
+        """Choose the engines of this wake-up's ROUTE_LATER requests from their tokens, in
+        arrival order (so a deterministic policy sees the request sequence). A request no
+        engine can take now (every one died or holds the per-engine limit) is held as an
+        orphan or fails, as at admission."""
+        c = self.c
+        later, self.later = self.later, []
+        engine_of = c.requests.engine_of
+        for item, prompt, to_generate in later:
+            request_id = item[1]
+            if engine_of.get(request_id) is not ROUTE_LATER:
+                continue  # it failed already (its text could not be tokenized)
+            tokens = prompt if item[4] is None else item[2]
+            if not c.routing_policy.engines:
+                if c.wait_for_engine > 0:
+                    item[0] = UNROUTED
+                    c.requests.move(request_id, ROUTE_LATER, UNROUTED)
+                    c.requests.orphans[request_id] = c.now + c.wait_for_engine
+                    continue
+                engine = None
+                error = ProtocolError(ErrorCode.NO_ENGINE, "no engine is healthy; retry later")
+            else:
+                try:
+                    engine = self._choose(tokens)
+                except ProtocolError as exc:
+                    engine, error = None, exc
+            if engine is None:
+                item[2] = None  # not sent, not kept for resubmission
+                c.fail(request_id, error.code, str(error))
+                continue
+            item[0] = engine
+            c.requests.move(request_id, ROUTE_LATER, engine)
+            c.routing_policy.on_submit(engine, request_id, tokens, to_generate)
 
     def _tokenize(self, items: list[list[Any]]) -> None:
         """Tokenize the text prompts of ``items`` in place; fail those that cannot be."""

@@ -62,6 +62,12 @@ _MAX_EARLY_FRAMES = 65536
 HEADER_ONLY_019 = {h: encode([int(v)]) for h, v in CONTROL_TO_019.items()}
 DEFAULT_FAILOVER_WAIT_S = 10.0
 DEFAULT_WAIT_FOR_ENGINE_S = 30.0
+# Coordinator options of the prefix_aware policy -> its keyword arguments (routing.py).
+_PREFIX_OPTIONS = {
+    "prefix_load_factor": "load_factor",
+    "prefix_index_blocks": "index_blocks",
+    "prefix_block_size": "block_size",
+}
 # pyzmq's Cython socket methods, bypassing its Python wrappers on the hot path (ints, not enums).
 _zmq_send = zmq.backend.Socket.send
 _zmq_recv = zmq.backend.Socket.recv
@@ -82,7 +88,9 @@ class DataParallelInferenceCoordinator:
     at any time (the standalone coordinator).
 
     Options (keyword, all optional): ``host``, ``max_message_bytes`` (ZMQ_MAXMSGSIZE),
-    ``routing`` ("round_robin", the default, or "least_loaded": see routing.py), ``log_level``,
+    ``routing`` ("round_robin", the default, "least_loaded" or "prefix_aware": see routing.py;
+    the latter takes ``prefix_load_factor`` (1.5), ``prefix_index_blocks`` (1,000,000) and
+    ``prefix_block_size`` (16, for engines that do not report theirs)), ``log_level``,
     ``registration_timeout`` (seconds, None = wait forever, as Megatron does),
     ``engine_timeout`` (seconds of silence before an engine of ours is dead, 3),
     ``max_outstanding`` and ``max_outstanding_per_engine`` (``overloaded`` past them),
@@ -131,6 +139,9 @@ class DataParallelInferenceCoordinator:
         )
         self.max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
         routing = options.pop("routing", "round_robin")
+        prefix_options = {
+            key: options.pop(option) for option, key in _PREFIX_OPTIONS.items() if option in options
+        }
         log_level = options.pop("log_level", None)
         registration_timeout = options.pop("registration_timeout", None)
         self.strict_port = bool(options.pop("strict_port", False))
@@ -183,9 +194,15 @@ class DataParallelInferenceCoordinator:
             raise
         self.registry.fix_order()
         self.routing_policy = make_policy(
-            routing, self.identities_of_data_parallel_ranks, deterministic=deterministic_mode
+            routing,
+            self.identities_of_data_parallel_ranks,
+            deterministic=deterministic_mode,
+            engine_info=lambda identity: self.registry.engines[identity].info,
+            **prefix_options,
         )
-        self.tracks_load = self.routing_policy.tracks_load
+        self.routes_by_tokens = self.routing_policy.needs_tokens
+        # Requests routed later are handed to the policy's on_submit then (client_handlers).
+        self.tracks_load = self.routing_policy.tracks_load or self.routes_by_tokens
         logger.info("coordinator: %d engine(s) registered", len(self.registry))
 
     # ------------------------------------------------------------------ the seed's attributes

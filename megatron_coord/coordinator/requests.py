@@ -16,6 +16,10 @@ from .limits import DeadlineQueue
 # The "engine" of a request admitted while no engine could take it: it waits in ``orphans``.
 # ZMQ identities are never empty, so no engine has this one.
 UNROUTED = b""
+# The "engine" of a request admitted under a policy that routes by tokens, until the wake-up's
+# flush chooses (client_handlers.py). ZMQ reserves identities starting with a zero byte to
+# itself, and makes them 5 bytes long: no peer has this one.
+ROUTE_LATER = b"\x00route-later"
 
 
 class Stream:

@@ -1,4 +1,5 @@
-"""Which engine gets the next request: a small policy interface, round robin and least loaded.
+"""Which engine gets the next request: a small policy interface, round robin, least loaded and
+prefix aware (least loaded with affinity to the replica caching a prompt's prefix).
 
 The coordinator asks its policy for an engine once per request (``choose``) and, only when the
 policy says it ``tracks_load``, tells it what it learns about the work each engine holds:
@@ -18,6 +19,8 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
+
+from .prefix_index import DEFAULT_INDEX_BLOCKS, BlockNamer, PrefixIndex
 
 Identity = bytes
 
@@ -48,6 +51,9 @@ class RoutingPolicy:
     # The coordinator calls on_submit/on_finish only for policies that need them, so the
     # round-robin hot path pays for nothing it does not use.
     tracks_load = False
+    # True: ``choose`` wants the prompt's token ids, so the coordinator routes the requests
+    # of a wake-up after tokenizing them (client_handlers.flush), not as they arrive.
+    needs_tokens = False
 
     def __init__(self, engines: Iterable[Identity] = ()) -> None:
         self.engines: EngineList = EngineList()
@@ -398,9 +404,206 @@ class LeastLoaded(RoutingPolicy):
         self._changed(engine)
 
 
+DEFAULT_PREFIX_LOAD_FACTOR = 1.5
+DEFAULT_PREFIX_BLOCK_SIZE = 16  # the engine's default kv_block_size (engine/kv_blocks.py)
+
+
+class PrefixAware(LeastLoaded):
+    """Send a request to the engine holding the longest cached prefix of its prompt, unless
+    that engine is too loaded; else (no prefix known anywhere) the least-loaded engine.
+
+    The longest prefix: the prompt's full blocks are named as the engines name them
+    (``prefix_hash.block_hashes`` with each engine's block size) and looked up in a
+    ``PrefixIndex``, from the first block on, keeping the engines that hold every block so far.
+    Among those, the least loaded one is taken unless, counting the request's prompt on both
+    sides, its load exceeds ``load_factor`` times the least-loaded engine's: then load wins.
+    Counting the request keeps an idle engine from breaking every affinity (0 x factor = 0).
+    The default 1.5 keeps the busiest of two replicas within 1.2x their mean load at each
+    choice (4 replicas: 1.33x) while letting a conversation stay where its history is cached;
+    a cache hit saves the whole prefill of the matched prefix, mostly the larger part of a
+    multi-turn request's work. Load accounting is ``LeastLoaded``'s (this is a subclass).
+
+    What the index knows of each engine (``engine_info``: its REGISTER fields):
+
+    * exact: engines of ours with ``prefix_caching`` true and their ``kv_block_size``: the
+      blocks they report stored / evicted in their HEARTBEATs (``kv_blocks_reset``: the list
+      is the whole cache, what was known is replaced);
+    * approximate: engines that report nothing (Megatron-core's, older engines of ours): the
+      coordinator's own decisions, blocks of ``block_size`` tokens, aged out of the index;
+    * nothing: engines that say ``prefix_caching`` false (no cache: only load matters).
+
+    Every decision is recorded at once for exact engines too: an engine reports its blocks at
+    its next heartbeat, and a conversation's next turn often comes sooner; an eviction or a
+    snapshot corrects it. An engine removed (dead, unhealthy) loses its entries; one that
+    registers again starts empty (and ours send a snapshot).
+
+    ``deterministic=True``: engine reports are ignored (``LeastLoaded``'s cumulative routed
+    work, and the index from the coordinator's own decisions only), so the choice is a pure
+    function of the request sequence. Requests without tokens (``choose()`` from fail-over)
+    go to the least loaded.
+    """
+
+    needs_tokens = True
+
+    def __init__(
+        self,
+        engines: Iterable[Identity] = (),
+        deterministic: bool = False,
+        load_factor: float = DEFAULT_PREFIX_LOAD_FACTOR,
+        index_blocks: int = DEFAULT_INDEX_BLOCKS,
+        block_size: int = DEFAULT_PREFIX_BLOCK_SIZE,
+        engine_info: Callable[[Identity], dict | None] | None = None,
+    ) -> None:
+        if not (isinstance(load_factor, int | float) and load_factor >= 1):
+            raise ValueError(f"prefix_load_factor must be a number >= 1, got {load_factor!r}")
+        if type(block_size) is not int or block_size < 1:
+            raise ValueError(f"prefix_block_size must be an integer >= 1, got {block_size!r}")
+        self.load_factor = float(load_factor)
+        self.block_size = block_size
+        self.index = PrefixIndex(index_blocks)
+        self.namer = BlockNamer()
+        self._engine_info = engine_info or (lambda engine: None)
+        self._bit: dict[Identity, int] = {}  # indexed engine -> its bit in the masks
+        self._engine_of_bit: dict[int, Identity] = {}
+        self._size_of: dict[Identity, int] = {}  # indexed engine -> its block size
+        self._group: dict[int, int] = {}  # block size -> mask of the engines using it
+        self._exact: set[Identity] = set()  # engines whose reports the index follows
+        self._named: tuple[list[int] | None, dict[int, list[int]]] = (None, {})
+        super().__init__(engines, deterministic)
+
+    # ------------------------------------------------------------------ engines
+
+    def add_engine(self, engine: Identity) -> None:
+        super().add_engine(engine)
+        info = self._engine_info(engine) or {}
+        if info.get("prefix_caching") is False:
+            return  # no cache: nothing to index
+        size = info.get("kv_block_size")
+        exact = type(size) is int and size >= 1 and info.get("prefix_caching") is True
+        if not exact:
+            size = self.block_size
+        used = sum(self._engine_of_bit)
+        bit = ~used & (used + 1)  # the lowest free bit: masks stay small ints
+        self._bit[engine] = bit
+        self._engine_of_bit[bit] = engine
+        self._size_of[engine] = size
+        self._group[size] = self._group.get(size, 0) | bit
+        if exact and not self.deterministic:
+            self._exact.add(engine)
+
+    def remove_engine(self, engine: Identity) -> None:
+        super().remove_engine(engine)
+        bit = self._bit.pop(engine, None)
+        if bit is None:
+            return
+        self.index.drop(bit)
+        del self._engine_of_bit[bit]
+        size = self._size_of.pop(engine)
+        group = self._group[size] & ~bit
+        if group:
+            self._group[size] = group
+        else:
+            del self._group[size]
+        self._exact.discard(engine)
+
+    # ------------------------------------------------------------------ choice
+
+    def choose(self, request: Any = None) -> Identity:
+        """The engine with the longest cached prefix of ``request`` (a token list) unless load
+        wins; the least loaded without tokens or without a match."""
+        if request.__class__ is list and self._group:
+            holders = self._longest_prefix(request)
+            if holders:
+                engine = self._least_loaded_of(holders)
+                cost = len(request)
+                if self.load(engine) + cost <= self.load_factor * (self._tree.tree[1] + cost):
+                    return engine
+        return super().choose()
+
+    def _longest_prefix(self, tokens: list[int]) -> int:
+        """The mask of engines holding the longest prefix of ``tokens`` (0: none); the names
+        are kept for ``on_submit``."""
+        holders = self.index.holders
+        named: dict[int, list[int]] = {}
+        best, best_tokens = 0, 0
+        for size, group in self._group.items():
+            names = named[size] = self.namer.names(tokens, size)
+            mask, depth = group, 0
+            for name in names:
+                held = holders(name) & mask
+                if not held:
+                    break
+                mask = held
+                depth += 1
+            if depth and depth * size > best_tokens:
+                best, best_tokens = mask, depth * size
+        self._named = (tokens, named)
+        return best
+
+    def _least_loaded_of(self, mask: int) -> Identity:
+        """The least-loaded engine of ``mask`` (ties: the lowest bit, a stable order)."""
+        best, best_load = None, 0
+        while mask:
+            bit = mask & -mask
+            mask ^= bit
+            engine = self._engine_of_bit[bit]
+            load = self.load(engine)
+            if best is None or load < best_load:
+                best, best_load = engine, load
+        return best  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ what engines hold
+
+    def on_submit(
+        self,
+        engine: Identity,
+        request_id: int,
+        prompt: str | list[int] | None = None,
+        max_new_tokens: int = 0,
+    ) -> None:
+        """Accounted as by least loaded; the engine will hold the prompt's blocks."""
+        super().on_submit(engine, request_id, prompt, max_new_tokens)
+        bit = self._bit.get(engine)
+        if bit is None or prompt.__class__ is not list:
+            return
+        size = self._size_of[engine]
+        tokens, named = self._named
+        names = named.get(size) if tokens is prompt else None
+        self._named = (None, {})
+        self.index.store(names if names is not None else self.namer.names(prompt, size), bit)
+
+    def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
+        """Least loaded's correction, and for exact engines their stored / evicted blocks."""
+        super().on_load_report(engine, report)
+        if engine not in self._exact:
+            return
+        bit = self._bit[engine]
+        if report.get("kv_blocks_reset") is True:
+            self.index.drop(bit)
+        stored = report.get("kv_blocks_stored")
+        if stored.__class__ is list:
+            self.index.store(_block_names(stored), bit)
+        evicted = report.get("kv_blocks_evicted")
+        if evicted.__class__ is list:
+            self.index.evict(_block_names(evicted), bit)
+
+    def holds(self, engine: Identity) -> int:
+        """How many indexed blocks ``engine`` holds (tests, debugging; O(index))."""
+        bit = self._bit.get(engine, 0)
+        return sum(
+            1 for table in (self.index.young, self.index.old) for m in table.values() if m & bit
+        )
+
+
+def _block_names(names: list[Any]) -> list[int]:
+    """The valid names of a report's list (64-bit non-negative ints)."""
+    return [n for n in names if type(n) is int and 0 <= n < 1 << 64]
+
+
 POLICIES: dict[str, Callable[..., RoutingPolicy]] = {
     "round_robin": RoundRobin,
     "least_loaded": LeastLoaded,
+    "prefix_aware": PrefixAware,
 }
 
 
@@ -408,14 +611,53 @@ def make_policy(
     name: str,
     engines: deque[Identity] | Iterable[Identity],
     deterministic: bool = False,
+    **prefix_options: Any,
 ) -> RoutingPolicy:
     """Build the policy registered under ``name`` over ``engines`` (in routing order).
 
     ``deterministic``: the routing must be a pure function of the request sequence (the
-    coordinator's ``deterministic_mode``); round robin always is."""
+    coordinator's ``deterministic_mode``); round robin always is. ``prefix_options``: the
+    keyword options of ``PrefixAware`` (ignored by the other policies)."""
     factory = POLICIES.get(name)
     if factory is None:
         raise ValueError(f"unknown routing policy {name!r}; known: {sorted(POLICIES)}")
+    if factory is PrefixAware:
+        return PrefixAware(engines, deterministic=deterministic, **prefix_options)
     if factory is LeastLoaded:
         return LeastLoaded(engines, deterministic=deterministic)
     return factory(engines)
+
+
+def add_prefix_routing_arguments(parser: Any) -> None:
+    """The command-line options of ``prefix_aware`` (launch/replica.py, standalone.py)."""
+    parser.add_argument(
+        "--prefix-load-factor",
+        type=float,
+        default=DEFAULT_PREFIX_LOAD_FACTOR,
+        help="prefix_aware: the replica caching a prompt's prefix gets it unless its load "
+        "exceeds this many times the least-loaded replica's, the request counted on both "
+        f"(default {DEFAULT_PREFIX_LOAD_FACTOR:g}; >= 1)",
+    )
+    parser.add_argument(
+        "--prefix-index-blocks",
+        type=int,
+        default=DEFAULT_INDEX_BLOCKS,
+        help="prefix_aware: KV block names the coordinator remembers across all replicas "
+        f"(~75 bytes each; default {DEFAULT_INDEX_BLOCKS:,})",
+    )
+    parser.add_argument(
+        "--prefix-block-size",
+        type=int,
+        default=DEFAULT_PREFIX_BLOCK_SIZE,
+        help="prefix_aware: tokens per block for replicas that do not report their KV block "
+        f"size (Megatron-core's; default {DEFAULT_PREFIX_BLOCK_SIZE})",
+    )
+
+
+def prefix_routing_options(args: Any) -> dict[str, Any]:
+    """Coordinator options from ``add_prefix_routing_arguments``'s parsed values."""
+    return {
+        "prefix_load_factor": args.prefix_load_factor,
+        "prefix_index_blocks": args.prefix_index_blocks,
+        "prefix_block_size": args.prefix_block_size,
+    }

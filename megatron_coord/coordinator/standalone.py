@@ -24,6 +24,7 @@ from ..exit_codes import HELP_EPILOG, OK, ConfigurationError, run_main
 from ..files import write_atomically
 from .coordinator import DEFAULT_FAILOVER_WAIT_S, DEFAULT_WAIT_FOR_ENGINE_S
 from .liveness import DEFAULT_ENGINE_TIMEOUT_S
+from .routing import POLICIES, add_prefix_routing_arguments, prefix_routing_options
 
 logger = logging.getLogger("megatron_coord.coordinator.standalone")
 
@@ -49,7 +50,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="checkpoint or tokenizer directory (default: the embedded default model's)",
     )
-    parser.add_argument("--routing", default="round_robin", help="round_robin or least_loaded")
+    parser.add_argument(
+        "--routing",
+        choices=sorted(POLICIES),
+        default="round_robin",
+        help="round_robin (default), least_loaded or prefix_aware (see the README)",
+    )
+    add_prefix_routing_arguments(parser)
     parser.add_argument(
         "--engine-timeout",
         type=float,
@@ -118,6 +125,7 @@ def coordinator_options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {
         "host": args.host,
         "routing": args.routing,
+        **prefix_routing_options(args),
         "engine_timeout": args.engine_timeout,
         "failover_wait": args.failover_wait,
         "wait_for_engine": args.wait_for_engine,

@@ -37,6 +37,7 @@ import torch.distributed as dist
 from .. import parallel_state
 from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
+from ..coordinator.routing import add_prefix_routing_arguments, prefix_routing_options
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
 from ..engine.engine import InferenceEngine
 from ..engine.kv_blocks import DEFAULT_BLOCK_SIZE
@@ -404,12 +405,15 @@ def add_replica_arguments(parser: Any) -> None:
     )
     parser.add_argument(
         "--routing",
-        choices=["round_robin", "least_loaded"],
+        choices=["round_robin", "least_loaded", "prefix_aware"],
         default="round_robin",
-        help="how the coordinator picks a replica per request: round_robin (default) or "
+        help="how the coordinator picks a replica per request: round_robin (default), "
         "least_loaded (the least outstanding work in tokens; in --deterministic-mode it "
-        "balances the cumulative routed work, a pure function of the request sequence)",
+        "balances the cumulative routed work, a pure function of the request sequence) or "
+        "prefix_aware (the replica caching the longest prefix of the prompt, unless "
+        "--prefix-load-factor says it is too loaded; else least_loaded)",
     )
+    add_prefix_routing_arguments(parser)
     parser.add_argument(
         "--auth-keys",
         default=None,
@@ -494,6 +498,7 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         coordinator_host=args.coordinator_host,
         coordinator_options={
             "routing": args.routing,
+            **prefix_routing_options(args),
             "insecure_no_auth": args.insecure_no_auth,
             "engine_timeout": args.engine_timeout,
             "failover_wait": args.failover_wait,

@@ -1,0 +1,118 @@
+"""Which KV blocks each replica holds, as far as the coordinator knows: the prefix index.
+
+Blocks are named as the engine names them (``prefix_hash.block_hashes``: a chained 64-bit
+blake2b, so one name stands for a whole prefix). The index maps a name to a bitmask of the
+engines holding it; ``prefix_aware`` routing (routing.py) walks a prompt's names from the first
+block and intersects the masks to find the engines with the longest cached prefix.
+
+Memory is bounded by ``capacity`` names. An exact LRU needs a linked list per entry (an
+OrderedDict costs ~2x a dict); instead the index keeps two generations of plain dicts: names
+touched (looked up for a routed request, stored) go to ``young``; when ``young`` holds half the
+capacity it becomes ``old`` and the previous ``old`` is dropped. A name touched within the last
+``capacity / 2`` touches is always kept, and the index never holds more than ``capacity``
+names. With at most 8 engines a mask is a small int Python shares, so an entry costs the dict
+slot and its 64-bit key: 74 MiB (tracemalloc; peak 79 MiB) for 1,000,000 names, checked
+under 100 MiB in tests/test_prefix_routing.py.
+
+Hashing a block with blake2b costs ~1 us. Prompts repeat their prefixes (that is the point), so
+``BlockNamer`` remembers the names of prefixes it has seen, keyed by a cheap chained Python
+hash of the tokens (a tuple hash: deterministic across processes, not salted): a prefix seen
+before costs a tuple hash per block, and blake2b runs only for blocks new to the coordinator.
+A collision of the cheap hash could only misroute a request (the engine still checks its own
+names), never change an output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from ..prefix_hash import ROOT_HASH, chain_hash
+
+DEFAULT_INDEX_BLOCKS = 1_000_000
+DEFAULT_NAMER_BLOCKS = 1 << 17
+
+
+class PrefixIndex:
+    """Block name -> bitmask of the engines holding it, at most ``capacity`` names."""
+
+    __slots__ = ("capacity", "_half", "young", "old")
+
+    def __init__(self, capacity: int = DEFAULT_INDEX_BLOCKS) -> None:
+        if type(capacity) is not int or capacity < 2:
+            raise ValueError(f"prefix_index_blocks must be an integer >= 2, got {capacity!r}")
+        self.capacity = capacity
+        self._half = capacity // 2
+        self.young: dict[int, int] = {}
+        self.old: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.young) + len(self.old)
+
+    def holders(self, name: int) -> int:
+        """The mask of engines holding ``name`` (0: none known)."""
+        mask = self.young.get(name)
+        if mask is None:
+            return self.old.get(name, 0)
+        return mask
+
+    def store(self, names: Iterable[int], bit: int) -> None:
+        """The engine with mask ``bit`` holds ``names`` (they become the most recent)."""
+        young, old, half = self.young, self.old, self._half
+        for name in names:
+            mask = young.get(name)
+            if mask is None:
+                mask = old.pop(name, 0)
+                if len(young) >= half:
+                    self.old = old = young
+                    self.young = young = {}
+            young[name] = mask | bit
+
+    def evict(self, names: Iterable[int], bit: int) -> None:
+        """The engine with mask ``bit`` no longer holds ``names``."""
+        keep = ~bit
+        for table in (self.young, self.old):
+            for name in names:
+                mask = table.get(name)
+                if mask is not None:
+                    if mask & keep:
+                        table[name] = mask & keep
+                    else:
+                        del table[name]
+
+    def drop(self, bit: int) -> None:
+        """Forget everything the engine with mask ``bit`` held (it died, restarted or sent a
+        full snapshot). O(names): once per engine removal, never per request."""
+        keep = ~bit
+        self.young = {n: m & keep for n, m in self.young.items() if m & keep}
+        self.old = {n: m & keep for n, m in self.old.items() if m & keep}
+
+
+class BlockNamer:
+    """The engine's block names of a prompt (``prefix_hash.block_hashes``), memoized by prefix.
+
+    ``names(tokens, block_size)`` equals ``block_hashes(tokens, block_size)``; the memo (at most
+    ``capacity`` prefixes, cleared when full) makes a prefix seen before cost one tuple hash per
+    block instead of a blake2b."""
+
+    __slots__ = ("capacity", "_memo")
+
+    def __init__(self, capacity: int = DEFAULT_NAMER_BLOCKS) -> None:
+        self.capacity = capacity
+        self._memo: dict[int, int] = {}
+
+    def names(self, tokens: Sequence[int], block_size: int) -> list[int]:
+        memo = self._memo
+        if len(memo) >= self.capacity:
+            memo.clear()
+        out: list[int] = []
+        key = block_size  # the cheap chain: a different block size names other prefixes
+        name = ROOT_HASH
+        for start in range(0, len(tokens) - block_size + 1, block_size):
+            block = tokens[start : start + block_size]
+            key = hash((key, *block))
+            known = memo.get(key)
+            if known is None:
+                known = memo[key] = chain_hash(name, block)
+            name = known
+            out.append(name)
+        return out
