@@ -16,6 +16,7 @@ scale_out.png               scale_out.json                   benchmarks/scale_ou
 engine_overhead.png         engine_overhead.json             benchmarks/engine_overhead.py
 pack_unpack.png             pack_unpack.json                 benchmarks/pack_unpack.py
 tp_broadcast.png            tp_broadcast.json                benchmarks/tp_broadcast.py
+prefix_routing.png          prefix_routing.json              benchmarks/prefix_routing.py
 ==========================  ===============================  ==================================
 
 Run: ``python benchmarks/plot.py [--results DIR] [--only scaling coordinator ...]``.
@@ -486,6 +487,65 @@ def plot_tp_broadcast(results: str) -> list[str]:
     return [save(ax.figure, results, "tp_broadcast.png")]
 
 
+def plot_prefix_routing(results: str) -> list[str]:
+    """Multi-turn chat on real engines per routing policy and engine cache: TTFT, throughput,
+    cache hit rate and the requests each replica served (benchmarks/prefix_routing.py)."""
+    data = load(results, "prefix_routing.json")
+    if data is None:
+        return []
+    configs = data["configs"]
+    names = list(configs)
+    labels = [n.replace("_no_cache", "\n(cache off)") for n in names]
+    fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [2, 1, 1, 1.4]})
+    grouped_bars(
+        axes[0],
+        labels,
+        {q: [configs[n]["ttft"][f"{q}_ms"] for n in names] for q in ("p50", "p99")},
+        "time to first token (ms, log scale)",
+        COLORS,
+        log=True,
+        fmt="{:.0f}",
+    )
+    plain_log_y(axes[0], minor=True)
+    axes[0].set_title("Time to first token", fontsize=9)
+    axes[0].legend(fontsize=8)
+    rps = [configs[n]["requests_per_s"] for n in names]
+    value_bars(axes[1], labels, rps, "{:.2f}", "requests/s", "#55a868")
+    axes[1].set_title("Throughput", fontsize=9)
+    hits = [configs[n]["prefix_cache_hit_rate"] * 100 for n in names]
+    value_bars(axes[2], labels, hits, "{:.0f}%", "prompt tokens from the cache (%)", "#8172b3")
+    axes[2].set_title("Engine prefix-cache hit rate", fontsize=9)
+    ranks = len(configs[names[0]]["replicas"])
+    grouped_bars(
+        axes[3],
+        labels,
+        {
+            f"replica {r}": [configs[n]["replicas"][r]["requests"] for n in names]
+            for r in range(ranks)
+        },
+        "requests served",
+        fmt="{:.0f}",
+    )
+    axes[3].set_title("Per-replica load", fontsize=9)
+    axes[3].legend(fontsize=8)
+    for ax in axes:
+        ax.tick_params(axis="x", labelsize=7)
+    w = data["workload"]
+    met = ", ".join(
+        f"{t['target']} {t['value']} ({t['goal']}: {'met' if t['met'] else 'missed'})"
+        for t in data.get("targets", [])
+        if t.get("value") is not None
+    )
+    fig.suptitle(
+        f"Prefix-aware routing: {w['conversations']} chats x {w['turns']} turns over "
+        f"{w['system_prompts']} system prompts of {w['system_tokens']} tokens, "
+        f"{data['launch']['replicas']} real replicas ({machine_note(data)})"
+        + (f"\ntargets: {met}" if met else ""),
+        fontsize=10,
+    )
+    return [save(fig, results, "prefix_routing.png")]
+
+
 PLOTS: dict[str, Callable[[str], list[str]]] = {
     "scaling": plot_scaling,
     "coordinator": plot_coordinator,
@@ -496,6 +556,7 @@ PLOTS: dict[str, Callable[[str], list[str]]] = {
     "engine_overhead": plot_engine_overhead,
     "pack_unpack": plot_pack_unpack,
     "tp_broadcast": plot_tp_broadcast,
+    "prefix_routing": plot_prefix_routing,
 }
 
 
