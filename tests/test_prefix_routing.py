@@ -122,9 +122,9 @@ def test_approximate_index_for_engines_that_report_nothing():
     megatron.on_load_report(A, {"kv_blocks_stored": block_hashes(tokens(14, 8), 4)})
     assert route(megatron, 2, tokens(14, 8)) == B  # A's report was not believed: least loaded
 
-    block_16 = policy_of((A, B))  # the default block size: 16 tokens
-    assert route(block_16, 0, tokens(15, 15)) == A and block_16.holds(A) == 0
-    assert route(block_16, 1, tokens(15, 32)) == B and block_16.holds(B) == 2
+    default = policy_of((A, B))  # Megatron's default block size: 256 tokens
+    assert route(default, 0, tokens(15, 255)) == A and default.holds(A) == 0
+    assert route(default, 1, tokens(15, 512)) == B and default.holds(B) == 2
 
     uncached = policy_of((A, B), info={"kv_block_size": 4, "prefix_caching": False})
     assert route(uncached, 0, prompt) == A

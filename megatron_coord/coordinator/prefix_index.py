@@ -17,7 +17,8 @@ under 100 MiB in tests/test_prefix_routing.py.
 Hashing a block with blake2b costs ~1 us. Prompts repeat their prefixes (that is the point), so
 ``BlockNamer`` remembers the names of prefixes it has seen, keyed by a cheap chained Python
 hash of the tokens (a tuple hash: deterministic across processes, not salted): a prefix seen
-before costs a tuple hash per block, and blake2b runs only for blocks new to the coordinator.
+before costs a tuple hash per block, and blake2b runs only for blocks new to the coordinator;
+a whole prompt seen again (the same prompt sampled n times, an RL rollout group) costs one.
 A collision of the cheap hash could only misroute a request (the engine still checks its own
 names), never change an output.
 """
@@ -30,6 +31,7 @@ from ..prefix_hash import ROOT_HASH, chain_hash
 
 DEFAULT_INDEX_BLOCKS = 1_000_000
 DEFAULT_NAMER_BLOCKS = 1 << 17
+_NAMER_PROMPTS = 4096
 
 
 class PrefixIndex:
@@ -65,6 +67,8 @@ class PrefixIndex:
                 if len(young) >= half:
                     self.old = old = young
                     self.young = young = {}
+            elif mask & bit:
+                continue  # young and held already: nothing changes
             young[name] = mask | bit
 
     def evict(self, names: Iterable[int], bit: int) -> None:
@@ -94,25 +98,39 @@ class BlockNamer:
     ``capacity`` prefixes, cleared when full) makes a prefix seen before cost one tuple hash per
     block instead of a blake2b."""
 
-    __slots__ = ("capacity", "_memo")
+    __slots__ = ("capacity", "_memo", "_prompts")
 
     def __init__(self, capacity: int = DEFAULT_NAMER_BLOCKS) -> None:
         self.capacity = capacity
         self._memo: dict[int, int] = {}
+        self._prompts: dict[int, list[int]] = {}  # whole prompts seen again (n samples, RL)
 
     def names(self, tokens: Sequence[int], block_size: int) -> list[int]:
+        """The names (a list the caller must not change) of ``tokens``' full blocks."""
+        full = len(tokens) // block_size * block_size
+        if not full:
+            return []
+        whole = tuple(tokens)  # tuple slices hash without copying into a new tuple
+        prompt_key = hash((block_size, whole))
+        known = self._prompts.get(prompt_key)
+        if known is not None:
+            return known
         memo = self._memo
         if len(memo) >= self.capacity:
             memo.clear()
+        get = memo.get
         out: list[int] = []
         key = block_size  # the cheap chain: a different block size names other prefixes
         name = ROOT_HASH
-        for start in range(0, len(tokens) - block_size + 1, block_size):
-            block = tokens[start : start + block_size]
-            key = hash((key, *block))
-            known = memo.get(key)
-            if known is None:
-                known = memo[key] = chain_hash(name, block)
-            name = known
+        for start in range(0, full, block_size):
+            block = whole[start : start + block_size]
+            key = hash((key, block))
+            name_of = get(key)
+            if name_of is None:
+                name_of = memo[key] = chain_hash(name, block)
+            name = name_of
             out.append(name)
+        if len(self._prompts) >= _NAMER_PROMPTS:
+            self._prompts.clear()
+        self._prompts[prompt_key] = out
         return out

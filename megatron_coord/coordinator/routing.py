@@ -405,7 +405,10 @@ class LeastLoaded(RoutingPolicy):
 
 
 DEFAULT_PREFIX_LOAD_FACTOR = 1.5
-DEFAULT_PREFIX_BLOCK_SIZE = 16  # the engine's default kv_block_size (engine/kv_blocks.py)
+# Tokens per block of engines that do not say (Megatron-core's): its block_size_tokens default.
+# Matching finer than the engine caches would claim prefixes it cannot reuse.
+DEFAULT_PREFIX_BLOCK_SIZE = 256
+_NO_BLOCKS = 1 << 62  # the "smallest block size" with no engine indexed
 
 
 class PrefixAware(LeastLoaded):
@@ -467,8 +470,10 @@ class PrefixAware(LeastLoaded):
         self._engine_of_bit: dict[int, Identity] = {}
         self._size_of: dict[Identity, int] = {}  # indexed engine -> its block size
         self._group: dict[int, int] = {}  # block size -> mask of the engines using it
+        self._shortest = _NO_BLOCKS  # the smallest block size in _group
         self._exact: set[Identity] = set()  # engines whose reports the index follows
-        self._named: tuple[list[int] | None, dict[int, list[int]]] = (None, {})
+        # The last prompt looked up: its names, matched depth and holders per block size.
+        self._named: tuple[list[int] | None, dict[int, tuple[list[int], int, int]]] = (None, {})
         super().__init__(engines, deterministic)
 
     # ------------------------------------------------------------------ engines
@@ -488,6 +493,7 @@ class PrefixAware(LeastLoaded):
         self._engine_of_bit[bit] = engine
         self._size_of[engine] = size
         self._group[size] = self._group.get(size, 0) | bit
+        self._shortest = min(self._group)
         if exact and not self.deterministic:
             self._exact.add(engine)
 
@@ -504,6 +510,7 @@ class PrefixAware(LeastLoaded):
             self._group[size] = group
         else:
             del self._group[size]
+        self._shortest = min(self._group, default=_NO_BLOCKS)
         self._exact.discard(engine)
 
     # ------------------------------------------------------------------ choice
@@ -511,7 +518,7 @@ class PrefixAware(LeastLoaded):
     def choose(self, request: Any = None) -> Identity:
         """The engine with the longest cached prefix of ``request`` (a token list) unless load
         wins; the least loaded without tokens or without a match."""
-        if request.__class__ is list and self._group:
+        if request.__class__ is list and len(request) >= self._shortest:
             holders = self._longest_prefix(request)
             if holders:
                 engine = self._least_loaded_of(holders)
@@ -523,18 +530,26 @@ class PrefixAware(LeastLoaded):
     def _longest_prefix(self, tokens: list[int]) -> int:
         """The mask of engines holding the longest prefix of ``tokens`` (0: none); the names
         are kept for ``on_submit``."""
-        holders = self.index.holders
-        named: dict[int, list[int]] = {}
+        index = self.index
+        named: dict[int, tuple[list[int], int, int]] = {}
         best, best_tokens = 0, 0
         for size, group in self._group.items():
-            names = named[size] = self.namer.names(tokens, size)
+            names = self.namer.names(tokens, size)
             mask, depth = group, 0
+            young = index.young  # PrefixIndex.holders, inlined: this is the hot path
             for name in names:
-                held = holders(name) & mask
+                held = young.get(name)
+                if held is None:
+                    held = index.old.get(name, 0)
+                    if held:
+                        index.store((name,), 0)  # used again: young (no engine added)
+                        young = index.young
+                held &= mask
                 if not held:
                     break
                 mask = held
                 depth += 1
+            named[size] = (names, depth, mask)
             if depth and depth * size > best_tokens:
                 best, best_tokens = mask, depth * size
         self._named = (tokens, named)
@@ -561,16 +576,26 @@ class PrefixAware(LeastLoaded):
         prompt: str | list[int] | None = None,
         max_new_tokens: int = 0,
     ) -> None:
-        """Accounted as by least loaded; the engine will hold the prompt's blocks."""
+        """Accounted as by least loaded; the engine will hold the prompt's blocks (those
+        ``choose`` found it holding already are young in the index: only the rest is stored)."""
         super().on_submit(engine, request_id, prompt, max_new_tokens)
         bit = self._bit.get(engine)
         if bit is None or prompt.__class__ is not list:
             return
         size = self._size_of[engine]
+        if len(prompt) < size:
+            return  # no full block
         tokens, named = self._named
-        names = named.get(size) if tokens is prompt else None
+        looked_up = named.get(size) if tokens is prompt else None
         self._named = (None, {})
-        self.index.store(names if names is not None else self.namer.names(prompt, size), bit)
+        if looked_up is None:
+            self.index.store(self.namer.names(prompt, size), bit)
+            return
+        names, depth, holders = looked_up
+        if not holders & bit:
+            depth = 0
+        if depth < len(names):
+            self.index.store(names[depth:] if depth else names, bit)
 
     def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
         """Least loaded's correction, and for exact engines their stored / evicted blocks."""
