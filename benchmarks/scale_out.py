@@ -73,6 +73,16 @@ def cpu_ns(pid: int, main_only: bool = False) -> int:
     return total
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of ``pid``'s main thread: each is the loop blocking in its
+    poll with nothing to do, so their count is the number of wake-ups."""
+    with open(f"/proc/{pid}/task/{pid}/status") as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    return 0
+
+
 def rss_bytes(pid: int) -> int:
     with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -351,11 +361,13 @@ def run_phase(args: argparse.Namespace, deployment: Deployment, clients: int) ->
     idle_share = (cpu_ns(deployment.pid) - idle0) / 1e9 / (time.monotonic() - idle_t0)
     cpu0, t0 = cpu_ns(deployment.pid), time.monotonic()
     main0 = cpu_ns(deployment.pid, main_only=True)
+    woke0 = wakeups(deployment.pid)
     go.set()
     results = [pipe.recv() for pipe in pipes]
     elapsed = time.monotonic() - t0
     cpu1 = cpu_ns(deployment.pid)
     main1 = cpu_ns(deployment.pid, main_only=True)
+    woke1 = wakeups(deployment.pid)
     for host in hosts:
         host.join(30)
     latencies = [lat for got, _ in results for lat in got]
@@ -370,6 +382,8 @@ def run_phase(args: argparse.Namespace, deployment: Deployment, clients: int) ->
         "coordinator_main_thread_us_per_request": round(
             (main1 - main0) / 1e3 / max(1, answered), 2
         ),
+        # Requests per wake-up of the loop: the fewer, the more each pays of a wake-up's cost.
+        "requests_per_wakeup": round(answered / max(1, woke1 - woke0), 2),
         "coordinator_cpu_share": round((cpu1 - cpu0) / 1e9 / elapsed, 3),
         "coordinator_idle_cpu_share": round(idle_share, 4),
         # Net of the idle cost over the same time: what the requests themselves cost.
@@ -432,7 +446,15 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="grids run (median kept)")
     parser.add_argument("--idle", type=float, default=1.5, help="idle seconds measured first")
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument(
+        "--routing-only",
+        action="store_true",
+        help="measure only the policies alone and add them to an existing scale_out.json",
+    )
     args = parser.parse_args()
+    if args.routing_only:
+        add_routing_alone(args)
+        return
 
     samples: dict[tuple, list[dict[str, Any]]] = {}
     for _ in range(args.repeat):  # whole grids one after the other: noise hits all alike
@@ -448,18 +470,66 @@ def main() -> None:
                 finally:
                     deployment.close()
     runs = [median_run(phases) for phases in samples.values()]
+    replica_counts = [int(r) for r in args.replicas.split(",")]
+    routing_alone = policy_cost(replica_counts, args.policies.split(","))
     out = {
         "benchmark": "scale_out",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "config": {k: v for k, v in vars(args).items() if k != "no_write"},
         "runs": runs,
         "ratios": ratios(runs),
+        "routing_policy_alone_us_per_request": routing_alone,
         "memory": memory_in_flight(args),
     }
     if args.no_write:
         print(out)
     else:
         write_results(os.path.join(RESULTS, "scale_out.json"), out)
+
+
+def policy_cost(replicas: list[int], policies: list[str], rounds: int = 5) -> dict[str, Any]:
+    """The routing policy alone, in this process: microseconds per request of choose +
+    on_submit + on_finish with ``2 x replicas`` requests in flight (best of ``rounds``, the
+    replica counts interleaved so noise hits all alike)."""
+    import collections
+
+    from megatron_coord.coordinator.routing import make_policy
+
+    best: dict[tuple[str, int], float] = {}
+    for _ in range(rounds):
+        for name in policies:
+            for n in replicas:
+                policy = make_policy(name, [b"engine-%d" % i for i in range(n)])
+                inflight: collections.deque = collections.deque()
+                count = 20_000
+                start = time.perf_counter()
+                for request_id in range(count):
+                    engine = policy.choose()
+                    if policy.tracks_load:
+                        policy.on_submit(engine, request_id, PROMPT, 4 + request_id % 61)
+                    inflight.append((engine, request_id))
+                    if len(inflight) > 2 * n:
+                        done, done_id = inflight.popleft()
+                        if policy.tracks_load:
+                            policy.on_finish(done, done_id, 4)
+                took = (time.perf_counter() - start) / count * 1e6
+                key = (name, n)
+                best[key] = min(best.get(key, took), took)
+    return {name: {str(n): round(best[(name, n)], 3) for n in replicas} for name in policies}
+
+
+def add_routing_alone(args: argparse.Namespace) -> None:
+    """``--routing-only``: the policy micro-measurement, merged into the results file."""
+    import json
+
+    path = os.path.join(RESULTS, "scale_out.json")
+    with open(path) as f:
+        out = json.load(f)
+    replica_counts = [int(r) for r in args.replicas.split(",")]
+    out["routing_policy_alone_us_per_request"] = policy_cost(
+        replica_counts, args.policies.split(",")
+    )
+    write_results(path, out)
 
 
 def median_run(phases: list[dict[str, Any]]) -> dict[str, Any]:
