@@ -12,13 +12,17 @@ measurement sends one request at a time through our InferenceClient, coordinator
 instant engine (and through Megatron's client and coordinator when importable).
 
 Run: ``python benchmarks/coordinator_throughput.py [--duration 5]``. Prints JSON and writes it
-to benchmarks/results/coordinator_throughput.json.
+to benchmarks/results/coordinator_throughput.json. ``--routing least_loaded,prefix_aware
+--repeat 3 --ours-only`` compares routing policies instead: ours once per policy, the runs
+interleaved, each policy's runs and median side by side (the fake engines register as
+Megatron's, so prefix_aware indexes its own decisions; every client repeats one prompt).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import multiprocessing
 import os
 import platform
@@ -63,8 +67,12 @@ def load_client(
     warmup: float,
     duration: float,
     results: Any,
+    unique_tokens: int = 0,
 ) -> None:
-    """Keep ``window`` requests in flight; report completions and latencies inside the window."""
+    """Keep ``window`` requests in flight; report completions and latencies inside the window.
+
+    ``unique_tokens``: the last that many prompt tokens differ per request (a shared prefix
+    and a question of its own), else every request of the client repeats one prompt."""
     context = zmq.Context()
     sock = context.socket(zmq.DEALER)
     sock.setsockopt(zmq.SNDHWM, 0)
@@ -81,11 +89,18 @@ def load_client(
     params.pop("seed")
     params.pop("streaming_interval")  # Megatron's engines know only Megatron's fields
     tail = _encode(prompt) + _encode(params)  # the request body, encoded once
+    encoded_params = _encode(params)
+    shared = prompt[: prompt_tokens - unique_tokens]
     sent_at: dict[int, float] = {}
     now = time.perf_counter
 
     def submit(request_id: int) -> None:
         sent_at[request_id] = now()
+        if unique_tokens:
+            unique = [32 + (request_id * 7919 + i * 31) % 95 for i in range(unique_tokens)]
+            body = _encode(shared + unique) + encoded_params
+            sock.send(prefix + _encode(request_id) + body)
+            return
         sock.send(prefix + _encode(request_id) + tail)
 
     start.wait()
@@ -213,12 +228,17 @@ def start_system(name: str, engines: int) -> tuple[str, list[Any]]:
     """Start one system's coordinator (or proxy) and engines; returns (client address, procs)."""
     if name == "megatron_core_0.19.2":
         return start_megatron_019(engines)
+    name, _, routing = name.partition(":")  # "megatron_coord:least_loaded": that policy
     target = {
         "megatron_coord": DataParallelInferenceCoordinator.entrypoint,
         "megatron_core_0.16.1": megatron_entrypoint,
         "megatron_coord_019_peers": ours_with_019_engines,
         "zmq_proxy": proxy_entrypoint,
     }[name]
+    if routing:  # "prefix_aware:16": that policy with 16-token blocks
+        routing, _, block = routing.partition(":")
+        options = {"prefix_block_size": int(block)} if block else {}
+        target = functools.partial(target, routing=routing, **options)
     address, coordinator, ready = start_coordinator(engines, target)
     ctx = multiprocessing.get_context("spawn")
     procs: list[Any] = [coordinator]
@@ -247,11 +267,16 @@ def stop_procs(procs: list[Any]) -> None:
 
 
 def run_load(
-    address: str, protocol: str | None, args: argparse.Namespace, procs: list[Any]
+    address: str,
+    protocol: str | None,
+    args: argparse.Namespace,
+    procs: list[Any],
+    cpu: list[float] | None = None,
 ) -> list:
     """Drive ``address`` with ``args.clients`` load clients released together; their latencies.
 
     ``procs`` (the system under test) are stopped with the clients, whatever happens.
+    ``cpu``: gets the CPU seconds ``procs[0]`` spent in the measured window appended.
     """
     ctx = multiprocessing.get_context("spawn")
     start, results = ctx.Event(), ctx.Queue()
@@ -259,7 +284,7 @@ def run_load(
     clients = [
         ctx.Process(
             target=load_client,
-            args=(*load, args.warmup, args.duration, results),
+            args=(*load, args.warmup, args.duration, results, getattr(args, "unique_tokens", 0)),
             daemon=True,
         )
         for _ in range(args.clients)
@@ -269,6 +294,11 @@ def run_load(
             client.start()
         time.sleep(1.0)  # let the clients import and connect before the clock starts
         start.set()
+        if cpu is not None:
+            time.sleep(args.warmup)
+            cpu_before = _cpu_seconds(procs[0].pid)
+            time.sleep(args.duration)
+            cpu.append(_cpu_seconds(procs[0].pid) - cpu_before)
         latencies: list[float] = []
         for _ in clients:
             latencies += results.get(timeout=args.warmup + args.duration + 120)
@@ -279,11 +309,25 @@ def run_load(
     return latencies
 
 
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of process ``pid`` so far (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def measure_throughput(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Requests/s and latency percentiles of one system under the windowed load."""
+    """Requests/s, latency percentiles and the coordinator's CPU time per request (the
+    process the system starts first; the proxy's for zmq_proxy) under the windowed load."""
     address, procs = start_system(name, args.engines)
-    latencies = run_load(address, PROTOCOLS[name], args, procs)
-    return {"requests_per_s": len(latencies) / args.duration, **percentiles(latencies)}
+    cpu: list[float] = []
+    latencies = run_load(address, PROTOCOLS[name.partition(":")[0]], args, procs, cpu)
+    cpu_us = cpu[0] / max(1, len(latencies)) * 1e6
+    return {
+        "requests_per_s": len(latencies) / args.duration,
+        "coordinator_cpu_us_per_request": cpu_us,
+        **percentiles(latencies),
+    }
 
 
 # ---------------------------------------------------------------------- one request at a time
@@ -336,6 +380,28 @@ def megatron_available() -> bool:
     return True
 
 
+def compare_routing(args: argparse.Namespace) -> dict[str, Any]:
+    """Ours under each ``--routing`` policy, ``--repeat`` times, runs interleaved (so a slow
+    patch of the machine hits every policy alike); medians and the ratio to the first."""
+    routings = args.routing.split(",")
+    runs: dict[str, list[dict[str, Any]]] = {routing: [] for routing in routings}
+    for _ in range(args.repeat):
+        for routing in routings:
+            runs[routing].append(measure_throughput(f"megatron_coord:{routing}", args))
+    out: dict[str, Any] = {}
+    for routing, measured in runs.items():
+        out[routing] = {"runs": measured}
+        for key in ("requests_per_s", "coordinator_cpu_us_per_request"):
+            values = sorted(run[key] for run in measured)
+            out[routing][f"median_{key}"] = values[len(values) // 2]
+    first = out[routings[0]]
+    for routing in routings[1:]:
+        for key in ("requests_per_s", "coordinator_cpu_us_per_request"):
+            ratio = out[routing][f"median_{key}"] / first[f"median_{key}"]
+            out[f"ratio_{key}_{routing}_over_{routings[0]}"] = ratio
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per system")
@@ -345,11 +411,40 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=64, help="requests in flight per client")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--generate-tokens", type=int, default=8)
+    parser.add_argument(
+        "--unique-tokens",
+        type=int,
+        default=0,
+        help="the last N prompt tokens differ per request (default 0: each client repeats one)",
+    )
     parser.add_argument("--single-requests", type=int, default=2000)
     parser.add_argument("--single-warmup", type=int, default=200)
     parser.add_argument("--skip-megatron", action="store_true")
-    parser.add_argument("--output", default=os.path.join(RESULTS, "coordinator_throughput.json"))
+    parser.add_argument(
+        "--routing",
+        default=None,
+        help="comma-separated routing policies of ours to compare (with --ours-only; default "
+        "least_loaded,prefix_aware; prefix_aware:16 sets its block size for Megatron's engines)",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs per policy (--routing)")
+    parser.add_argument(
+        "--ours-only", action="store_true", help="only compare --routing policies of ours"
+    )
+    parser.add_argument("--output", default=None, help="default: benchmarks/results/<name>.json")
     args = parser.parse_args()
+    name = "coordinator_routing_cost" if args.ours_only else "coordinator_throughput"
+    args.output = args.output or os.path.join(RESULTS, f"{name}.json")
+    if args.ours_only:
+        args.routing = args.routing or "least_loaded,prefix_aware"
+        report = {
+            "config": {k: v for k, v in vars(args).items() if k != "output"},
+            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "routing": compare_routing(args),
+        }
+        write_results(args.output, report, indent=2)
+        return
+    if args.routing is not None:
+        parser.error("--routing compares policies of ours: use it with --ours-only")
 
     systems = ["megatron_coord", "zmq_proxy"]
     if not args.skip_megatron and megatron_available():

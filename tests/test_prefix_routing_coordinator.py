@@ -6,34 +6,20 @@ from __future__ import annotations
 
 import time
 
-import zmq
 from conftest import Peer, ThreadedCoordinator, elastic_coordinator
+from test_routing_coordinator import _receiver
 
 from megatron_coord.prefix_hash import block_hashes
 
 SYSTEM = "You are a helpful assistant. Answer briefly. "  # 45 bytes: 11 blocks of 4
 
 
-def _engine(address: str, rank: int, caching: bool = True) -> Peer:
+def _engine(address: str, rank: int) -> Peer:
+    """A raw engine of ours that caches prefixes in blocks of 4 tokens."""
     engine = Peer(address)
     engine.send(101, {"data_parallel_rank": rank, "protocol": 1, "kv_block_size": 4,
-                      "prefix_caching": caching})  # fmt: skip
+                      "prefix_caching": True})  # fmt: skip
     return engine
-
-
-def _receiver(engines: list[Peer]) -> tuple[int, list]:
-    """Which engine got the next SUBMIT (liveness HEARTBEATs skipped), and the message."""
-    poller = zmq.Poller()
-    for engine in engines:
-        poller.register(engine.sock, zmq.POLLIN)
-    while True:
-        ready = dict(poller.poll(20000))
-        assert ready, "no engine got a message"
-        for index, engine in enumerate(engines):
-            if engine.sock in ready:
-                message = engine.recv()
-                if message[0] != 102:
-                    return index, message
 
 
 def _finish(engine: Peer, client: Peer, message: list) -> None:
@@ -156,3 +142,21 @@ def test_requests_wait_for_an_engine_and_respect_the_per_engine_limit():
     assert error[0] == 100 and error[1] == 2 and error[2] == "overloaded", error
     assert coord.coordinator.requests.sizes()["request_engine"] == 2
     _stop(coord, client, [engine, second])
+
+
+def test_megatron_engines_are_indexed_from_the_coordinators_own_decisions():
+    coord = ThreadedCoordinator(2, routing="prefix_aware", prefix_load_factor=100.0)
+    engines = [Peer(coord.address, identity=b"mp-coord-%d" % rank) for rank in range(2)]
+    for engine in engines:
+        engine.send_raw(b"")  # Megatron's registration: no block size, no reports
+    assert coord.ready.wait(30)
+    client = Peer(coord.address).connect_ours()
+    prompt = list(range(1, 101)) * 6  # 600 tokens: 2 blocks of Megatron's 256
+    _submit(client, 0, prompt)
+    first, _ = _receiver(engines)
+    _policy_holds(coord, 2)
+    _submit(client, 1, prompt[:512] + [7])  # busy, but it holds the prefix
+    assert _receiver(engines)[0] == first
+    _submit(client, 2, prompt[:255])  # no full block: least loaded
+    assert _receiver(engines)[0] == 1 - first
+    _stop(coord, client, engines)

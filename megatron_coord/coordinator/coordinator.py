@@ -90,7 +90,7 @@ class DataParallelInferenceCoordinator:
     Options (keyword, all optional): ``host``, ``max_message_bytes`` (ZMQ_MAXMSGSIZE),
     ``routing`` ("round_robin", the default, "least_loaded" or "prefix_aware": see routing.py;
     the latter takes ``prefix_load_factor`` (1.5), ``prefix_index_blocks`` (1,000,000) and
-    ``prefix_block_size`` (16, for engines that do not report theirs)), ``log_level``,
+    ``prefix_block_size`` (256, for engines that do not report theirs)), ``log_level``,
     ``registration_timeout`` (seconds, None = wait forever, as Megatron does),
     ``engine_timeout`` (seconds of silence before an engine of ours is dead, 3),
     ``max_outstanding`` and ``max_outstanding_per_engine`` (``overloaded`` past them),
