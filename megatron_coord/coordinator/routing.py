@@ -530,30 +530,47 @@ class PrefixAware(LeastLoaded):
     def _longest_prefix(self, tokens: list[int]) -> int:
         """The mask of engines holding the longest prefix of ``tokens`` (0: none); the names
         are kept for ``on_submit``."""
-        index = self.index
         named: dict[int, tuple[list[int], int, int]] = {}
         best, best_tokens = 0, 0
         for size, group in self._group.items():
             names = self.namer.names(tokens, size)
-            mask, depth = group, 0
-            young = index.young  # PrefixIndex.holders, inlined: this is the hot path
-            for name in names:
-                held = young.get(name)
-                if held is None:
-                    held = index.old.get(name, 0)
-                    if held:
-                        index.store((name,), 0)  # used again: young (no engine added)
-                        young = index.young
-                held &= mask
-                if not held:
-                    break
-                mask = held
-                depth += 1
+            depth, mask = self._match(names, group)
             named[size] = (names, depth, mask)
             if depth and depth * size > best_tokens:
                 best, best_tokens = mask, depth * size
         self._named = (tokens, named)
         return best
+
+    def _match(self, names: list[int], group: int) -> tuple[int, int]:
+        """(blocks matched, the engines of ``group`` holding them all) for a prompt's names.
+
+        A whole prompt held (its first and last names young, with an engine in common) costs
+        two lookups: names are stored and promoted a prompt at a time (a prefix with its
+        blocks), and a rotation moves every young name at once, so a young last name means
+        its prefix is young too. Otherwise the names are walked from the first, those found
+        old promoted (used again)."""
+        index = self.index
+        young = index.young  # PrefixIndex.holders, inlined: this is the hot path
+        if len(names) > 1:
+            whole = young.get(names[-1], 0) & group
+            if whole:
+                whole &= young.get(names[0], 0)
+                if whole:
+                    return len(names), whole
+        mask, depth = group, 0
+        for name in names:
+            held = young.get(name)
+            if held is None:
+                held = index.old.get(name, 0)
+                if held:
+                    index.store((name,), 0)  # used again: young (no engine added)
+                    young = index.young
+            held &= mask
+            if not held:
+                break
+            mask = held
+            depth += 1
+        return depth, mask
 
     def _least_loaded_of(self, mask: int) -> Identity:
         """The least-loaded engine of ``mask`` (ties: the lowest bit, a stable order)."""
