@@ -495,18 +495,19 @@ def plot_prefix_routing(results: str) -> list[str]:
         return []
     configs = data["configs"]
     names = list(configs)
-    labels = [n.replace("_no_cache", "\n(cache off)") for n in names]
+    labels = [
+        n.removesuffix("_no_cache").replace("_", "\n") + ("\n(cache off)" * n.endswith("_no_cache"))
+        for n in names
+    ]
     fig, axes = plt.subplots(1, 4, figsize=(17, 4.6), gridspec_kw={"width_ratios": [2, 1, 1, 1.4]})
     grouped_bars(
         axes[0],
         labels,
         {q: [configs[n]["ttft"][f"{q}_ms"] for n in names] for q in ("p50", "p99")},
-        "time to first token (ms, log scale)",
+        "time to first token (ms)",
         COLORS,
-        log=True,
         fmt="{:.0f}",
     )
-    plain_log_y(axes[0], minor=True)
     axes[0].set_title("Time to first token", fontsize=9)
     axes[0].legend(fontsize=8)
     rps = [configs[n]["requests_per_s"] for n in names]

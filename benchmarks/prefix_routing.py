@@ -371,6 +371,24 @@ def summarize(rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[st
     }
 
 
+def code_version() -> str | None:
+    """The commit the launched code is (``+ uncommitted changes`` if its package or launch
+    scripts differ from it), or None outside a git checkout."""
+    try:
+        git = ["git", "-C", ROOT]
+        commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            [*git, "status", "--porcelain", "--", "megatron_coord", "launch"],
+            capture_output=True,
+            text=True,
+        )
+    except OSError:
+        return None
+    if commit.returncode:
+        return None
+    return commit.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def known_policies() -> set[str]:
     """The --routing choices this checkout's launch accepts."""
     from megatron_coord.launch.replica import add_replica_arguments
@@ -436,7 +454,7 @@ def targets(configs: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--conversations", type=int, default=64)
     parser.add_argument("--turns", type=int, default=6)
@@ -464,13 +482,18 @@ def main(argv: list[str] | None = None) -> None:
         choices=[c[0] for c in CONFIGS],
     )
     parser.add_argument(
-        "--rounds", type=int, default=1, help="run every configuration this many times"
+        "--rounds", type=int, default=2, help="run every configuration this many times"
     )
     parser.add_argument("--output", default=os.path.join(RESULTS, "prefix_routing.json"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
     if longest_prompt(args) + args.reply_tokens > 1024:
         parser.error("the last turn's prompt + reply exceed the default model's 1024 positions")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
 
     policies = known_policies()
     wanted = [c for c in CONFIGS if c[0] in args.configs]
@@ -520,6 +543,7 @@ def main(argv: list[str] | None = None) -> None:
         "benchmark": "prefix_routing",
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "machine": {"host": platform.node(), "cpus": os.cpu_count()},
+        "code": code_version(),
         "command": " ".join(["python", "benchmarks/prefix_routing.py", *(argv or sys.argv[1:])]),
         "workload": {
             "conversations": args.conversations,
