@@ -75,73 +75,18 @@ BROADCAST_019 = frozenset(
 # never answered with an ERROR, which it could not decode.
 ONLY_019_HEADERS = frozenset(int(h) for h in Wire019) - frozenset(int(h) for h in Headers)
 
-# The fields of 0.19's DynamicInferenceRequest and of 0.16's: its ``deserialize`` is
+# The fields of 0.16's DynamicInferenceRequest, and of 0.19's (a superset): its ``deserialize`` is
 # ``cls(**record)``, so a record for a Megatron client carries exactly its own fields.
-FIELDS_019 = frozenset(
-    [
-        "arrival_time",
-        "block_size_tokens",
-        "cg_wait_iters",
-        "enable_prefix_caching",
-        "encoder_prompt",
-        "events",
-        "finished_chunk_token_count",
-        "generated_length",
-        "generated_log_probs",
-        "generated_segments",
-        "generated_sequence_lengths",
-        "generated_text",
-        "generated_tokens",
-        "generated_top_n_logprobs",
-        "inference_parameters",
-        "kv_cache_epoch",
-        "latency",
-        "num_cached_tokens",
-        "policy_epoch",
-        "precomputed_block_hashes",
-        "prompt",
-        "prompt_length",
-        "prompt_log_probs",
-        "prompt_tokens",
-        "prompt_top_n_logprobs",
-        "remaining_prompt_tokens",
-        "request_id",
-        "routing_indices",
-        "sampling_params",
-        "segments",
-        "status",
-        "stop_word_ids",
-        "tpot",
-        "ttft",
-    ]
-)
 FIELDS_016 = frozenset(
-    [
-        "arrival_time",
-        "encoder_prompt",
-        "events",
-        "finished_chunk_token_count",
-        "generated_length",
-        "generated_log_probs",
-        "generated_segments",
-        "generated_sequence_lengths",
-        "generated_text",
-        "generated_tokens",
-        "generated_top_n_logprobs",
-        "inference_parameters",
-        "latency",
-        "prompt",
-        "prompt_log_probs",
-        "prompt_tokens",
-        "prompt_top_n_logprobs",
-        "remaining_prompt_tokens",
-        "request_id",
-        "sampling_params",
-        "segments",
-        "status",
-        "stop_word_ids",
-        "tpot",
-    ]
+    """arrival_time encoder_prompt events finished_chunk_token_count generated_length
+    generated_log_probs generated_segments generated_sequence_lengths generated_text
+    generated_tokens generated_top_n_logprobs inference_parameters latency prompt
+    prompt_log_probs prompt_tokens prompt_top_n_logprobs remaining_prompt_tokens request_id
+    sampling_params segments status stop_word_ids tpot""".split()  # noqa: SIM905
+)
+FIELDS_019 = FIELDS_016 | frozenset(
+    """block_size_tokens cg_wait_iters enable_prefix_caching kv_cache_epoch num_cached_tokens
+    policy_epoch precomputed_block_hashes prompt_length routing_indices ttft""".split()  # noqa: SIM905
 )
 # Read by ``deserialize`` without a default: a record always has them.
 _REQUIRED = {"status": None, "sampling_params": None, "inference_parameters": None}
