@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("megatron_coord.coordinator")
 
 _HEARTBEAT_REPLY = encode([int(Headers.HEARTBEAT), {}])
+# A HEARTBEAT's KV block events (prefix caching): for the routing policy's index only.
+_BLOCK_EVENTS = ("kv_blocks_stored", "kv_blocks_evicted", "kv_blocks_reset")
 
 
 class EngineHandlers:
@@ -292,6 +294,8 @@ class EngineHandlers:
         self._route_by_health(engine)
         if self.c.tracks_load:
             self.c.routing_policy.on_load_report(engine.identity, engine.load)
+        for key in _BLOCK_EVENTS:  # consumed: STATS (every /metrics scrape) need not carry them
+            engine.load.pop(key, None)
 
     def _route_by_health(self, engine: Engine) -> None:
         """``"healthy": false`` (its model steps keep failing): no new request goes to the
