@@ -40,6 +40,12 @@ def test_block_namer_gives_the_engines_names():
         assert namer.names(prompt, size) == block_hashes(prompt, size)
         assert namer.names(prompt, size) == block_hashes(prompt, size)  # memoized, bounded
     assert namer.names([1, 2, 3], 4) == []
+    # The coordinator's own names (engines that report nothing): a chain too, but no blake2b.
+    prompt = tokens(1, 64)
+    own = namer.names(prompt, -16)
+    assert len(own) == 4 and own[:2] == namer.names(prompt[:40], -16)
+    assert not set(own) & set(block_hashes(prompt, 16))
+    assert namer.names(prompt[:16] + [0] * 48, -16)[1:] != own[1:]
 
 
 def test_the_longest_cached_prefix_wins():

@@ -1,7 +1,8 @@
 """Which KV blocks each replica holds, as far as the coordinator knows: the prefix index.
 
 Blocks are named as the engine names them (``prefix_hash.block_hashes``: a chained 64-bit
-blake2b, so one name stands for a whole prefix). The index maps a name to a bitmask of the
+blake2b, so one name stands for a whole prefix); for engines that report nothing, whose names
+the coordinator only ever computes itself, by a cheaper chain of its own (``BlockNamer``). The index maps a name to a bitmask of the
 engines holding it; ``prefix_aware`` routing (routing.py) walks a prompt's names from the first
 block and intersects the masks to find the engines with the longest cached prefix.
 
@@ -92,11 +93,14 @@ class PrefixIndex:
 
 
 class BlockNamer:
-    """The engine's block names of a prompt (``prefix_hash.block_hashes``), memoized by prefix.
+    """Block names of a prompt: the engine's (``prefix_hash.block_hashes``), memoized by
+    prefix, or the coordinator's own (for engines that report nothing).
 
-    ``names(tokens, block_size)`` equals ``block_hashes(tokens, block_size)``; the memo (at most
-    ``capacity`` prefixes, cleared when full) makes a prefix seen before cost one tuple hash per
-    block instead of a blake2b."""
+    ``names(tokens, scheme)``: ``scheme`` > 0 is a block size and the names equal
+    ``block_hashes(tokens, scheme)``; the memo (at most ``capacity`` prefixes, cleared when
+    full) makes a prefix seen before cost one tuple hash per block instead of a blake2b.
+    ``scheme`` < 0: blocks of ``-scheme`` tokens named by the tuple-hash chain alone, which is
+    all an index of the coordinator's own decisions needs (no engine ever sends these names)."""
 
     __slots__ = ("capacity", "_memo", "_prompts")
 
@@ -105,31 +109,37 @@ class BlockNamer:
         self._memo: dict[int, int] = {}
         self._prompts: dict[int, list[int]] = {}  # whole prompts seen again (n samples, RL)
 
-    def names(self, tokens: Sequence[int], block_size: int) -> list[int]:
+    def names(self, tokens: Sequence[int], scheme: int) -> list[int]:
         """The names (a list the caller must not change) of ``tokens``' full blocks."""
+        block_size = scheme if scheme > 0 else -scheme
         full = len(tokens) // block_size * block_size
         if not full:
             return []
         whole = tuple(tokens)  # tuple slices hash without copying into a new tuple
-        prompt_key = hash((block_size, whole))
+        prompt_key = hash((scheme, whole))
         known = self._prompts.get(prompt_key)
         if known is not None:
             return known
-        memo = self._memo
-        if len(memo) >= self.capacity:
-            memo.clear()
-        get = memo.get
         out: list[int] = []
-        key = block_size  # the cheap chain: a different block size names other prefixes
-        name = ROOT_HASH
-        for start in range(0, full, block_size):
-            block = whole[start : start + block_size]
-            key = hash((key, block))
-            name_of = get(key)
-            if name_of is None:
-                name_of = memo[key] = chain_hash(name, block)
-            name = name_of
-            out.append(name)
+        key = scheme  # the cheap chain: another block size or scheme names other prefixes
+        if scheme < 0:
+            for start in range(0, full, block_size):
+                key = hash((key, whole[start : start + block_size]))
+                out.append(key)
+        else:
+            memo = self._memo
+            if len(memo) >= self.capacity:
+                memo.clear()
+            get = memo.get
+            name = ROOT_HASH
+            for start in range(0, full, block_size):
+                block = whole[start : start + block_size]
+                key = hash((key, block))
+                name_of = get(key)
+                if name_of is None:
+                    name_of = memo[key] = chain_hash(name, block)
+                name = name_of
+                out.append(name)
         if len(self._prompts) >= _NAMER_PROMPTS:
             self._prompts.clear()
         self._prompts[prompt_key] = out

@@ -432,7 +432,8 @@ class PrefixAware(LeastLoaded):
       blocks they report stored / evicted in their HEARTBEATs (``kv_blocks_reset``: the list
       is the whole cache, what was known is replaced);
     * approximate: engines that report nothing (Megatron-core's, older engines of ours): the
-      coordinator's own decisions, blocks of ``block_size`` tokens, aged out of the index;
+      coordinator's own decisions, blocks of ``block_size`` tokens, aged out of the index,
+      named by the coordinator's cheap chain (no blake2b: no engine sends those names);
     * nothing: engines that say ``prefix_caching`` false (no cache: only load matters).
 
     Every decision is recorded at once for exact engines too: an engine reports its blocks at
@@ -468,8 +469,10 @@ class PrefixAware(LeastLoaded):
         self._engine_info = engine_info or (lambda engine: None)
         self._bit: dict[Identity, int] = {}  # indexed engine -> its bit in the masks
         self._engine_of_bit: dict[int, Identity] = {}
-        self._size_of: dict[Identity, int] = {}  # indexed engine -> its block size
-        self._group: dict[int, int] = {}  # block size -> mask of the engines using it
+        # Indexed engine -> how its blocks are named: its block size (> 0: the engine's names)
+        # or minus it (< 0: the coordinator's own cheaper names, for engines not reporting).
+        self._scheme_of: dict[Identity, int] = {}
+        self._group: dict[int, int] = {}  # naming scheme -> mask of the engines using it
         self._shortest = _NO_BLOCKS  # the smallest block size in _group
         self._exact: set[Identity] = set()  # engines whose reports the index follows
         # The last prompt looked up: its names, matched depth and holders per block size.
@@ -491,10 +494,12 @@ class PrefixAware(LeastLoaded):
         bit = ~used & (used + 1)  # the lowest free bit: masks stay small ints
         self._bit[engine] = bit
         self._engine_of_bit[bit] = engine
-        self._size_of[engine] = size
-        self._group[size] = self._group.get(size, 0) | bit
-        self._shortest = min(self._group)
-        if exact and not self.deterministic:
+        exact = exact and not self.deterministic  # deterministic: own decisions only
+        scheme = size if exact else -size
+        self._scheme_of[engine] = scheme
+        self._group[scheme] = self._group.get(scheme, 0) | bit
+        self._shortest = min(abs(scheme) for scheme in self._group)
+        if exact:
             self._exact.add(engine)
 
     def remove_engine(self, engine: Identity) -> None:
@@ -504,13 +509,13 @@ class PrefixAware(LeastLoaded):
             return
         self.index.drop(bit)
         del self._engine_of_bit[bit]
-        size = self._size_of.pop(engine)
-        group = self._group[size] & ~bit
+        scheme = self._scheme_of.pop(engine)
+        group = self._group[scheme] & ~bit
         if group:
-            self._group[size] = group
+            self._group[scheme] = group
         else:
-            del self._group[size]
-        self._shortest = min(self._group, default=_NO_BLOCKS)
+            del self._group[scheme]
+        self._shortest = min((abs(scheme) for scheme in self._group), default=_NO_BLOCKS)
         self._exact.discard(engine)
 
     # ------------------------------------------------------------------ choice
@@ -532,12 +537,13 @@ class PrefixAware(LeastLoaded):
         are kept for ``on_submit``."""
         named: dict[int, tuple[list[int], int, int]] = {}
         best, best_tokens = 0, 0
-        for size, group in self._group.items():
-            names = self.namer.names(tokens, size)
+        for scheme, group in self._group.items():
+            names = self.namer.names(tokens, scheme)
             depth, mask = self._match(names, group)
-            named[size] = (names, depth, mask)
-            if depth and depth * size > best_tokens:
-                best, best_tokens = mask, depth * size
+            named[scheme] = (names, depth, mask)
+            matched = depth * abs(scheme)
+            if matched > best_tokens:
+                best, best_tokens = mask, matched
         self._named = (tokens, named)
         return best
 
@@ -599,14 +605,14 @@ class PrefixAware(LeastLoaded):
         bit = self._bit.get(engine)
         if bit is None or prompt.__class__ is not list:
             return
-        size = self._size_of[engine]
-        if len(prompt) < size:
+        scheme = self._scheme_of[engine]
+        if len(prompt) < abs(scheme):
             return  # no full block
         tokens, named = self._named
-        looked_up = named.get(size) if tokens is prompt else None
+        looked_up = named.get(scheme) if tokens is prompt else None
         self._named = (None, {})
         if looked_up is None:
-            self.index.store(self.namer.names(prompt, size), bit)
+            self.index.store(self.namer.names(prompt, scheme), bit)
             return
         names, depth, holders = looked_up
         if not holders & bit:
