@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from conftest import Peer, ThreadedCoordinator, elastic_coordinator
 from test_routing_coordinator import _receiver
 
+from megatron_coord import DataParallelInferenceCoordinator
 from megatron_coord.prefix_hash import block_hashes
+from megatron_coord.testing.fake_engine import ByteTokenizer
 
 SYSTEM = "You are a helpful assistant. Answer briefly. "  # 45 bytes: 11 blocks of 4
 
@@ -160,3 +163,15 @@ def test_megatron_engines_are_indexed_from_the_coordinators_own_decisions():
     _submit(client, 2, prompt[:255])  # no full block: least loaded
     assert _receiver(engines)[0] == 1 - first
     _stop(coord, client, engines)
+
+
+def test_bad_prefix_options_are_refused_before_waiting_for_engines():
+    with pytest.raises(ValueError, match="prefix_load_factor"):
+        DataParallelInferenceCoordinator(
+            None,
+            1,
+            ByteTokenizer(),
+            routing="prefix_aware",
+            prefix_load_factor=0.5,
+            registration_timeout=1,  # a late check would time out instead
+        )

@@ -142,6 +142,7 @@ class DataParallelInferenceCoordinator:
         prefix_options = {
             key: options.pop(option) for option, key in _PREFIX_OPTIONS.items() if option in options
         }
+        make_policy(routing, (), **prefix_options)  # a bad name or option fails before binding
         log_level = options.pop("log_level", None)
         registration_timeout = options.pop("registration_timeout", None)
         self.strict_port = bool(options.pop("strict_port", False))
