@@ -102,6 +102,24 @@ def test_exact_index_follows_stored_evicted_and_reset_events():
     assert policy.holds(A) == 0 and policy.holds(B) == len(other)
 
 
+def test_a_snapshot_keeps_the_blocks_of_requests_still_running():
+    policy = policy_of((A, B), info=OURS)
+    prompt = tokens(16, 12)
+    assert route(policy, 0, prompt) == A
+    # A replica's first report (a snapshot) taken before it stored request 0's blocks.
+    policy.on_load_report(A, {"kv_blocks_reset": True, "kv_blocks_stored": []})
+    assert policy.holds(A) == 3
+    policy.on_finish(A, 0, 0)  # its blocks are in every later snapshot
+    policy.on_load_report(A, {"kv_blocks_reset": True, "kv_blocks_stored": []})
+    assert policy.holds(A) == 0
+    engine = route(policy, 1, prompt)
+    other = B if engine == A else A
+    policy.on_resubmit(engine, other, 1)  # its engine died with it: it starts over elsewhere
+    policy.on_load_report(engine, {"kv_blocks_reset": True, "kv_blocks_stored": []})
+    policy.on_load_report(other, {"kv_blocks_reset": True, "kv_blocks_stored": []})
+    assert policy.holds(engine) == policy.holds(other) == 0
+
+
 def test_a_removed_engine_loses_its_entries_and_rejoins_empty():
     policy = policy_of((A, B), info=OURS)
     prompt = tokens(12, 16)

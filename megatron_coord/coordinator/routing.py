@@ -475,6 +475,8 @@ class PrefixAware(LeastLoaded):
         self._group: dict[int, int] = {}  # naming scheme -> mask of the engines using it
         self._shortest = _NO_BLOCKS  # the smallest block size in _group
         self._exact: set[Identity] = set()  # engines whose reports the index follows
+        # Requests on exact engines not ended yet -> (engine, their prompt's names).
+        self._in_flight: dict[int, tuple[Identity, list[int]]] = {}
         # The last prompt looked up: its names, matched depth and holders per block size.
         self._named: tuple[list[int] | None, dict[int, tuple[list[int], int, int]]] = (None, {})
         super().__init__(engines, deterministic)
@@ -612,13 +614,23 @@ class PrefixAware(LeastLoaded):
         looked_up = named.get(scheme) if tokens is prompt else None
         self._named = (None, {})
         if looked_up is None:
-            self.index.store(self.namer.names(prompt, scheme), bit)
-            return
-        names, depth, holders = looked_up
-        if not holders & bit:
-            depth = 0
+            names, depth = self.namer.names(prompt, scheme), 0
+        else:
+            names, depth, holders = looked_up
+            if not holders & bit:
+                depth = 0
         if depth < len(names):
             self.index.store(names[depth:] if depth else names, bit)
+        if scheme > 0:  # an exact engine: a snapshot may come before it stores these
+            self._in_flight[request_id] = (engine, names)
+
+    def on_finish(self, engine: Identity, request_id: int, generated: int | None = None) -> None:
+        self._in_flight.pop(request_id, None)
+        super().on_finish(engine, request_id, generated)
+
+    def on_resubmit(self, old: Identity, new: Identity, request_id: int) -> None:
+        self._in_flight.pop(request_id, None)  # the new engine starts it without an entry
+        super().on_resubmit(old, new, request_id)
 
     def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
         """Least loaded's correction, and for exact engines their stored / evicted blocks."""
@@ -626,9 +638,14 @@ class PrefixAware(LeastLoaded):
         if engine not in self._exact:
             return
         bit = self._bit[engine]
-        if report.get("kv_blocks_reset") is True:
-            self.index.drop(bit)
         stored = report.get("kv_blocks_stored")
+        if report.get("kv_blocks_reset") is True:
+            # The snapshot lacks what requests still running there have not stored yet (a
+            # replica's first report often comes after its first requests): keep those.
+            self.index.drop(bit)
+            for held, names in self._in_flight.values():
+                if held == engine:
+                    self.index.store(names, bit)
         if stored.__class__ is list:
             self.index.store(_block_names(stored), bit)
         evicted = report.get("kv_blocks_evicted")
