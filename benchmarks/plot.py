@@ -528,7 +528,7 @@ def plot_prefix_routing(results: str) -> list[str]:
         fmt="{:.0f}",
     )
     axes[3].set_title("Per-replica load", fontsize=9)
-    axes[3].legend(fontsize=8)
+    axes[3].legend(fontsize=8, loc="lower center")
     for ax in axes:
         ax.tick_params(axis="x", labelsize=7)
     w = data["workload"]
