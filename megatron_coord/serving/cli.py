@@ -111,18 +111,25 @@ def _serve(args: argparse.Namespace) -> int:
         serve_http(
             args.coordinator_address,
             tokenizer=tokenizer,
-            model_name=args.model_name,
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            max_concurrent_requests=args.max_concurrent_requests,
-            request_timeout_s=args.request_timeout or None,
-            default_chat_max_tokens=args.default_chat_max_tokens,
-            max_tokens_limit=args.max_tokens_limit,
-            api_key=args.api_key,
-            max_body_bytes=args.max_body_bytes,
+            **_server_options(args),
         )
     return OK
+
+
+def _server_options(args: argparse.Namespace) -> dict:
+    """The HTTP server's options from the command line: the same for one server and a pool."""
+    return {
+        "model_name": args.model_name,
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "max_concurrent_requests": args.max_concurrent_requests,
+        "request_timeout_s": args.request_timeout or None,
+        "default_chat_max_tokens": args.default_chat_max_tokens,
+        "max_tokens_limit": args.max_tokens_limit,
+        "api_key": args.api_key,
+        "max_body_bytes": args.max_body_bytes,
+    }
 
 
 def _serve_workers(args: argparse.Namespace, workers: int) -> int:
@@ -131,16 +138,7 @@ def _serve_workers(args: argparse.Namespace, workers: int) -> int:
         args.coordinator_address,
         workers,
         tokenizer=args.tokenizer,
-        model_name=args.model_name,
-        host=args.host,
-        port=args.port,
-        log_level=args.log_level,
-        max_concurrent_requests=args.max_concurrent_requests,
-        request_timeout_s=args.request_timeout or None,
-        default_chat_max_tokens=args.default_chat_max_tokens,
-        max_tokens_limit=args.max_tokens_limit,
-        api_key=args.api_key,
-        max_body_bytes=args.max_body_bytes,
+        **_server_options(args),
     )
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
