@@ -5,7 +5,8 @@ The same shape as Megatron-core 0.16's client (``start``, ``add_request`` -> Fut
 the listener awaits the socket instead of sleeping 5 ms between polls, which is most of the
 latency of Megatron's client. Futures resolve to the finished record as a dict (Megatron's
 serialized record shape, with ``generated_text`` filled in and ``latency`` in seconds). Errors
-the coordinator reports for a request fail its future with ``RequestError``.
+the coordinator reports for a request fail its future with ``RequestError``. The requests in
+flight, their futures and stream queues are kept in ``client_requests.RequestsInFlight``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import msgspec
 import zmq
 import zmq.asyncio
 
+from .client_requests import END, RequestError, RequestsInFlight, stream_tail
 from .coordinator_stats import is_serving
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
 from .sampling_params import SamplingParams
@@ -30,40 +32,9 @@ logger = logging.getLogger("megatron_coord.client")
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
-_END = object()  # end of a streaming request's queue
 DEFAULT_HEARTBEAT_INTERVAL_S = 1.0
 DEFAULT_COORDINATOR_TIMEOUT_S = 3.0
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0
-
-
-class RequestError(Exception):
-    """The coordinator or an engine refused or failed a request; ``code`` says why."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-
-
-def _stream_tail(
-    request_id: int, record: dict[str, Any], streamed_tokens: int, streamed_text: str
-) -> dict[str, Any] | None:
-    """The partial result a stream still owes before its final record (None: nothing)."""
-    try:
-        request = record["requests"][0]
-        tokens = request["generated_tokens"]
-        text = request.get("generated_text")
-    except (KeyError, IndexError, TypeError):
-        return None
-    if isinstance(tokens, list) and len(tokens) == 2 and tokens[0] == "tensor":
-        tokens = tokens[1]  # Megatron's serialized tensor
-    if not isinstance(tokens, list) or not isinstance(text, str):
-        return None
-    rest_tokens = tokens[streamed_tokens:]
-    rest_text = text[len(streamed_text) :] if text.startswith(streamed_text) else ""
-    if not rest_tokens and not rest_text:
-        return None
-    return {"request_id": request_id, "tokens": rest_tokens, "text": rest_text}
 
 
 class InferenceClient:
@@ -102,12 +73,10 @@ class InferenceClient:
         self.resubmit = resubmit
         self.context: zmq.asyncio.Context | None = None
         self.socket: zmq.asyncio.Socket | None = None
-        self.completion_futures: dict[int, asyncio.Future] = {}
-        self.request_submission_times: dict[int, float] = {}
-        self._streams: dict[int, asyncio.Queue] = {}
-        self._submits: dict[int, bytes] = {}  # SUBMIT frame of each request in flight
-        self._partial: set[int] = set()  # streams that yielded a part: never resubmitted
-        self._aborting: set[int] = set()  # aborts sent, reply not yet received: sent once
+        self._requests = RequestsInFlight()
+        # Megatron's client's names for two of its tables.
+        self.completion_futures = self._requests.futures
+        self.request_submission_times = self._requests.submission_times
         self._stats_waiters: deque[asyncio.Future] = deque()
         self.next_request_id = 0
         self.listener_task: asyncio.Task | None = None
@@ -233,7 +202,7 @@ class InferenceClient:
         message = _encode([int(Headers.SUBMIT_REQUEST), request_id, prompt, params])
         self.socket.send(message, copy=len(message) < 65536)
         if self.heartbeat_interval is not None:
-            self._submits[request_id] = message  # sent again if the coordinator is lost
+            self._requests.submits[request_id] = message  # sent again if the coordinator is lost
         self.request_submission_times[request_id] = time.perf_counter()
         return request_id
 
@@ -259,34 +228,35 @@ class InferenceClient:
         ``async for``, ``aclose()``, cancellation) aborts the request, freeing its engine slot.
         """
         request_id = self._submit(prompt, sampling_params, streaming=True)
+        requests = self._requests
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        requests.streams[request_id] = queue
         streamed_tokens = 0
         streamed_text = ""
         try:
             while True:
                 item = await queue.get()
-                if item is _END:
+                if item is END:
                     return
                 if isinstance(item, Exception):
                     raise item
                 if "requests" in item:
-                    tail = _stream_tail(request_id, item, streamed_tokens, streamed_text)
+                    tail = stream_tail(request_id, item, streamed_tokens, streamed_text)
                     if tail is not None:
                         yield tail
                 else:
                     streamed_tokens += len(item["tokens"])
                     streamed_text += item["text"]
-                    self._partial.add(request_id)
+                    requests.partial.add(request_id)
                 yield item
         finally:
             # Still registered: its final record or error never came (the listener unregisters
             # a stream when it delivers its end), so the request still runs somewhere. Aborted
             # while registered, so a later abort_request of the same id is not sent again.
-            if request_id in self._streams and self.socket is not None:
+            if request_id in requests.streams and self.socket is not None:
                 self.abort_request(request_id)
-            self._streams.pop(request_id, None)
-            self._forget(request_id)
+            requests.streams.pop(request_id, None)
+            requests.forget(request_id)
 
     def abort_request(self, future_or_id: asyncio.Future | int) -> None:
         """Ask the engine holding the request to abort it; its future gets the final record.
@@ -294,11 +264,8 @@ class InferenceClient:
         Repeated aborts of a request still in flight send one ABORT (a stream closed after an
         explicit abort does not send a second one)."""
         request_id = getattr(future_or_id, "request_id", future_or_id)
-        if request_id in self._aborting:
-            return
-        if request_id in self.completion_futures or request_id in self._streams:
-            self._aborting.add(request_id)
-        self.socket.send(_encode([int(Headers.ABORT), request_id]))
+        if self._requests.first_abort(request_id):
+            self.socket.send(_encode([int(Headers.ABORT), request_id]))
 
     # ------------------------------------------------------------------ replies
 
@@ -329,9 +296,10 @@ class InferenceClient:
     def _dispatch(self, message: list[Any]) -> None:
         header = message[0]
         if header == Headers.ENGINE_REPLY:
-            self._on_reply(message[1], message[2])
+            if not self._requests.finish(message[1], message[2]):
+                logger.warning("client: reply for unknown request %r", message[1])
         elif header == Headers.PARTIAL_REPLY:
-            queue = self._streams.get(message[1])
+            queue = self._requests.streams.get(message[1])
             if queue is not None:
                 queue.put_nowait(
                     {"request_id": message[1], "tokens": message[2], "text": message[3]}
@@ -390,27 +358,28 @@ class InferenceClient:
         self.connected.clear()
         self.lost_reason = why
         self._reconnect_deadline = time.monotonic() + self.reconnect_timeout
-        for request_id in [r for r in self._streams if r in self._partial]:
-            self._fail_request(request_id, ConnectionError(self._lost_message(partial=True)))
+        requests = self._requests
+        for request_id in requests.partly_streamed():
+            requests.fail(request_id, ConnectionError(self._lost_message(partial=True)))
         if not self.resubmit:
-            for request_id in list(self._submits):
-                self._fail_request(request_id, ConnectionError(self._lost_message()))
+            for request_id in list(requests.submits):
+                requests.fail(request_id, ConnectionError(self._lost_message()))
         self._replace_socket()
         if self.resubmit:
             self._resend()  # queued behind CONNECT: delivered once the coordinator is back
 
     def _resend(self) -> None:
         """Send every request in flight again (after a loss, behind the new CONNECT)."""
-        for message in self._submits.values():
+        for message in self._requests.submits.values():
             self.socket.send(message, copy=len(message) < 65536)
 
     def _give_up(self) -> None:
         """The reconnect deadline passed: fail what waits; new requests fail at once until the
         coordinator is back (a fresh connection carries only CONNECT, so nothing stale runs)."""
         self._reconnect_deadline = None
-        waiting = list(self._submits)
+        waiting = list(self._requests.submits)
         for request_id in waiting:
-            self._fail_request(request_id, ConnectionError(self._unreachable()))
+            self._requests.fail(request_id, ConnectionError(self._unreachable()))
         if waiting:
             logger.error("client: %d request(s) failed: %s", len(waiting), self._unreachable())
         self._replace_socket()
@@ -427,18 +396,9 @@ class InferenceClient:
         for waiter in self._stats_waiters:
             waiter.cancel()
         self._stats_waiters.clear()
-        self._aborting.clear()
+        self._requests.aborting.clear()
         sock = self._open_socket()
         self.listener_task = asyncio.get_running_loop().create_task(self._recv_task(sock))
-
-    def _fail_request(self, request_id: int, error: Exception) -> None:
-        self._forget(request_id)
-        self._hand_over(request_id, error, failed=True)
-
-    def _forget(self, request_id: int) -> None:
-        self._submits.pop(request_id, None)
-        self._partial.discard(request_id)
-        self.request_submission_times.pop(request_id, None)
 
     def _lost_message(self, partial: bool = False) -> str:
         what = "after part of it was streamed to you (a partial generation cannot be resumed)"
@@ -453,46 +413,12 @@ class InferenceClient:
             f"{self.reconnect_timeout:g} s (the client reconnects by itself when it is back)"
         )
 
-    def _on_reply(self, request_id: int, record: dict[str, Any]) -> None:
-        self._aborting.discard(request_id)
-        self._submits.pop(request_id, None)
-        self._partial.discard(request_id)
-        started = self.request_submission_times.pop(request_id, None)
-        if started is not None:
-            record["latency"] = time.perf_counter() - started
-        if not self._hand_over(request_id, record, failed=False):
-            logger.warning("client: reply for unknown request %r", request_id)
-
     def _on_error(self, request_id: Any, code: str, text: str) -> None:
-        if type(request_id) is int:
-            self._aborting.discard(request_id)
         error = RequestError(code, text)
-        if type(request_id) is int:
-            self._forget(request_id)
-        if self._hand_over(request_id, error, failed=True):
+        if self._requests.fail(request_id, error):
             return
         logger.warning("client: coordinator error: %s", error)
         self.last_error = error
-
-    def _hand_over(self, request_id: Any, outcome: Any, failed: bool) -> bool:
-        """Give a request's final outcome (record, or RequestError if ``failed``) to whoever
-        waits for it: its future, or its stream (a record then ends the stream). False if
-        nobody does."""
-        future = self.completion_futures.pop(request_id, None)
-        if future is not None:
-            if not future.done():
-                if failed:
-                    future.set_exception(outcome)
-                else:
-                    future.set_result(outcome)
-            return True
-        queue = self._streams.pop(request_id, None)
-        if queue is None:
-            return False
-        queue.put_nowait(outcome)
-        if not failed:
-            queue.put_nowait(_END)
-        return True
 
     # ------------------------------------------------------------------ control
 
@@ -537,14 +463,7 @@ class InferenceClient:
             if task is not None:
                 task.cancel()
         self.listener_task = self._watchdog_task = None
-        self._submits.clear()
-        self._partial.clear()
-        for future in self.completion_futures.values():
-            if not future.done():
-                future.cancel()
-        self.completion_futures.clear()
-        for queue in self._streams.values():
-            queue.put_nowait(ConnectionError("the InferenceClient was stopped"))
+        self._requests.abandon(ConnectionError("the InferenceClient was stopped"))
         self._close()
 
     def _close(self) -> None:

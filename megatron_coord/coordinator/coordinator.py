@@ -8,7 +8,7 @@ it is composed of:
 * ``EngineRegistry`` (engines.py): registered engines, their routing order, heartbeat silence;
 * ``PeerMonitor`` (liveness.py): which peer's connection closed (engines and clients);
 * ``ControlState`` (control.py): pause / suspend / stop and their acks;
-* ``GracefulShutdown`` (shutdown.py), ``Limits`` (limits.py), the routing policy (routing.py),
+* ``GracefulShutdown`` (shutdown.py), ``Limits`` (limits.py), the routing policy (routing/),
   ``TextCodec`` (text.py);
 * the handlers of client messages (client_handlers.py) and of engine messages, engine death and
   fail-over (engine_handlers.py).
@@ -62,7 +62,7 @@ _MAX_EARLY_FRAMES = 65536
 HEADER_ONLY_019 = {h: encode([int(v)]) for h, v in CONTROL_TO_019.items()}
 DEFAULT_FAILOVER_WAIT_S = 10.0
 DEFAULT_WAIT_FOR_ENGINE_S = 30.0
-# Coordinator options of the prefix_aware policy -> its keyword arguments (routing.py).
+# Coordinator options of the prefix_aware policy -> its keyword arguments (routing/prefix_aware.py).
 _PREFIX_OPTIONS = {
     "prefix_load_factor": "load_factor",
     "prefix_index_blocks": "index_blocks",
@@ -88,7 +88,7 @@ class DataParallelInferenceCoordinator:
     at any time (the standalone coordinator).
 
     Options (keyword, all optional): ``host``, ``max_message_bytes`` (ZMQ_MAXMSGSIZE),
-    ``routing`` ("round_robin", the default, "least_loaded" or "prefix_aware": see routing.py;
+    ``routing`` ("round_robin", the default, "least_loaded" or "prefix_aware": see routing/;
     the latter takes ``prefix_load_factor`` (1.5), ``prefix_index_blocks`` (1,000,000) and
     ``prefix_block_size`` (256, for engines that do not report theirs)), ``log_level``,
     ``registration_timeout`` (seconds, None = wait forever, as Megatron does),

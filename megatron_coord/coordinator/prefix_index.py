@@ -3,7 +3,7 @@
 Blocks are named as the engine names them (``prefix_hash.block_hashes``: a chained 64-bit
 blake2b, so one name stands for a whole prefix); for engines that report nothing, whose names
 the coordinator only ever computes itself, by a cheaper chain of its own (``BlockNamer``). The
-index maps a name to a bitmask of the engines holding it; ``prefix_aware`` routing (routing.py) walks a prompt's names from the first
+index maps a name to a bitmask of the engines holding it; ``prefix_aware`` routing (routing/prefix_aware.py) walks a prompt's names from the first
 block and intersects the masks to find the engines with the longest cached prefix.
 
 Memory is bounded by ``capacity`` names. An exact LRU needs a linked list per entry (an
