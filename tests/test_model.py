@@ -15,7 +15,8 @@ from _model_scenario import (
 )
 
 from megatron_coord.models.checkpoint import load_model
-from megatron_coord.models.llama import LlamaModel, ModelConfig, TPLayout
+from megatron_coord.models.config import ModelConfig, TPLayout
+from megatron_coord.models.llama import LlamaModel
 from megatron_coord.parallel_state import ParallelState, single_process_state
 
 TOL = 1e-4

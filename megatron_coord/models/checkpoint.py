@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from ..parallel_state import ParallelState
-from .llama import LlamaModel, ModelConfig, TPLayout
+from .config import ModelConfig, TPLayout
+from .llama import LlamaModel
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
