@@ -245,10 +245,10 @@ def test_per_request_state_is_freed_in_every_path():
     assert coordinator.next_request_id == 5
     assert coordinator.request_id_to_client_id == {}
     assert coordinator.request_id_to_client_request_id == {}
-    assert coordinator.requests.engine_of == {}
-    assert coordinator.requests.inflight == {}
-    assert coordinator.requests.prompt_text == {}
-    assert coordinator.requests.streams == {}
+    assert coordinator.state.requests.engine_of == {}
+    assert coordinator.state.requests.inflight == {}
+    assert coordinator.state.requests.prompt_text == {}
+    assert coordinator.state.requests.streams == {}
 
 
 def test_client_frames_sent_before_engines_register_are_served():

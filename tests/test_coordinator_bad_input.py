@@ -179,7 +179,7 @@ def raw_engine():
     yield coord, engine, client
     coordinator = stop_with_raw_engines(coord, client, [engine])
     assert coordinator.request_id_to_client_id == {}
-    assert coordinator.requests.inflight == {}
+    assert coordinator.state.requests.inflight == {}
 
 
 def roundtrip(engine: Peer, client: Peer, request_id) -> None:

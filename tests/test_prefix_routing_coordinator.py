@@ -50,14 +50,14 @@ def _stop(coord: ThreadedCoordinator, client: Peer, engines: list[Peer]) -> None
 
 def _wait_engines(coord: ThreadedCoordinator, count: int) -> None:
     deadline = time.monotonic() + 10
-    while len(coord.coordinator.routing_policy.engines) < count:
+    while len(coord.coordinator.state.routing_policy.engines) < count:
         assert time.monotonic() < deadline, "the engines did not register"
         time.sleep(0.01)
 
 
 def _policy_holds(coord: ThreadedCoordinator, count: int, timeout: float = 10.0):
     """Wait until the coordinator's index holds ``count`` names; the policy."""
-    policy = coord.coordinator.routing_policy
+    policy = coord.coordinator.state.routing_policy
     deadline = time.monotonic() + timeout
     while len(policy.index) != count:
         assert time.monotonic() < deadline, f"the index holds {len(policy.index)} names"
@@ -143,7 +143,7 @@ def test_requests_wait_for_an_engine_and_respect_the_per_engine_limit():
     _submit(client, 2, SYSTEM)  # both hold one: refused
     error = client.recv()
     assert error[0] == 100 and error[1] == 2 and error[2] == "overloaded", error
-    assert coord.coordinator.requests.sizes()["request_engine"] == 2
+    assert coord.coordinator.state.requests.sizes()["request_engine"] == 2
     _stop(coord, client, [engine, second])
 
 

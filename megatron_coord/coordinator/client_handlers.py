@@ -13,14 +13,19 @@ signals only 0.19 engines know (SET_GENERATION_EPOCH, the CUDA profiler), relaye
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 
 from ..protocol import CONTROL_SIGNALS, ErrorCode, Headers, ProtocolError
 from ..sampling_params import validate_sampling_params
+from .control_rounds import ControlRounds
 from .dialects import BROADCAST_019, CONTROL_FROM_019, Dialect, Wire019
+from .endings import RequestEndings
+from .outbox import Outbox
 from .requests import ROUTE_LATER, UNROUTED
+from .state import CoordinatorState
 from .wire import (
     DECODE_ERRORS,
     HEADER_ONLY,
@@ -35,9 +40,6 @@ from .wire import (
     unexpected,
 )
 
-if TYPE_CHECKING:
-    from .coordinator import DataParallelInferenceCoordinator
-
 logger = logging.getLogger("megatron_coord.coordinator")
 
 _SAMPLING_CACHE_SIZE = 1024
@@ -47,10 +49,26 @@ epoch_decoder = msgspec.msgpack.Decoder(tuple[int, int])
 
 
 class ClientHandlers:
-    """Handlers of client messages, and the submits of the current wake-up."""
+    """Handlers of client messages, and the submits of the current wake-up.
 
-    def __init__(self, coordinator: DataParallelInferenceCoordinator) -> None:
-        self.c = coordinator
+    ``engine_unreachable(engine, request_id)`` is told of a submit that found its engine gone
+    (failover.py)."""
+
+    def __init__(
+        self,
+        state: CoordinatorState,
+        outbox: Outbox,
+        endings: RequestEndings,
+        rounds: ControlRounds,
+        engine_unreachable: Callable[[bytes, int], None],
+    ) -> None:
+        self.state = state
+        self._send = outbox.send
+        self._send_submit = outbox.send_submit
+        self._fail = endings.fail
+        self._abort = endings.abort
+        self._rounds = rounds
+        self._engine_unreachable = engine_unreachable
         self.pending: list[list[Any]] = []  # [engine, request id, prompt, params, text]
         # Requests of a policy that routes by tokens (ROUTE_LATER): (pending item, prompt,
         # token budget), routed in flush once tokenized.
@@ -80,7 +98,7 @@ class ClientHandlers:
             self.table_019[value] = self.on_broadcast_019
 
     def handle(self, client: bytes, header: int, payload: bytes) -> None:
-        if self.c.clients[client] is Dialect.MEGATRON_019:
+        if self.state.clients[client] is Dialect.MEGATRON_019:
             handler = self.table_019.get(header)
         else:
             handler = self.table.get(header)
@@ -93,12 +111,12 @@ class ClientHandlers:
     def on_connect(self, identity: bytes, payload: bytes) -> None:
         """CONNECT: ``[1]`` (Megatron 0.16's client), ``[1, {"protocol": n}]`` (ours) or
         ``[0]`` (Megatron 0.19's), each answered with its own CONNECT_ACK."""
-        c = self.c
+        state = self.state
         message = decode_as(any_decoder, payload)
         if message == [int(Wire019.CONNECT)]:
             dialect = Dialect.MEGATRON_019
         elif message[0] != Headers.CONNECT:
-            c.clients.setdefault(identity, Dialect.MEGATRON_019)  # never risk a header >= 100
+            state.clients.setdefault(identity, Dialect.MEGATRON_019)  # never risk a header >= 100
             raise ProtocolError(ErrorCode.MALFORMED, "0.19's CONNECT takes no fields")
         elif len(message) == 1:
             dialect = Dialect.MEGATRON_016
@@ -109,26 +127,26 @@ class ClientHandlers:
         ):
             dialect = Dialect.OURS
         else:
-            c.clients.setdefault(identity, Dialect.MEGATRON_016)  # never risk a header >= 100
+            state.clients.setdefault(identity, Dialect.MEGATRON_016)  # never risk a header >= 100
             raise ProtocolError(ErrorCode.MALFORMED, 'CONNECT takes no fields or {"protocol": n}')
-        if identity in c.clients:
+        if identity in state.clients:
             logger.info("client %r connected again", identity)
         else:
-            c.monitor.learn(identity, c.stranger_fd)  # to notice when it vanishes
-        c.clients[identity] = dialect
+            state.monitor.learn(identity, state.stranger_fd)  # to notice when it vanishes
+        state.clients[identity] = dialect
         if dialect is Dialect.MEGATRON_019:
-            c.send(identity, _CONNECT_ACK_019)
+            self._send(identity, _CONNECT_ACK_019)
         else:
-            c.send(identity, HEADER_ONLY[Headers.CONNECT_ACK])
+            self._send(identity, HEADER_ONLY[Headers.CONNECT_ACK])
 
     def client_gone(self, identity: bytes) -> None:
         """A client's connection closed: abort its requests on their engines, forget them."""
-        c = self.c
-        c.clients.pop(identity, None)
-        c.monitor.forget(identity)
-        mine = c.requests.of_client(identity)
+        state = self.state
+        state.clients.pop(identity, None)
+        state.monitor.forget(identity)
+        mine = state.requests.of_client(identity)
         for request_id in mine:
-            c.abort(request_id)
+            self._abort(request_id)
         if mine:
             logger.info("client %r is gone: %d request(s) aborted", identity, len(mine))
 
@@ -136,14 +154,14 @@ class ClientHandlers:
 
     def on_submit(self, client: bytes, payload: bytes) -> None:
         """SUBMIT_REQUEST: validate, admit (pick an engine) and queue it for this wake-up."""
-        c = self.c
+        state = self.state
         try:
             _, client_request_id, prompt_raw, sampling_raw = submit_decoder.decode(payload)
         except DECODE_ERRORS as exc:
             raise ProtocolError(ErrorCode.MALFORMED, f"bad SUBMIT_REQUEST: {exc}") from None
-        if c.control.stopping:
+        if state.control.stopping:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the engines are stopping")
-        if (client, client_request_id) in c.requests.inflight:
+        if (client, client_request_id) in state.requests.inflight:
             raise ProtocolError(
                 ErrorCode.DUPLICATE_REQUEST_ID,
                 f"request id {client_request_id!r} is already in flight",
@@ -160,24 +178,24 @@ class ClientHandlers:
         sampling, streaming, budget = self._sampling_params(sampling_raw)
 
         engine = self._admit()  # no_engine / overloaded / shutting_down refuse it here
-        request_id = c.requests.add(client, client_request_id, engine, streaming)
+        request_id = state.requests.add(client, client_request_id, engine, streaming)
         if engine is UNROUTED:
-            c.requests.orphans[request_id] = c.now + c.wait_for_engine
-        if c.limits.request_timeout is not None:
-            c.requests.deadlines.add(c.now + c.limits.request_timeout, request_id)
+            state.requests.orphans[request_id] = state.now + state.wait_for_engine
+        if state.limits.request_timeout is not None:
+            state.requests.deadlines.add(state.now + state.limits.request_timeout, request_id)
         if prompt.__class__ is str:
-            c.requests.prompt_text[request_id] = prompt
+            state.requests.prompt_text[request_id] = prompt
             self.pending.append([engine, request_id, None, sampling, prompt])
         else:
             self.pending.append([engine, request_id, prompt_raw, sampling, None])
-        if c.tracks_load:
+        if state.tracks_load:
             to_generate, total = budget
             if total is not None:  # Megatron: num_tokens_total wins (text: an upper bound)
                 to_generate = max(0, total - len(prompt)) if prompt.__class__ is list else total
             if engine is ROUTE_LATER:
                 self.later.append((self.pending[-1], prompt, to_generate))
             else:
-                c.routing_policy.on_submit(engine, request_id, prompt, to_generate)
+                state.routing_policy.on_submit(engine, request_id, prompt, to_generate)
 
     def _sampling_params(self, raw: msgspec.Raw) -> tuple[msgspec.Raw, bool, tuple]:
         """Validated sampling params as msgpack, whether they stream and the token budget
@@ -209,33 +227,33 @@ class ClientHandlers:
         With no engine to route to, ``UNROUTED``: the request waits up to ``wait_for_engine``
         seconds for one (replicas still loading when their clients start, the usual order).
         A policy that routes by tokens gets ``ROUTE_LATER``: ``flush`` chooses."""
-        c = self.c
-        if c.shutdown.active:
+        state = self.state
+        if state.shutdown.active:
             raise ProtocolError(ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
-        if len(c.requests) >= c.limits.max_outstanding:
+        if len(state.requests) >= state.limits.max_outstanding:
             raise ProtocolError(
                 ErrorCode.OVERLOADED,
-                f"{c.limits.max_outstanding} requests are in flight (the coordinator's "
+                f"{state.limits.max_outstanding} requests are in flight (the coordinator's "
                 "limit); retry later",
             )
-        routable = c.routing_policy.engines  # registered and healthy
+        routable = state.routing_policy.engines  # registered and healthy
         if not routable:
-            if c.wait_for_engine > 0:
+            if state.wait_for_engine > 0:
                 return UNROUTED  # held (an orphan) until an engine registers
-            why = "is healthy" if c.registry.order else "is registered"
+            why = "is healthy" if state.registry.order else "is registered"
             raise ProtocolError(ErrorCode.NO_ENGINE, f"no engine {why}; retry later")
-        if c.routes_by_tokens:
+        if state.routes_by_tokens:
             return ROUTE_LATER
         return self._choose()
 
     def _choose(self, tokens: list[int] | None = None) -> bytes:
         """The policy's pick, or the engine holding fewest requests if the pick holds the
         per-engine limit; ProtocolError (overloaded) if every engine does."""
-        c = self.c
-        engine = c.routing_policy.choose(tokens)
-        routable = c.routing_policy.engines
-        cap = c.limits.max_outstanding_per_engine
-        counts = c.requests.per_engine
+        state = self.state
+        engine = state.routing_policy.choose(tokens)
+        routable = state.routing_policy.engines
+        cap = state.limits.max_outstanding_per_engine
+        counts = state.requests.per_engine
         if counts.get(engine, 0) >= cap:
             engine = min(routable, key=lambda e: counts.get(e, 0))
             if counts.get(engine, 0) >= cap:
@@ -251,42 +269,43 @@ class ClientHandlers:
         if not pending:
             return
         self.pending = []
-        c = self.c
+        requests = self.state.requests
         texts = [item for item in pending if item[2] is None]
         if texts:
             self._tokenize(texts)
         if self.later:
             self._route_later()
         submit = int(Headers.SUBMIT_REQUEST)
-        submitted = c.requests.submitted  # kept until the request ends: resent if its engine dies
-        engine_of = c.requests.engine_of
+        submitted = requests.submitted  # kept until the request ends: resent if its engine dies
+        engine_of = requests.engine_of
+        send_submit = self._send_submit
         for item in pending:
             if item[2] is not None:  # None: tokenization failed, the client has its error
                 submitted[item[1]] = item[2] = encode((submit, item[1], item[2], item[3]))
         for engine, request_id, frame, _, _ in pending:
             # An engine found dead during this loop has had its requests moved or failed.
             moved = frame is None or engine_of.get(request_id) != engine or engine is UNROUTED
-            if not moved and not c.send_submit(engine, frame):
-                c.engine_handlers.engine_unreachable(engine, request_id)
+            if not moved and not send_submit(engine, frame):
+                self._engine_unreachable(engine, request_id)
 
     def _route_later(self) -> None:
         """Choose the engines of this wake-up's ROUTE_LATER requests from their tokens, in
         arrival order (so a deterministic policy sees the request sequence). A request no
         engine can take now (every one died or holds the per-engine limit) is held as an
         orphan or fails, as at admission."""
-        c = self.c
+        state = self.state
         later, self.later = self.later, []
-        engine_of = c.requests.engine_of
+        engine_of = state.requests.engine_of
         for item, prompt, to_generate in later:
             request_id = item[1]
             if engine_of.get(request_id) is not ROUTE_LATER:
                 continue  # it failed already (its text could not be tokenized)
             tokens = prompt if item[4] is None else item[2]
-            if not c.routing_policy.engines:
-                if c.wait_for_engine > 0:
+            if not state.routing_policy.engines:
+                if state.wait_for_engine > 0:
                     item[0] = UNROUTED
-                    c.requests.move(request_id, ROUTE_LATER, UNROUTED)
-                    c.requests.orphans[request_id] = c.now + c.wait_for_engine
+                    state.requests.move(request_id, ROUTE_LATER, UNROUTED)
+                    state.requests.orphans[request_id] = state.now + state.wait_for_engine
                     continue
                 engine = None
                 error = ProtocolError(ErrorCode.NO_ENGINE, "no engine is healthy; retry later")
@@ -297,22 +316,24 @@ class ClientHandlers:
                     engine, error = None, exc
             if engine is None:
                 item[2] = None  # not sent, not kept for resubmission
-                c.fail(request_id, error.code, str(error))
+                self._fail(request_id, error.code, str(error))
                 continue
             item[0] = engine
-            c.requests.move(request_id, ROUTE_LATER, engine)
-            c.routing_policy.on_submit(engine, request_id, tokens, to_generate)
+            state.requests.move(request_id, ROUTE_LATER, engine)
+            state.routing_policy.on_submit(engine, request_id, tokens, to_generate)
 
     def _tokenize(self, items: list[list[Any]]) -> None:
         """Tokenize the text prompts of ``items`` in place; fail those that cannot be."""
-        c = self.c
-        for item, tokens in zip(items, c.text.tokenize([item[4] for item in items]), strict=True):
+        state = self.state
+        for item, tokens in zip(
+            items, state.text.tokenize([item[4] for item in items]), strict=True
+        ):
             if tokens.__class__ is str:
-                c.fail(item[1], ErrorCode.INVALID_REQUEST, tokens)
+                self._fail(item[1], ErrorCode.INVALID_REQUEST, tokens)
             else:
                 item[2] = tokens
-                if c.tracks_load:
-                    c.routing_policy.on_prompt_tokens(item[1], len(tokens))
+                if state.tracks_load:
+                    state.routing_policy.on_prompt_tokens(item[1], len(tokens))
 
     # ------------------------------------------------------------------ the rest
 
@@ -322,21 +343,16 @@ class ClientHandlers:
         a repeated PAUSE silently), as its own coordinator does."""
         check_header_only(payload)
         self.flush()
-        c = self.c
-        if c.clients[client] is Dialect.MEGATRON_019 and not c.control.allows_019(header):
+        control = self.state.control
+        if self.state.clients[client] is Dialect.MEGATRON_019 and not control.allows_019(header):
             if header is not Headers.PAUSE:
                 logger.warning(
                     "ignored %s from a 0.19 client: the engines are %s",
                     header.name,
-                    c.control.state_019.value,
+                    control.state_019.value,
                 )
             return
-        awaited = c.control.relay(header)
-        c.control.relayed_019(header)
-        for engine in c.registry.order:
-            c.send_control(engine, header)
-        if awaited is not None and not c.awaited_from(awaited):  # nobody to wait for
-            c.all_acked(awaited)
+        self._rounds.relay(header)
 
     def on_broadcast_019(self, client: bytes, payload: bytes) -> None:
         """SET_GENERATION_EPOCH ``[44, epoch]`` / START|STOP_CUDA_PROFILER ``[46]|[47]``: to
@@ -346,78 +362,85 @@ class ClientHandlers:
         else:
             check_header_only(payload)
         self.flush()
-        c = self.c
-        for identity in c.registry.order:
-            if c.registry.engines[identity].dialect is Dialect.MEGATRON_019:
-                c.send(identity, payload)
+        registry = self.state.registry
+        for identity in registry.order:
+            if registry.engines[identity].dialect is Dialect.MEGATRON_019:
+                self._send(identity, payload)
 
     def on_shutdown(self, client: bytes, payload: bytes) -> None:
         """SHUTDOWN ``[61]`` (0.19): end the coordinator, leaving the engines running. The
         requests in flight get the shutdown grace to finish, as after SIGTERM."""
         check_header_only(payload)
         logger.warning("a 0.19 client asked the coordinator to shut down")
-        self.c.shutdown.request()
+        self.state.shutdown.request()
 
     def on_abort(self, client: bytes, payload: bytes) -> None:
         """ABORT ``[105, client_request_id]``: tell the engine holding it."""
         self.flush()
-        c = self.c
+        state = self.state
         _, client_request_id = decode_as(client_id_decoder, payload)
-        request_id = c.requests.inflight.get((client, client_request_id))
+        request_id = state.requests.inflight.get((client, client_request_id))
         if request_id is None:
             raise ProtocolError(
                 ErrorCode.INVALID_REQUEST, f"no request {client_request_id!r} is in flight"
             )
-        engine = c.requests.engine_of[request_id]
+        engine = state.requests.engine_of[request_id]
         if engine is UNROUTED:  # still waiting for an engine: nothing ran, nothing to return
-            c.fail(request_id, ErrorCode.ABORTED, "aborted before any engine took it")
+            self._fail(request_id, ErrorCode.ABORTED, "aborted before any engine took it")
             return
-        if not c.speaks_ours(engine):  # Megatron's engines know no ABORT: its
-            c.fail(request_id, ErrorCode.ABORTED, "aborted")  # late reply will be dropped
+        if not state.registry.speaks_ours(engine):  # Megatron's engines know no ABORT: its
+            self._fail(request_id, ErrorCode.ABORTED, "aborted")  # late reply will be dropped
             return
-        c.send(engine, encode([int(Headers.ABORT), request_id]))
+        self._send(engine, encode([int(Headers.ABORT), request_id]))
 
     def on_heartbeat(self, client: bytes, payload: bytes) -> None:
         """HEARTBEAT ``[102]``: a client of ours checks that the coordinator lives; answered at
         once (it tells a lost coordinator from a quiet one, as engines do)."""
         check_header_only(payload)
-        if self.c.clients.get(client) is not Dialect.OURS:
+        if self.state.clients.get(client) is not Dialect.OURS:
             raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "HEARTBEAT needs our protocol (CONNECT)")
-        self.c.send(client, _HEARTBEAT_REPLY)
+        self._send(client, _HEARTBEAT_REPLY)
 
     def on_stats(self, client: bytes, payload: bytes) -> None:
         """STATS (health checks, metrics): each replica's liveness and outstanding load."""
         check_header_only(payload)
         self.flush()
-        c = self.c
-        if c.clients.get(client) is not Dialect.OURS:
+        state = self.state
+        if state.clients.get(client) is not Dialect.OURS:
             raise ProtocolError(ErrorCode.UNKNOWN_HEADER, "STATS needs our protocol (CONNECT)")
         engines = [
             {
                 "data_parallel_rank": engine.data_parallel_rank,
                 "alive": True,  # an engine declared dead leaves the list
-                "outstanding_requests": c.requests.per_engine.get(engine.identity, 0),
+                "outstanding_requests": state.requests.per_engine.get(engine.identity, 0),
                 "outstanding_tokens": self._outstanding_tokens(engine.identity),
                 "load": engine.load,
                 "identity": engine.identity.hex(),
                 "info": engine.info,
             }
-            for engine in (c.registry.engines[i] for i in c.registry.order)
+            for engine in (state.registry.engines[i] for i in state.registry.order)
         ]
         stats = {
             "engines": engines,
-            "requests_in_flight": len(c.requests),
-            "clients": len(c.clients),
-            "engines_lost": c.registry.engines_lost,
-            "requests_resubmitted": c.requests_resubmitted,
-            "shutting_down": c.shutdown.deadline is not None,
-            "maps": c.map_sizes(),  # every per-request map: all 0 when nothing is in flight
+            "requests_in_flight": len(state.requests),
+            "clients": len(state.clients),
+            "engines_lost": state.registry.engines_lost,
+            "requests_resubmitted": state.requests_resubmitted,
+            "shutting_down": state.shutdown.deadline is not None,
+            "maps": self.map_sizes(),  # every per-request map: all 0 when nothing is in flight
         }
-        c.send(client, encode([int(Headers.STATS), stats]))
+        self._send(client, encode([int(Headers.STATS), stats]))
+
+    def map_sizes(self) -> dict[str, int]:
+        """Sizes of every per-request and per-peer map (all 0 / engines-only when idle)."""
+        sizes = self.state.requests.sizes()
+        sizes["pending"] = len(self.pending)
+        sizes.update(self.state.monitor.sizes)
+        return sizes
 
     def _outstanding_tokens(self, identity: bytes) -> int | None:
         """The routing policy's view of an engine's outstanding work (None: it keeps none)."""
-        policy = self.c.routing_policy
+        policy = self.state.routing_policy
         load = getattr(policy, "load", None)
         if load is None or identity not in policy.engines:
             return None

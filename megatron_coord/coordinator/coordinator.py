@@ -1,17 +1,21 @@
 """The data-parallel inference coordinator: one ROUTER between clients and engines.
 
 Process and protocol are in DESIGN.md. This module holds the class with Megatron's API, the
-socket and the loop, and the two tables from header to handler; the state lives in the parts
-it is composed of:
+socket, the receiving loop and the dispatch of each frame to its handlers; it builds the parts
+it is composed of and hands each only what it needs:
 
-* ``RequestTable`` (requests.py): every request in flight, from admission to its one outcome;
-* ``EngineRegistry`` (engines.py): registered engines, their routing order, heartbeat silence;
-* ``PeerMonitor`` (liveness.py): which peer's connection closed (engines and clients);
-* ``ControlState`` (control.py): pause / suspend / stop and their acks;
-* ``GracefulShutdown`` (shutdown.py), ``Limits`` (limits.py), the routing policy (routing/),
-  ``TextCodec`` (text.py);
-* the handlers of client messages (client_handlers.py) and of engine messages, engine death and
-  fail-over (engine_handlers.py).
+* ``CoordinatorOptions`` (options.py): the keyword options, checked before anything binds;
+* ``CoordinatorState`` (state.py): what the parts share, the handlers' whole view: the
+  ``RequestTable`` (requests.py), the ``EngineRegistry`` (engines.py), the ``PeerMonitor``
+  (liveness.py), the ``ControlState`` (control.py), the ``GracefulShutdown`` (shutdown.py),
+  ``Limits`` (limits.py), ``TextCodec`` (text.py), the routing policy (routing/), the clients,
+  the settings and the wake-up's clock;
+* ``Outbox`` (outbox.py): every send, in the peer's protocol;
+* ``RequestEndings`` (endings.py): free / fail / abort; ``ControlRounds`` (control_rounds.py):
+  relaying control signals and ending their rounds; ``Failover`` (failover.py): engine death;
+* the handlers of client messages (client_handlers.py) and of engine messages
+  (engine_handlers.py), each a table from header to handler;
+* ``AfterWakeup`` (after_wakeup.py): closed connections, silence, deadlines, shutdown.
 
 Contracts others rely on:
 
@@ -28,7 +32,6 @@ Contracts others rely on:
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import logging
 import threading
@@ -42,37 +45,32 @@ import zmq
 from ..auth import ServerAuth, check_bind
 from ..exit_codes import ConfigurationError
 from ..ports import port_in_use_message
-from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, ErrorCode, Headers, ProtocolError
+from ..protocol import ErrorCode, ProtocolError
+from .after_wakeup import AfterWakeup
 from .client_handlers import ClientHandlers
-from .control import ControlState, State019, next_019
-from .dialects import CONTROL_TO_019, Dialect, Wire019, failed_record, submit_for_019
+from .control import ControlState
+from .control_rounds import ControlRounds
+from .dialects import Dialect, Wire019
+from .endings import RequestEndings
 from .engine_handlers import EngineHandlers
 from .engines import EngineRegistry
-from .limits import Limits
-from .liveness import DEFAULT_ENGINE_TIMEOUT_S, PeerMonitor
+from .failover import Failover
+from .liveness import PeerMonitor
+from .options import CoordinatorOptions, parse_options
+from .outbox import Outbox
 from .requests import RequestTable
 from .routing import make_policy
-from .shutdown import DEFAULT_SHUTDOWN_GRACE_S, GracefulShutdown
+from .shutdown import GracefulShutdown
+from .state import CoordinatorState
 from .text import TextCodec
-from .wire import HEADER_ONLY, client_request_id_of, encode, peek_header
+from .wire import client_request_id_of, peek_header
 
 logger = logging.getLogger("megatron_coord.coordinator")
 
 _MAX_EARLY_FRAMES = 65536
-HEADER_ONLY_019 = {h: encode([int(v)]) for h, v in CONTROL_TO_019.items()}
-DEFAULT_FAILOVER_WAIT_S = 10.0
-DEFAULT_WAIT_FOR_ENGINE_S = 30.0
-# Coordinator options of the prefix_aware policy -> its keyword arguments (routing/prefix_aware.py).
-_PREFIX_OPTIONS = {
-    "prefix_load_factor": "load_factor",
-    "prefix_index_blocks": "index_blocks",
-    "prefix_block_size": "block_size",
-}
 # pyzmq's Cython socket methods, bypassing its Python wrappers on the hot path (ints, not enums).
-_zmq_send = zmq.backend.Socket.send
 _zmq_recv = zmq.backend.Socket.recv
 _zmq_get = zmq.backend.Socket.get
-_SNDMORE = int(zmq.SNDMORE)
 _NOBLOCK = int(zmq.NOBLOCK)
 _RCVMORE = int(zmq.RCVMORE)
 
@@ -116,143 +114,141 @@ class DataParallelInferenceCoordinator:
     ) -> None:
         if type(data_parallel_size) is not int or data_parallel_size < 0:
             raise ValueError("data_parallel_size must be a non-negative integer (0: any number)")
-        host = options.pop("host", "127.0.0.1")
-        auth_keys = options.pop("auth_keys", None)
-        insecure_no_auth = bool(options.pop("insecure_no_auth", False))
-        self.limits = Limits(
-            max_outstanding=options.pop("max_outstanding", Limits.max_outstanding),
-            max_outstanding_per_engine=options.pop(
-                "max_outstanding_per_engine", Limits.max_outstanding_per_engine
-            ),
-            request_timeout=options.pop("request_timeout", None),
-        )
-        self.engine_timeout = options.pop("engine_timeout", DEFAULT_ENGINE_TIMEOUT_S)
-        self.failover_wait = float(options.pop("failover_wait", DEFAULT_FAILOVER_WAIT_S))
-        if not self.failover_wait >= 0:
-            raise ValueError("failover_wait must be a non-negative number of seconds")
-        self.wait_for_engine = float(options.pop("wait_for_engine", DEFAULT_WAIT_FOR_ENGINE_S))
-        if not self.wait_for_engine >= 0:
-            raise ValueError("wait_for_engine must be a non-negative number of seconds")
-        self.shutdown = GracefulShutdown(
-            options.pop("shutdown_grace", DEFAULT_SHUTDOWN_GRACE_S),
-            stop_engines=bool(options.pop("shutdown_stops_engines", False)),
-        )
-        self.max_message_bytes = options.pop("max_message_bytes", DEFAULT_MAX_MESSAGE_BYTES)
-        routing = options.pop("routing", "round_robin")
-        prefix_options = {
-            key: options.pop(option) for option, key in _PREFIX_OPTIONS.items() if option in options
-        }
-        make_policy(routing, (), **prefix_options)  # a bad name or option fails before binding
-        log_level = options.pop("log_level", None)
-        registration_timeout = options.pop("registration_timeout", None)
-        self.strict_port = bool(options.pop("strict_port", False))
-        megatron_engines = options.pop("megatron_engines", "0.16")
-        if megatron_engines not in ("0.16", "0.19"):
-            raise ValueError(f'megatron_engines must be "0.16" or "0.19", not {megatron_engines!r}')
-        self.megatron_engines = Dialect(megatron_engines)
-        if options:
-            raise TypeError(f"unknown coordinator options: {sorted(options)}")
-        if log_level is not None:
-            logger.setLevel(log_level)
-
+        opts = parse_options(options)
+        if opts.log_level is not None:
+            logger.setLevel(opts.log_level)
         self.data_parallel_size = data_parallel_size
         self.deterministic_mode = deterministic_mode
-        self.text = TextCodec(tokenizer)
-        self.tokenizer = self.text.tokenizer
-        self.registry = EngineRegistry(self.engine_timeout, deterministic_mode)
-        self.requests = RequestTable()
-        self.control = ControlState()
-        self.clients: dict[bytes, Dialect] = {}  # identity -> the protocol it speaks
-        self.gone_clients: set[bytes] = set()  # found gone by a send: freed after the wake-up
-        self.requests_resubmitted = 0
-        self.now = time.monotonic()
-        self.stranger_fd: int | None = None  # connection of the frame being handled, if new
-        self._running = False
+        text = TextCodec(tokenizer)
+        self.tokenizer = text.tokenizer
+        registry = EngineRegistry(opts.engine_timeout, deterministic_mode)  # checks the timeout
+        shutdown = GracefulShutdown(opts.shutdown_grace, stop_engines=opts.shutdown_stops_engines)
         self._early_frames: list[tuple[list[bytes], int | None]] = []
 
-        check_bind(host, auth_keys, insecure_no_auth)
+        check_bind(opts.host, opts.auth_keys, opts.insecure_no_auth)
         self.context = zmq.Context()
         self._auth: ServerAuth | None = None
         self.router_socket: zmq.Socket | None = None
-        self.monitor: PeerMonitor | None = None
+        self.state: CoordinatorState | None = None
         try:  # a failure past this point closes what it opened (the port is free again)
-            if auth_keys is not None:
-                self._auth = ServerAuth(self.context, auth_keys)
-            self.router_socket = self._bind(host, inference_coordinator_port)
-            self.monitor = PeerMonitor(self.router_socket, self.engine_timeout)
+            if opts.auth_keys is not None:
+                self._auth = ServerAuth(self.context, opts.auth_keys)
+            self.router_socket = self._bind(opts, inference_coordinator_port)
+            self.state = CoordinatorState(
+                requests=RequestTable(),
+                registry=registry,
+                control=ControlState(),
+                shutdown=shutdown,
+                monitor=PeerMonitor(self.router_socket, opts.engine_timeout),
+                text=text,
+                limits=opts.limits,
+                data_parallel_size=data_parallel_size,
+                megatron_engines=opts.megatron_engines,
+                engine_timeout=opts.engine_timeout,
+                failover_wait=opts.failover_wait,
+                wait_for_engine=opts.wait_for_engine,
+            )
             self.addr = self.router_socket.getsockopt_string(zmq.LAST_ENDPOINT)
             if pipe_connection is not None:
                 pipe_connection.send(self.addr)
                 pipe_connection.close()
-            self.client_handlers = ClientHandlers(self)
-            self.engine_handlers = EngineHandlers(self)
+            self._compose()
             logger.info(
                 "coordinator at %s: waiting for %d engine(s)", self.addr, data_parallel_size
             )
-            self._register_engines(registration_timeout)
+            self._register_engines(opts.registration_timeout)
         except BaseException:
             self._close()
             raise
-        self.registry.fix_order()
-        self.routing_policy = make_policy(
-            routing,
-            self.identities_of_data_parallel_ranks,
-            deterministic=deterministic_mode,
-            engine_info=lambda identity: self.registry.engines[identity].info,
-            **prefix_options,
+        self.state.registry.fix_order()
+        self.state.route_with(
+            make_policy(
+                opts.routing,
+                self.identities_of_data_parallel_ranks,
+                deterministic=deterministic_mode,
+                engine_info=lambda identity: self.state.registry.engines[identity].info,
+                **opts.prefix_options,
+            )
         )
-        self.routes_by_tokens = self.routing_policy.needs_tokens
-        # Requests routed later are handed to the policy's on_submit then (client_handlers).
-        self.tracks_load = self.routing_policy.tracks_load or self.routes_by_tokens
-        logger.info("coordinator: %d engine(s) registered", len(self.registry))
+        logger.info("coordinator: %d engine(s) registered", len(self.state.registry))
+
+    def _compose(self) -> None:
+        """Build the parts that act on the state, each given only what it uses; the handler
+        sets depend on each other through the callables passed (clients before engines)."""
+        state = self.state
+        self.outbox = outbox = Outbox(self.router_socket, state.registry, state.clients)
+        endings = RequestEndings(state, outbox)
+        rounds = ControlRounds(state, outbox)
+        failover = Failover(state, outbox, endings, rounds)
+        self.client_handlers = client_handlers = ClientHandlers(
+            state, outbox, endings, rounds, failover.engine_unreachable
+        )
+        self.engine_handlers = engine_handlers = EngineHandlers(
+            state,
+            outbox,
+            endings,
+            rounds,
+            failover,
+            client_handlers.on_connect,
+            client_handlers.flush,
+        )
+        self.after_wakeup = AfterWakeup(
+            state, outbox, endings, rounds, failover, client_handlers.client_gone
+        )
+        # bound once: _handle runs for every message
+        self._engines = state.registry.engines
+        self._clients = state.clients
+        self._on_engine_message = engine_handlers.handle
+        self._on_client_message = client_handlers.handle
 
     # ------------------------------------------------------------------ the seed's attributes
 
     @property
     def identities_of_data_parallel_ranks(self) -> deque[bytes]:
         """The engines that get requests, in routing order."""
-        return self.registry.order
+        return self.state.registry.order
 
     @property
     def engines(self) -> dict[bytes, Any]:
-        return self.registry.engines
+        return self.state.registry.engines
 
     @property
     def request_id_to_client_id(self) -> dict[int, bytes]:
-        return self.requests.client_of
+        return self.state.requests.client_of
 
     @property
     def request_id_to_client_request_id(self) -> dict[int, Any]:
-        return self.requests.client_request_id_of
+        return self.state.requests.client_request_id_of
 
     @property
     def next_request_id(self) -> int:
-        return self.requests.next_request_id
+        return self.state.requests.next_request_id
 
     @property
     def engines_lost(self) -> int:
-        return self.registry.engines_lost
+        return self.state.registry.engines_lost
 
     # ------------------------------------------------------------------ setup
 
-    def _bind(self, host: str, port: int | None) -> zmq.Socket:
+    def _bind(self, opts: CoordinatorOptions, port: int | None) -> zmq.Socket:
         """Bind the ROUTER; a port in use falls back to a random one with a warning (the
         seed's behaviour), or with ``strict_port`` raises ConfigurationError naming its holder."""
         sock = self.context.socket(zmq.ROUTER)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.RCVHWM, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        sock.setsockopt(zmq.MAXMSGSIZE, opts.max_message_bytes)
         sock.setsockopt(zmq.LINGER, 1000)
         if self._auth is not None:
             self._auth.apply(sock)
+        host = opts.host
         if port:  # None or 0: any free port
             try:
                 sock.bind(f"tcp://{host}:{port}")
                 return sock
             except zmq.ZMQError as exc:
                 in_use = exc.errno == errno.EADDRINUSE
-                if not in_use or self.strict_port:
+                if not in_use or opts.strict_port:
                     sock.close(0)
                     if in_use:
                         raise ConfigurationError(port_in_use_message(host, port)) from None
@@ -264,19 +260,20 @@ class DataParallelInferenceCoordinator:
     def _register_engines(self, timeout: float | None) -> None:
         """Block until data_parallel_size engines registered; queue client frames meanwhile."""
         sock = self.router_socket
-        while len(self.registry) < self.data_parallel_size:
+        state = self.state
+        while len(state.registry) < self.data_parallel_size:
             if timeout is not None and not sock.poll(int(timeout * 1000)):
                 raise TimeoutError(
-                    f"only {len(self.registry)} of {self.data_parallel_size} engines registered "
-                    f"within {timeout} s"
+                    f"only {len(state.registry)} of {self.data_parallel_size} engines "
+                    f"registered within {timeout} s"
                 )
             parts = sock.recv_multipart(copy=False)
-            self.stranger_fd = parts[-1].get(zmq.SRCFD)  # learned by the registration
+            state.stranger_fd = parts[-1].get(zmq.SRCFD)  # learned by the registration
             frames = [part.bytes for part in parts]
             if len(frames) == 2 and self.engine_handlers.try_register(frames[0], frames[1]):
                 continue
             if len(self._early_frames) < _MAX_EARLY_FRAMES:
-                self._early_frames.append((frames, self.stranger_fd))
+                self._early_frames.append((frames, state.stranger_fd))
             else:
                 logger.warning("dropping a frame that arrived before engines registered")
 
@@ -284,7 +281,7 @@ class DataParallelInferenceCoordinator:
 
     def get_next_data_parallel_rank(self) -> bytes:
         """The ZMQ identity of the engine that gets the next request (the routing policy's pick)."""
-        return self.routing_policy.choose()
+        return self.state.routing_policy.choose()
 
     def start(self) -> None:
         """Serve until every engine acknowledged STOP. Drains every ready frame per wake-up.
@@ -292,30 +289,34 @@ class DataParallelInferenceCoordinator:
         Frames are read with the Cython socket methods directly: pyzmq's Python wrappers
         (recv_multipart/send_multipart) cost 3-4x more per message than the frames themselves.
         """
+        state = self.state
         sock = self.router_socket
         recv = _zmq_recv
         rcvmore = _zmq_get
         handle = self._handle
-        known = self.monitor.identity_to_fd  # peers whose connection is known: fast path
+        known = state.monitor.identity_to_fd  # peers whose connection is known: fast path
         flush = self.client_handlers.flush
-        self._running = True
-        self.now = time.monotonic()
+        poll_timeout_ms = self.after_wakeup.poll_timeout_ms
+        after_wakeup = self.after_wakeup.run
+        shutdown = state.shutdown
+        state.running = True
+        state.now = time.monotonic()
         early, self._early_frames = self._early_frames, []
         for frames, fd in early:
-            self.stranger_fd = fd
+            state.stranger_fd = fd
             self._handle_frames(frames)
         flush()
         items = self._poll_items()
-        monitor = self.monitor.socket
-        while self._running:
+        monitor = state.monitor.socket
+        while state.running:
             # Block until a frame, a monitor event, a signal or the next deadline (liveness,
             # request timeouts, shutdown grace): timers cost nothing while nothing is due.
-            ready = zmq.zmq_poll(items, self._poll_timeout_ms())
-            self.now = time.monotonic()
-            if self.shutdown.wake_r is not None:
-                self.shutdown.drain_wakeups()
+            ready = zmq.zmq_poll(items, poll_timeout_ms())
+            state.now = time.monotonic()
+            if shutdown.wake_r is not None:
+                shutdown.drain_wakeups()
             try:
-                while self._running:
+                while state.running:
                     identity = recv(sock, _NOBLOCK)
                     if identity in known:
                         payload = recv(sock, _NOBLOCK)  # a message's frames arrive together
@@ -328,27 +329,27 @@ class DataParallelInferenceCoordinator:
             except zmq.Again:
                 pass
             flush()
-            self._after_wakeup(any(item[0] is monitor for item in ready))
+            after_wakeup(any(item[0] is monitor for item in ready))
 
     def install_signal_handlers(self) -> None:
         """SIGTERM/SIGINT start a graceful shutdown (main thread only)."""
-        self.shutdown.install_signal_handlers()
+        self.state.shutdown.install_signal_handlers()
 
     def request_shutdown(self) -> None:
         """Begin a graceful shutdown at the next wake-up (safe from a signal handler)."""
-        self.shutdown.request()
+        self.state.shutdown.request()
 
     def stop(self) -> None:
         """Close the socket and the ZMQ context."""
-        self._running = False
+        self.state.running = False
         self._close()
 
     def _close(self) -> None:
         """Close every socket, then the context (explicitly: a context left to the garbage
         collector can be destroyed before its sockets, and then blocks forever)."""
-        self.shutdown.close()
-        if self.monitor is not None:
-            self.monitor.close()
+        if self.state is not None:
+            self.state.shutdown.close()
+            self.state.monitor.close()
         if self._auth is not None:
             self._auth.stop()
         if self.router_socket is not None:
@@ -357,7 +358,8 @@ class DataParallelInferenceCoordinator:
 
     def detokenize(self, finished_request_record: dict[str, Any]) -> None:
         """Fill ``generated_text`` (and ``prompt`` where it is None) of a record, in place."""
-        self.text.detokenize_records([finished_request_record], self.requests.prompt_text)
+        state = self.state
+        state.text.detokenize_records([finished_request_record], state.requests.prompt_text)
 
     @classmethod
     def entrypoint(
@@ -397,7 +399,7 @@ class DataParallelInferenceCoordinator:
         """The payload of a peer not known yet, noting its connection's file descriptor (read
         by the registration or CONNECT it may be, so a closed connection can be traced)."""
         frame = _zmq_recv(sock, _NOBLOCK, False)
-        self.stranger_fd = frame.get(zmq.SRCFD)
+        self.state.stranger_fd = frame.get(zmq.SRCFD)
         return frame.bytes
 
     @staticmethod
@@ -415,27 +417,27 @@ class DataParallelInferenceCoordinator:
             return
         identity = frames[0]
         logger.warning("message of %d frames from %r (expected 1)", len(frames) - 1, identity)
-        self.send_error(identity, None, ErrorCode.MALFORMED, "a message must be one frame")
+        self.outbox.send_error(identity, None, ErrorCode.MALFORMED, "a message must be one frame")
 
     def _handle(self, identity: bytes, payload: bytes) -> None:
         """Act on one ROUTER message; every failure is contained here."""
         header = peek_header(payload)
         try:
-            engine = self.registry.engines.get(identity)
+            engine = self._engines.get(identity)
             if engine is not None:
-                self.engine_handlers.handle(engine, header, payload)
-            elif identity in self.clients:
-                self.client_handlers.handle(identity, header, payload)
+                self._on_engine_message(engine, header, payload)
+            elif identity in self._clients:
+                self._on_client_message(identity, header, payload)
             else:
                 self.engine_handlers.handle_stranger(identity, header, payload)
         except ProtocolError as exc:
             logger.warning("rejected a message from %r: %s", identity, exc)
-            self.send_error(
+            self.outbox.send_error(
                 identity, self._request_refused(identity, header, payload, exc), exc.code, str(exc)
             )
         except Exception:  # never let one message stop the coordinator
             logger.exception("internal error handling a message from %r", identity)
-            self.send_error(identity, None, ErrorCode.MALFORMED, "internal error")
+            self.outbox.send_error(identity, None, ErrorCode.MALFORMED, "internal error")
 
     def _request_refused(
         self, identity: bytes, header: int, payload: bytes, exc: ProtocolError
@@ -445,218 +447,19 @@ class DataParallelInferenceCoordinator:
         A 0.19 client is answered only for a submit it awaits no other answer for: its
         client resolves the awaited request with any reply and fails on a reply it awaits none
         for, so a refused duplicate id or a bad control message gets no reply at all."""
-        if self.clients.get(identity) is Dialect.MEGATRON_019 and (
+        if self._clients.get(identity) is Dialect.MEGATRON_019 and (
             header != Wire019.SUBMIT_REQUEST or exc.code is ErrorCode.DUPLICATE_REQUEST_ID
         ):
             return None
         return client_request_id_of(payload)
 
-    # ------------------------------------------------------------------ sending
-
-    def send(self, identity: bytes, payload: bytes) -> bool:
-        """Send one message; False (and logged) if the peer is gone."""
-        try:
-            _zmq_send(self.router_socket, identity, _SNDMORE)
-            _zmq_send(self.router_socket, payload, 0)
-            return True
-        except zmq.ZMQError as exc:
-            if exc.errno != errno.EHOSTUNREACH:
-                raise
-            logger.info("peer %r is gone; dropped a message for it", identity)
-            if identity in self.clients:
-                self.gone_clients.add(identity)  # its requests are freed after this wake-up
-            return False
-
-    def send_quietly(self, identity: bytes, payload: bytes) -> None:
-        """Send if the peer is still connected; never mistake an engine for a gone client."""
-        with contextlib.suppress(zmq.ZMQError):
-            self.router_socket.send_multipart([identity, payload], zmq.NOBLOCK)
-
-    def send_error(self, identity: bytes, client_request_id: Any, code: ErrorCode, text: str):
-        """ERROR to ``identity`` if it speaks our protocol; a 0.19 client gets a FAILED record
-        for its request (with ``client_request_id`` None: nothing, as Megatron's 0.16 peers)."""
-        engine = self.registry.engines.get(identity)
-        # strangers never said CONNECT: they get the error
-        dialect = engine.dialect if engine is not None else self.clients.get(identity, Dialect.OURS)
-        if dialect is Dialect.OURS:
-            self.send(identity, encode([int(Headers.ERROR), client_request_id, code.value, text]))
-        elif dialect is Dialect.MEGATRON_019 and engine is None and client_request_id is not None:
-            record = failed_record(client_request_id, code.value, text)
-            self.send(identity, encode([int(Wire019.ENGINE_REPLY), client_request_id, record]))
-
-    def send_submit(self, identity: bytes, frame: bytes) -> bool:
-        """Send a SUBMIT_REQUEST frame (kept in our header) in the engine's protocol."""
-        if identity in self.registry.speaks_019:
-            frame = submit_for_019(frame)
-        return self.send(identity, frame)
-
-    def speaks_ours(self, identity: bytes) -> bool:
-        """Whether a registered engine takes our extensions (ABORT): Megatron's crash on them."""
-        engine = self.registry.engines.get(identity)
-        return engine is not None and engine.ours
-
-    def send_control(self, identity: bytes, header: Headers) -> None:
-        """A control signal to one engine, in its protocol; a 0.19 engine only gets the
-        signals its state allows (it asserts against the others) and follows 0.19's states."""
-        engine = self.registry.engines[identity]
-        if engine.dialect is not Dialect.MEGATRON_019:
-            self.send(identity, HEADER_ONLY[header])
-            return
-        new_state = next_019(engine.state_019, header)
-        if new_state is None:
-            logger.info(
-                "not sending %s to 0.19 engine %r: it is %s",
-                header.name,
-                identity,
-                engine.state_019.value,
-            )
-            return
-        engine.state_019 = new_state
-        self.send(identity, HEADER_ONLY_019[header])
-
-    def awaited_from(self, ack: Headers) -> set[bytes]:
-        """The engines whose ``ack`` (PAUSE_ACK / STOP_ACK) completes a round: every engine but
-        0.19's, which acknowledge nothing; for STOP also the 0.19 engines sent it, which leave
-        the round by disconnecting."""
-        engines = self.registry.engines
-        return {
-            i
-            for i in self.registry.order
-            if engines[i].dialect is not Dialect.MEGATRON_019
-            or (ack is Headers.STOP_ACK and engines[i].state_019 is State019.STOPPING)
-        }
-
-    # ------------------------------------------------------------------ ending requests
-
-    def free(self, request_id: int, generated: int | None = None) -> tuple[bytes, Any] | None:
-        """Forget a request; returns (client identity, client_request_id), None if it ended.
-
-        ``generated``: tokens in its final record (for the routing policy's accounting)."""
-        ended = self.requests.free(request_id)
-        if ended is None:
-            return None
-        client, client_request_id, engine = ended
-        if self.tracks_load:
-            self.routing_policy.on_finish(engine, request_id, generated)
-        return client, client_request_id
-
-    def fail(self, request_id: int, code: ErrorCode, text: str) -> None:
-        """End a request with an ERROR to its client and free its state."""
-        ended = self.free(request_id)
-        if ended is not None:
-            logger.warning("request %d failed: %s", request_id, text)
-            self.send_error(ended[0], ended[1], code, text)
-
-    def abort(self, request_id: int, code: ErrorCode | None = None, text: str = "") -> None:
-        """ABORT a request on its engine and end it: with an ERROR ``code`` to its client, or
-        (None: the client is gone) silently."""
-        engine = self.requests.engine_of.get(request_id)
-        if engine and self.speaks_ours(engine):  # None: ended; UNROUTED: no engine has it
-            self.send_quietly(engine, encode([int(Headers.ABORT), request_id]))
-        if code is None:
-            self.free(request_id)
-        else:
-            self.fail(request_id, code, text)
-
-    def all_acked(self, header: Headers) -> None:
-        """Every live engine acknowledged PAUSE or STOP: tell every client and engine."""
-        self.control.done(header)
-        message = HEADER_ONLY[header]
-        for client, dialect in list(self.clients.items()):
-            if dialect is not Dialect.MEGATRON_019:  # 0.19 has no acks
-                self.send(client, message)
-        for identity in self.registry.order:
-            if self.registry.engines[identity].dialect is not Dialect.MEGATRON_019:
-                self.send(identity, message)
-        if header == Headers.STOP_ACK:
-            self._running = False
-
-    # ------------------------------------------------------------------ timers
+    # ------------------------------------------------------------------ polling
 
     def _poll_items(self) -> list[tuple[Any, int]]:
         items: list[tuple[Any, int]] = [
             (self.router_socket, zmq.POLLIN),
-            (self.monitor.socket, zmq.POLLIN),
+            (self.state.monitor.socket, zmq.POLLIN),
         ]
-        if self.shutdown.wake_r is not None:
-            items.append((self.shutdown.wake_r.fileno(), zmq.POLLIN))
+        if self.state.shutdown.wake_r is not None:
+            items.append((self.state.shutdown.wake_r.fileno(), zmq.POLLIN))
         return items
-
-    def _poll_timeout_ms(self) -> int:
-        """Milliseconds until the next deadline (-1: none, block until a message)."""
-        deadlines = [
-            self.requests.deadlines.next_deadline(),
-            self.registry.next_deadline(),
-            self.shutdown.next_deadline(),
-            min(self.requests.orphans.values(), default=None),
-        ]
-        upcoming = [d for d in deadlines if d is not None]
-        if not upcoming:
-            return -1
-        return max(0, int((min(upcoming) - time.monotonic()) * 1000) + 1)
-
-    def _after_wakeup(self, monitor_ready: bool) -> None:
-        """Everything not driven by a message: closed connections, silence, deadlines."""
-        now = self.now
-        if monitor_ready or self.monitor.pending:
-            for identity in self.monitor.disconnected():
-                if identity in self.registry.engines:
-                    self.engine_handlers.engine_gone(identity, "the engine's connection closed")
-                elif identity in self.clients:
-                    self.client_handlers.client_gone(identity)
-        for identity in self.registry.silent(now):
-            self.engine_handlers.engine_gone(
-                identity, f"no message from the engine for {self.engine_timeout:g} s"
-            )
-        if self.limits.request_timeout is not None:
-            engine_of = self.requests.engine_of
-            for request_id in self.requests.deadlines.expired(now, engine_of):
-                self.abort(
-                    request_id,
-                    ErrorCode.TIMEOUT,
-                    f"no result within the request timeout ({self.limits.request_timeout:g} s); "
-                    "aborted",
-                )
-            self.requests.deadlines.compact(engine_of)
-        if self.requests.orphans:
-            self.engine_handlers.expire_orphans(now)
-        if self.gone_clients:
-            gone, self.gone_clients = self.gone_clients, set()
-            for identity in gone:
-                self.client_handlers.client_gone(identity)
-        if self.shutdown.begin():
-            logger.warning(
-                "shutting down: %d request(s) in flight get %g s to finish",
-                len(self.requests),
-                self.shutdown.grace_s,
-            )
-        if self.shutdown.deadline is not None and (
-            not self.requests or now >= self.shutdown.deadline
-        ):
-            for request_id in list(self.requests.engine_of):
-                self.abort(request_id, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
-            if self.shutdown.start_stop_round():
-                self._stop_engines()
-            elif self.shutdown.finished(now):
-                self._running = False
-
-    def _stop_engines(self) -> None:
-        """The drain is over: STOP every engine (unless a client's STOP already went out);
-        all_acked ends the loop once they all acked, ``finished`` if they never do."""
-        if self.control.stopping:
-            return
-        self.control.relay(Headers.STOP)
-        self.control.relayed_019(Headers.STOP)
-        for identity in self.registry.order:
-            self.send_control(identity, Headers.STOP)
-        if not self.awaited_from(Headers.STOP_ACK):  # nobody to wait for
-            self.all_acked(Headers.STOP_ACK)
-
-    # ------------------------------------------------------------------ debug view
-
-    def map_sizes(self) -> dict[str, int]:
-        """Sizes of every per-request and per-peer map (all 0 / engines-only when idle)."""
-        sizes = self.requests.sizes()
-        sizes["pending"] = len(self.client_handlers.pending)
-        sizes.update(self.monitor.sizes)
-        return sizes

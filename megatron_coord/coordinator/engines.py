@@ -5,7 +5,7 @@ parsed for ``deterministic_mode``; 0.16 and 0.19 register alike, so the coordina
 ``megatron_engines`` option says which version such an engine speaks: dialects.py) or
 ``[REGISTER, {"data_parallel_rank": int, "protocol": int}]`` (ours). ``order`` is the seed's ``identities_of_data_parallel_ranks``: the engines that
 get requests. Engines of ours heartbeat; one silent for ``engine_timeout`` seconds is declared
-dead by the coordinator, which then fails its requests over (engine_handlers.py). The registry
+dead by the coordinator, which then fails its requests over (failover.py). The registry
 remembers the identities it declared dead (bounded), as only those may come back with a bare
 HEARTBEAT.
 """
@@ -134,6 +134,11 @@ class EngineRegistry:
         if identity in self.order:
             self.order.remove(identity)
         return engine
+
+    def speaks_ours(self, identity: bytes) -> bool:
+        """Whether a registered engine takes our extensions (ABORT): Megatron's crash on them."""
+        engine = self.engines.get(identity)
+        return engine is not None and engine.ours
 
     def was_declared_dead(self, identity: bytes) -> bool:
         """Whether ``identity`` is an engine declared dead (forgotten by this call)."""

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..exit_codes import HELP_EPILOG, OK, ConfigurationError, run_main
 from ..files import write_atomically
-from .coordinator import DEFAULT_FAILOVER_WAIT_S, DEFAULT_WAIT_FOR_ENGINE_S
 from .liveness import DEFAULT_ENGINE_TIMEOUT_S
+from .options import DEFAULT_FAILOVER_WAIT_S, DEFAULT_WAIT_FOR_ENGINE_S
 from .routing import POLICIES, add_prefix_routing_arguments, prefix_routing_options
 
 logger = logging.getLogger("megatron_coord.coordinator.standalone")

@@ -35,8 +35,8 @@ import torch
 import torch.distributed as dist
 
 from .. import parallel_state
-from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
+from ..coordinator.options import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.routing import add_prefix_routing_arguments, prefix_routing_options
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
 from ..engine.engine import InferenceEngine
