@@ -36,6 +36,7 @@ EXTRAS_REQUIRE = {
     "test": [
         "pytest>=8",
         "pytest-timeout>=2.3",
+        "pytest-xdist>=3.5",  # scripts/test.sh runs the suite on 2 workers
         "hypothesis>=6.100",
         "openai>=1.30",
         "httpx>=0.27",

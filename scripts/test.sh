@@ -15,4 +15,5 @@ trap 'rm -rf "$scratch"' EXIT
 mkdir "$scratch/home"
 export HOME="$scratch/home" XDG_CACHE_HOME="$scratch/home/.cache" XDG_CONFIG_HOME="$scratch/home/.config"
 export MEGATRON_COORD_CACHE="$scratch/megatron_coord-cache" PYTHONFAULTHANDLER=1
-.venv/bin/python -m pytest -q "$@"
+# Two workers, a file to each at a time: most tests wait on child processes, not the CPU.
+.venv/bin/python -m pytest -q -n "${PYTEST_WORKERS:-2}" --dist loadfile "$@"

@@ -15,6 +15,21 @@ from megatron_coord.coordinator import DataParallelInferenceCoordinator
 from megatron_coord.testing.fake_engine import ByteTokenizer, spawn
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Longest first: the pip-install check, then the files of real launches, then the rest.
+
+    scripts/test.sh runs the suite on two pytest-xdist workers, a file to a worker
+    (``--dist loadfile``, so a module's fixtures are built once); starting the long files first
+    keeps one of them from running alone at the end. Stable within each group."""
+
+    def weight(item: pytest.Item) -> int:
+        if item.get_closest_marker("install"):
+            return 0
+        return 1 if item.get_closest_marker("torchrun") else 2
+
+    items.sort(key=weight)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     """A tiny seeded Llama checkpoint (test_engine.make_tiny_checkpoint), one per test module."""
