@@ -16,9 +16,9 @@ from megatron_coord.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
-    StopMatcher,
     to_sampling_params,
 )
+from megatron_coord.serving.stop_strings import StopMatcher
 
 
 def completion(**fields) -> CompletionRequest:
@@ -135,16 +135,18 @@ def test_prompt_shapes(prompt, expected) -> None:
 
 @pytest.mark.parametrize("prompt", ["", [], [[]], ["a", ""], ["x"] * 65])
 def test_empty_or_huge_prompts_are_refused(prompt) -> None:
-    with pytest.raises(OpenAIError) as info:
-        CompletionRequest(model="m", prompt=prompt).prompts()
-    assert info.value.status == 400 and info.value.param == "prompt"
+    """Bounds in the schema (so the OpenAPI document states them): a 400 naming prompt."""
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest(model="m", prompt=prompt)
+    assert {e["loc"][0] for e in info.value.errors()} == {"prompt"}
 
 
-def test_prompts_times_choices_is_bounded() -> None:
-    assert len(CompletionRequest(model="m", prompt=["x"] * 16, n=16).prompts()) == 16
-    with pytest.raises(OpenAIError) as info:
-        CompletionRequest(model="m", prompt=["x"] * 17, n=16).prompts()
-    assert info.value.param == "n"
+def test_prompts_and_choices_are_bounded_each() -> None:
+    """64 prompts x 16 choices is the most (each bound a schema bound: no product rule)."""
+    assert len(CompletionRequest(model="m", prompt=["x"] * 64, n=16).prompts()) == 64
+    for fields in ({"prompt": ["x"] * 65}, {"prompt": "x", "n": 17}):
+        with pytest.raises(ValidationError):
+            CompletionRequest(**{"model": "m", **fields})
 
 
 @pytest.mark.parametrize(
@@ -167,20 +169,24 @@ def test_invalid_fields_are_rejected(fields) -> None:
 
 def test_unsupported_options_say_so() -> None:
     for fields, param in [
-        ({"echo": True}, "echo"),
-        ({"logprobs": 1}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"1": 2.0}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ]:
         with pytest.raises(OpenAIError) as info:
             completion(**fields).check_supported()
         assert info.value.param == param and info.value.status == 400
-    chat = ChatCompletionRequest(
-        model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
-    )
-    with pytest.raises(OpenAIError):
-        chat.check_supported()
+    # Served since issue 23: echo, top-N log-probs, penalties, logit_bias.
+    for fields in (
+        {"echo": True},
+        {"logprobs": 5},
+        {"presence_penalty": 0.5},
+        {"logit_bias": {"1": 2.0}},
+    ):
+        completion(**fields).check_supported()
+    # Tools are not served: the schema says only an empty list.
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
+        )
 
 
 def test_chat_max_tokens_precedence() -> None:
@@ -238,10 +244,10 @@ def test_record_view_of_megatron_and_resumed_records() -> None:
         "latency": 0.1,
     }
     view = record_view(record)
-    assert (view["text"], view["prompt_tokens"], view["completion_tokens"]) == ("abc", 3, 3)
-    assert view["finish_reason"] == "stop"
+    assert (view.text, view.prompt_tokens, view.completion_tokens) == ("abc", 3, 3)
+    assert view.finish_reason == "stop"
     bare = record_view({"prompt_tokens": [1], "generated_tokens": [], "generated_text": None})
-    assert (bare["text"], bare["prompt_tokens"], bare["completion_tokens"]) == ("", 1, 0)
+    assert (bare.text, bare.prompt_tokens, bare.completion_tokens) == ("", 1, 0)
 
 
 @pytest.mark.parametrize(

@@ -53,22 +53,52 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         errors = exc.errors()
-        first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        message = "; ".join(_describe_validation(e) for e in errors[:5]) or "invalid request"
         _count_invalid(request)
-        return error_response(OpenAIError(400, message, param=".".join(loc) or None))
+        unknown = _unknown_model(errors)
+        if unknown is not None:
+            return error_response(unknown_model_error(unknown))
+        first = errors[0] if errors else {}
+        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
+        message = "; ".join(_describe_validation(e) for e in errors[:5]) or "invalid request"
+        return error_response(OpenAIError(400, message, param=loc[0] if loc else None))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         err_type = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         body = oa.error_body(str(exc.detail), err_type)
-        return JSONResponse(body, status_code=exc.status_code)
+        # 405 carries Allow (the methods the path serves), as Starlette's router sets it.
+        return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error: %s", exc)
         return error_response(OpenAIError(500, "internal server error", "server_error"))
+
+
+def unknown_model_error(model: str) -> OpenAIError:
+    return OpenAIError(
+        404,
+        f"the model {model!r} does not exist",
+        "invalid_request_error",
+        "model",
+        "model_not_found",
+    )
+
+
+def _unknown_model(errors: list[dict[str, Any]]) -> str | None:
+    """The model name a request gave that this server does not serve (a string ``model``
+    that failed the served-name check), if any: OpenAI answers that with 404, not 400."""
+    for error in errors:
+        loc = error.get("loc", ())
+        name = error.get("input")
+        if (
+            loc
+            and loc[-1] == "model"
+            and error.get("type") == "literal_error"
+            and isinstance(name, str)
+        ):
+            return name
+    return None
 
 
 def _describe_validation(error: dict[str, Any]) -> str:
