@@ -106,7 +106,7 @@ def _install_inference_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post(
         "/v1/completions",
-        responses=route_responses(schemas.CompletionResponse, statuses, stream=True),
+        responses=route_responses(schemas.CompletionResponse, statuses, schemas.CompletionChunk),
         openapi_extra=extra,
     )
     async def completions(body: completion_body, request: Request) -> Response:
@@ -121,7 +121,9 @@ def _install_inference_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post(
         "/v1/chat/completions",
-        responses=route_responses(schemas.ChatCompletionResponse, statuses, stream=True),
+        responses=route_responses(
+            schemas.ChatCompletionResponse, statuses, schemas.ChatCompletionChunk
+        ),
         openapi_extra=extra,
     )
     async def chat_completions(body: chat_body, request: Request) -> Response:

@@ -11,8 +11,10 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
+from pydantic.json_schema import models_json_schema
 
 from .bounds import MAX_INT64
+from .schemas import STREAM_MODELS
 
 BEARER = "bearer"
 SECURED = {"security": [{BEARER: []}]}
@@ -37,8 +39,15 @@ def _document(app: FastAPI, api_key: bool) -> dict[str, Any]:
         for operation in path_item.values():
             operation.get("responses", {}).pop("422", None)
     components = schema.setdefault("components", {})
+    schemas = components.setdefault("schemas", {})
     for name in ("HTTPValidationError", "ValidationError"):
-        components.get("schemas", {}).pop(name, None)
+        schemas.pop(name, None)
+    _, extra = models_json_schema(
+        [(model, "serialization") for model in STREAM_MODELS],
+        ref_template="#/components/schemas/{model}",
+    )
+    for name, definition in extra.get("$defs", {}).items():
+        schemas.setdefault(name, definition)
     if api_key:
         components["securitySchemes"] = {BEARER: {"type": "http", "scheme": "bearer"}}
     return _exact_bounds(schema)

@@ -115,6 +115,46 @@ class ChatCompletionResponse(BaseModel):
     )
 
 
+class CompletionChunk(BaseModel):
+    """One server-sent event of a /v1/completions stream (the last, with include_usage,
+    has no choices and the usage)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = Field(ge=0)
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a /v1/chat/completions stream."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+# Models the document refers to only from event streams (openapi_doc adds them).
+STREAM_MODELS = (CompletionChunk, ChatCompletionChunk)
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"]
@@ -164,27 +204,46 @@ STATUS_MEANINGS = {
     504: "not answered within the server's request timeout",
 }
 
-EVENT_STREAM = {
-    "text/event-stream": {
-        "schema": {
-            "type": "string",
-            "description": "server-sent events (with stream: true): 'data: <chunk JSON>' "
-            "lines, then 'data: [DONE]'",
+
+def _ref(model: type[BaseModel]) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+
+def event_stream(chunk: type[BaseModel]) -> dict[str, Any]:
+    """The ``text/event-stream`` content of a stream: each event's data a ``chunk`` (or, when
+    a choice failed after streaming began, an error) as JSON, the last one ``[DONE]``."""
+    payload = {"anyOf": [_ref(chunk), _ref(ErrorResponse)]}
+    data = {
+        "anyOf": [
+            {"const": "[DONE]"},
+            {
+                "type": "string",
+                "not": {"const": "[DONE]"},
+                "contentMediaType": "application/json",
+                "contentSchema": payload,
+            },
+        ]
+    }
+    return {
+        "text/event-stream": {
+            "schema": {"type": "object", "required": ["data"], "properties": {"data": data}}
         }
     }
-}
 
 
 def route_responses(
-    ok: type[BaseModel] | None, statuses: tuple[int, ...], stream: bool = False
+    ok: type[BaseModel] | None,
+    statuses: tuple[int, ...],
+    stream: type[BaseModel] | None = None,
 ) -> dict[int | str, dict[str, Any]]:
-    """FastAPI ``responses=``: the 200 model (and the event stream) and each error status."""
+    """FastAPI ``responses=``: the 200 model (and the event stream of ``stream`` chunks) and
+    each error status."""
     out: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse, "description": STATUS_MEANINGS[status]}
         for status in statuses
     }
     if ok is not None:
         out[200] = {"model": ok, "description": "success"}
-        if stream:
-            out[200]["content"] = EVENT_STREAM
+        if stream is not None:
+            out[200]["content"] = event_stream(stream)
     return out

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import Field, WithJsonSchema
 
 from .chat_template import render_chat_prompt
-from .openai_protocol import ChatMessage, OpenAIError, StrictModel
+from .openai_protocol import ChatMessage, OpenAIError, StrictModel, token_ids_type
 from .schemas import DetokenizeResponse, TokenizeResponse, route_responses
 
 
@@ -37,7 +37,7 @@ def _tokenize_models(model_name: str, token_max: int) -> tuple[type, type, type]
 
     class DetokenizeRequest(StrictModel):
         model: name_type | None = None
-        tokens: list[Annotated[int, Field(ge=0, le=token_max)]]
+        tokens: token_ids_type(token_max)
 
     return TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest
 
