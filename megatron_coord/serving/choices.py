@@ -120,7 +120,8 @@ def answer_choices(
     choices: list[Choice],
     results: list[ChoiceResult],
 ) -> list[ChoiceOut]:
-    """The answer's choices: per prompt its ``n`` best candidates, numbered prompt * n + i."""
+    """The answer's choices: per prompt its ``n`` best candidates, numbered prompt * n + i
+    (``results`` lose the generations their choices drop: call this before token_totals)."""
     for choice, result in zip(choices, results, strict=True):
         if choice.drop_generated:
             result.drop_generated()

@@ -71,10 +71,10 @@ async def serve(
         raise  # answered 500 by the catch-all handler
     finally:
         state.release()
+    answer = answer_choices(state, body, choices, results)
     prompt_tokens, completion_tokens, cached = token_totals(choices, results)
     elapsed = time.monotonic() - start
     state.metrics.observe_success(endpoint, elapsed, prompt_tokens, completion_tokens)
-    answer = answer_choices(state, body, choices, results)
     totals = usage(prompt_tokens, completion_tokens, cached)
     if body.stream:
         state.metrics.observe_ttft(endpoint, elapsed)  # the first token the client sees
