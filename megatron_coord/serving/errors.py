@@ -58,8 +58,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if unknown is not None:
             return error_response(unknown_model_error(unknown))
         first = errors[0] if errors else {}
-        loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "path", "query")]
-        message = "; ".join(_describe_validation(e) for e in errors[:5]) or "invalid request"
+        loc = _location(first)
+        described = dict.fromkeys(_describe_validation(e) for e in errors)  # unions repeat
+        message = "; ".join(list(described)[:5]) or "invalid request"
         return error_response(OpenAIError(400, message, param=loc[0] if loc else None))
 
     @app.exception_handler(StarletteHTTPException)
@@ -101,8 +102,20 @@ def _unknown_model(errors: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _location(error: dict[str, Any]) -> list[str]:
+    """Where an error is, in the request's terms: field names and list indices, without the
+    request part (body, path) and the names pydantic gives union members (``constrained-int``,
+    ``function-after[...]``, ``list[...]``)."""
+    return [
+        str(p)
+        for p in error.get("loc", ())
+        if p not in ("body", "path", "query")
+        and not (isinstance(p, str) and ("-" in p or "[" in p))
+    ]
+
+
 def _describe_validation(error: dict[str, Any]) -> str:
-    loc = ".".join(str(p) for p in error.get("loc", ()) if p != "body")
+    loc = ".".join(_location(error))
     return f"{loc}: {error.get('msg', 'invalid')}" if loc else str(error.get("msg", "invalid"))
 
 

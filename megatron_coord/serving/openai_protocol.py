@@ -16,9 +16,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
+    PlainValidator,
     WithJsonSchema,
     create_model,
     field_validator,
@@ -75,25 +75,30 @@ class StrictModel(BaseModel):
 # --------------------------------------------------------------------------- bounded types
 
 
-def _integral(value: Any) -> Any:
-    """A float with no fraction (JSON Schema's integers include 1.0) as an int."""
-    return int(value) if type(value) is float and value.is_integer() else value
+def _integral_float(low: int, high: int) -> Any:
+    """A float with no fraction, within [low, high], as an int: JSON Schema's integers
+    include 1.0 (bounds checked after the conversion, where 2**63 - 1 is exact; an int
+    never gets here to be rounded)."""
 
+    def to_int(value: Any) -> int:
+        if type(value) is not float or not value.is_integer() or not low <= int(value) <= high:
+            raise ValueError(f"Input should be an integer in [{low}, {high}]")
+        return int(value)
 
-def _integral_items(value: Any) -> Any:
-    if type(value) is list and float in map(type, value):  # the scan runs in C
-        return [_integral(v) for v in value]
-    return value
+    return Annotated[float, PlainValidator(to_int)]
 
 
 def _int(low: int, high: int = MAX_INT64) -> Any:
-    return Annotated[int, Field(ge=low, le=high), BeforeValidator(_integral)]
+    """An integer in [low, high]: an int (validated in Rust, the fast path) or an integral
+    float; the document says integer."""
+    schema = {"type": "integer", "minimum": low, "maximum": high}
+    exact = Annotated[int, Field(ge=low, le=high)]
+    return Annotated[exact | _integral_float(low, high), WithJsonSchema(schema)]
 
 
 def _ints(low: int, high: int, **length: Any) -> Any:
-    """A list of bounded integers (integral floats taken, one C-speed scan for them)."""
-    item = Annotated[int, Field(ge=low, le=high)]
-    return Annotated[list[item], BeforeValidator(_integral_items), Field(**length)]
+    """A list of bounded integers."""
+    return Annotated[list[_int(low, high)], Field(**length)]
 
 
 def _float(low: float, high: float) -> Any:
