@@ -57,9 +57,11 @@ def install_error_handlers(app: FastAPI) -> None:
         unknown = _unknown_model(errors)
         if unknown is not None:
             return error_response(unknown_model_error(unknown))
+        errors = _telling(errors)
         first = errors[0] if errors else {}
         loc = _location(first)
-        described = dict.fromkeys(_describe_validation(e) for e in errors)  # unions repeat
+        context = request.app.state.server.limits.max_model_len
+        described = dict.fromkeys(_describe_validation(e, context) for e in errors)
         message = "; ".join(list(described)[:5]) or "invalid request"
         return error_response(OpenAIError(400, message, param=loc[0] if loc else None))
 
@@ -114,8 +116,36 @@ def _location(error: dict[str, Any]) -> list[str]:
     ]
 
 
-def _describe_validation(error: dict[str, Any]) -> str:
+_MISMATCH = {"string_type", "list_type", "int_type", "float_type", "dict_type", "bool_type"}
+
+
+def _telling(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The errors that say what is wrong: a union (a prompt is a string or token lists, an
+    integer an int or an integral float) reports every member that did not match; where a
+    member came close (a bound, a value), the others' type mismatches are noise."""
+    if len(errors) < 2:
+        return errors
+    errors = [
+        e
+        for e in errors
+        if not any(str(p).startswith("function-plain") for p in e.get("loc", ()))
+        or isinstance(e.get("input"), float)
+    ] or errors
+    close = [e for e in errors if e.get("type") not in _MISMATCH]
+    return close or errors
+
+
+_MAX_TOKENS_FIELDS = ("max_tokens", "max_completion_tokens")
+
+
+def _describe_validation(error: dict[str, Any], context: int | None = None) -> str:
     loc = ".".join(_location(error))
+    bound = (error.get("ctx") or {}).get("le")
+    if context is not None and loc in _MAX_TOKENS_FIELDS and bound == context - 1:
+        return (
+            f"{loc} is {error.get('input')}, but this model's context length is {context} "
+            f"tokens, the prompt included (at most {context - 1} new tokens)"
+        )
     return f"{loc}: {error.get('msg', 'invalid')}" if loc else str(error.get("msg", "invalid"))
 
 
