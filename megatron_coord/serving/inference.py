@@ -1,6 +1,8 @@
 """Serving one HTTP inference request: its choices run concurrently through the coordinator,
-answered as one JSON response or as server-sent events (OpenAI's streaming shape). A client that
-disconnects, a deadline or a failed choice cancels, and so aborts, everything still running."""
+answered as one JSON response or as server-sent events (OpenAI's streaming shape): deltas as
+tokens arrive or -- where the answer needs the whole generation (log-probs, echo, best_of) --
+each choice whole in one chunk. A client that disconnects, a deadline or a failed choice
+cancels, and so aborts, everything still running."""
 
 from __future__ import annotations
 
