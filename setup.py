@@ -40,6 +40,10 @@ EXTRAS_REQUIRE = {
         "hypothesis>=6.100",
         "openai>=1.30",
         "httpx>=0.27",
+        # tests/test_http_openapi.py: the OpenAPI document checked by schemathesis
+        "schemathesis>=4.32,<5",
+        # tests/test_http_lm_eval.py: lm-evaluation-harness through the HTTP server
+        "lm-eval[api]>=0.4.13,<0.5",
     ],
     "bench": ["matplotlib>=3.8", "openai>=1.30", "httpx>=0.27"],
 }

@@ -37,6 +37,16 @@ DEFAULT_COORDINATOR_TIMEOUT_S = 3.0
 DEFAULT_RECONNECT_TIMEOUT_S = 30.0
 
 
+def _unencodable(prompt: str | list[int], params: dict[str, Any]) -> str:
+    """Which part of a request msgpack cannot carry (an int outside 64 bits, a lone surrogate)."""
+    for name, value in [("prompt", prompt), *((f"sampling_params.{k}", v) for k, v in params.items())]:  # fmt: skip
+        try:
+            _encode(value)
+        except (OverflowError, UnicodeEncodeError) as exc:
+            return f"{name} cannot be sent: {exc}"
+    return "the request cannot be encoded"
+
+
 class InferenceClient:
     """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring).
 
@@ -198,8 +208,11 @@ class InferenceClient:
         if self._gave_up():
             raise ConnectionError(self._unreachable())
         request_id = self.next_request_id
+        try:
+            message = _encode([int(Headers.SUBMIT_REQUEST), request_id, prompt, params])
+        except (OverflowError, UnicodeEncodeError):
+            raise ValueError(_unencodable(prompt, params)) from None
         self.next_request_id = request_id + 1
-        message = _encode([int(Headers.SUBMIT_REQUEST), request_id, prompt, params])
         self.socket.send(message, copy=len(message) < 65536)
         if self.heartbeat_interval is not None:
             self._requests.submits[request_id] = message  # sent again if the coordinator is lost
@@ -209,7 +222,9 @@ class InferenceClient:
     def add_request(
         self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None
     ) -> asyncio.Future:
-        """Submit one request; the future resolves to its finished record (a dict)."""
+        """Submit one request; the future resolves to its finished record (a dict). Raises
+        ValueError for what msgpack cannot carry (an integer outside 64 bits, a lone
+        surrogate), naming it."""
         request_id = self._submit(prompt, sampling_params, streaming=False)
         future = asyncio.get_running_loop().create_future()
         future.request_id = request_id  # lets abort_request(future) find it

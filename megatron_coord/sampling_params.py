@@ -38,6 +38,17 @@ class SamplingParams:
     # --- megatron_coord extensions ---
     seed: int | None = None
     streaming_interval: int = 0  # >0: send partial results at most every N engine steps
+    # --- vLLM's / OpenAI's sampling fields (issue 23's contract; all off by default) ---
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: list[int] | None = None
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
 
     def serialize(self) -> dict[str, Any]:
         """A msgpack-serializable dict (what goes on the wire)."""
@@ -50,9 +61,22 @@ class SamplingParams:
 
 
 _FIELD_TYPES = {f.name: f.type for f in dataclasses.fields(SamplingParams)}
-_INT_FIELDS = {"top_k", "num_tokens_to_generate", "top_n_logprobs", "streaming_interval"}
+_INT_FIELDS = {
+    "top_k",
+    "num_tokens_to_generate",
+    "top_n_logprobs",
+    "streaming_interval",
+    "min_tokens",
+}
 _OPTIONAL_INT_FIELDS = {"num_tokens_total", "termination_id", "seed"}
-_FLOAT_FIELDS = {"temperature", "top_p"}
+_FLOAT_FIELDS = {
+    "temperature",
+    "top_p",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+}
 _BOOL_FIELDS = {
     "return_log_probs",
     "skip_prompt_log_probs",
@@ -61,6 +85,9 @@ _BOOL_FIELDS = {
     "add_BOS",
     "detokenize_stop_sequence",
     "return_prompt_tokens",
+    "ignore_eos",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
 }
 
 
@@ -85,6 +112,18 @@ def _check_field(name: str, value: Any) -> Any:
         and not (isinstance(value, list) and all(isinstance(w, str) for w in value))
     ):
         raise _bad("sampling_params.stop_words must be a list of strings")
+    elif (
+        name == "stop_token_ids"
+        and value is not None
+        and not (isinstance(value, list) and all(type(t) is int for t in value))
+    ):
+        raise _bad("sampling_params.stop_token_ids must be a list of integers")
+    elif name == "logit_bias" and value is not None:
+        if not isinstance(value, dict) or not all(
+            type(k) is int and type(v) in (int, float) for k, v in value.items()
+        ):
+            raise _bad("sampling_params.logit_bias must map integer token ids to numbers")
+        value = {k: float(v) for k, v in value.items()}
     return value
 
 

@@ -272,8 +272,8 @@ def test_models_and_health(stack: Stack) -> None:
         ({"prompt": ""}, "prompt"),
         ({"prompt": []}, "prompt"),
         ({"prompt": [1, -2]}, "prompt"),
-        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
-        ({"logprobs": 2}, "logprobs"),
+        ({"stop": [str(i) for i in range(17)]}, "stop"),
+        ({"logprobs": 21}, "logprobs"),
         ({"extra_body": {"no_such_field": 1}}, "no_such_field"),
     ],
 )

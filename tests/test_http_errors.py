@@ -318,19 +318,22 @@ def test_sampled_token_logprobs(scripted) -> None:
     assert plain.choices[0].logprobs is None  # not asked for
 
 
-@pytest.mark.parametrize(
-    "fields",
-    [
-        {"logprobs": 1},
-        {"logprobs": 0, "stream": True},
-    ],
-)
-def test_unsupported_logprobs_requests(scripted, fields) -> None:
+def test_logprobs_alternatives_and_streamed_logprobs(scripted) -> None:
+    """logprobs >= 1 from an engine that sends no top-N lists: each position shows the chosen
+    token alone. Streamed with logprobs, a choice comes whole in one chunk, logprobs with it."""
     _, _, client = scripted
-    with pytest.raises(openai.BadRequestError) as info:
-        result = client.completions.create(model="m", prompt="logprobs", max_tokens=2, **fields)
-        list(result) if fields.get("stream") else None
-    assert info.value.body["param"] == "logprobs"
+    r = client.completions.create(model="m", prompt="logprobs", max_tokens=5, logprobs=1)
+    assert r.choices[0].logprobs.top_logprobs == [{"h": -0.5}, {"i": -1.0}, {"!": -2.0}]
+    chunks = list(
+        client.completions.create(
+            model="m", prompt="logprobs", max_tokens=5, logprobs=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == "hi!"
+    carried = [c.choices[0].logprobs for c in chunks if c.choices[0].logprobs is not None]
+    assert [lp.tokens for lp in carried] == [["h", "i", "!"]]
+    assert carried[0].token_logprobs == [-0.5, -1.0, -2.0]
+    assert chunks[-1].choices[0].finish_reason == "stop"
 
 
 def test_startup_fails_clearly_without_a_coordinator() -> None:

@@ -16,9 +16,9 @@ from megatron_coord.serving.openai_protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     OpenAIError,
-    StopMatcher,
     to_sampling_params,
 )
+from megatron_coord.serving.stop_strings import StopMatcher
 
 
 def completion(**fields) -> CompletionRequest:
@@ -63,13 +63,79 @@ def test_seed_per_choice_stays_in_int64() -> None:
     top_p=st.floats(0, 1),
     seed=st.none() | st.integers(-(2**63), 2**63 - 1),
     choice=st.integers(0, 15),
+    penalty=st.floats(-2, 2),
+    bias=st.dictionaries(st.integers(0, 2**63 - 1).map(str), st.floats(-100, 100), max_size=3),
+    min_tokens=st.integers(0, 2**63 - 1),
 )
 def test_mapped_params_always_pass_the_coordinators_validation(
-    temperature: float, top_p: float, seed: int | None, choice: int
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    choice: int,
+    penalty: float,
+    bias: dict[str, float],
+    min_tokens: int,
 ) -> None:
-    request = completion(temperature=temperature, top_p=top_p, seed=seed)
+    request = completion(
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        presence_penalty=penalty,
+        frequency_penalty=penalty,
+        logit_bias=bias,
+        min_tokens=min_tokens,
+    )
     params = to_sampling_params(request, 16, choice, None)
     validate_sampling_params(params.serialize())  # raises if the coordinator would refuse it
+
+
+def test_vllm_fields_map_onto_sampling_params() -> None:
+    p = to_sampling_params(
+        completion(
+            ignore_eos=True,
+            min_tokens=50,
+            stop_token_ids=[3, 4],
+            min_p=0.1,
+            presence_penalty=0.5,
+            frequency_penalty=-0.25,
+            repetition_penalty=1.1,
+            logit_bias={"5": 2, "7": -100.0},
+            include_stop_str_in_output=True,
+            skip_special_tokens=False,
+            top_k=300,
+        ),
+        8,
+        0,
+        0,
+        vocab_size=256,
+    )
+    assert (p.ignore_eos, p.min_tokens, p.stop_token_ids, p.min_p) == (True, 8, [3, 4], 0.1)
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -0.25, 1.1)
+    assert p.logit_bias == {5: 2.0, 7: -100.0}
+    assert p.include_stop_str_in_output and not p.skip_special_tokens
+    assert p.top_k == 0  # at least the vocabulary: no filtering
+    defaults = to_sampling_params(completion(), 8, 0, None)
+    assert (defaults.ignore_eos, defaults.min_tokens, defaults.logit_bias) == (False, 0, None)
+    assert (defaults.repetition_penalty, defaults.skip_special_tokens) == (1.0, True)
+
+
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        # (return_log_probs, skip_prompt_log_probs, top_n_logprobs, return_prompt_top_n)
+        ({"logprobs": 4}, (True, True, 4, False)),
+        ({"echo": True, "logprobs": 3}, (True, False, 3, True)),
+        ({"echo": True, "logprobs": 0}, (True, False, 0, False)),
+        ({"echo": True}, (False, False, 0, False)),
+        ({"prompt_logprobs": 2, "logprobs": 5}, (True, False, 5, True)),
+        ({"prompt_logprobs": 0}, (True, False, 0, False)),
+        ({"best_of": 3}, (True, True, 0, False)),  # best_of ranks by log-probs
+    ],
+)
+def test_log_prob_requests_map_onto_megatrons_fields(fields: dict, expected: tuple) -> None:
+    p = to_sampling_params(completion(**fields), 4, 0, None)
+    got = (p.return_log_probs, p.skip_prompt_log_probs, p.top_n_logprobs)
+    assert (*got, p.return_prompt_top_n_logprobs) == expected
 
 
 # --------------------------------------------------------------------------- stop strings
@@ -135,16 +201,18 @@ def test_prompt_shapes(prompt, expected) -> None:
 
 @pytest.mark.parametrize("prompt", ["", [], [[]], ["a", ""], ["x"] * 65])
 def test_empty_or_huge_prompts_are_refused(prompt) -> None:
-    with pytest.raises(OpenAIError) as info:
-        CompletionRequest(model="m", prompt=prompt).prompts()
-    assert info.value.status == 400 and info.value.param == "prompt"
+    """Bounds in the schema (so the OpenAPI document states them): a 400 naming prompt."""
+    with pytest.raises(ValidationError) as info:
+        CompletionRequest(model="m", prompt=prompt)
+    assert {e["loc"][0] for e in info.value.errors()} == {"prompt"}
 
 
-def test_prompts_times_choices_is_bounded() -> None:
-    assert len(CompletionRequest(model="m", prompt=["x"] * 16, n=16).prompts()) == 16
-    with pytest.raises(OpenAIError) as info:
-        CompletionRequest(model="m", prompt=["x"] * 17, n=16).prompts()
-    assert info.value.param == "n"
+def test_prompts_and_choices_are_bounded_each() -> None:
+    """64 prompts x 16 choices is the most (each bound a schema bound: no product rule)."""
+    assert len(CompletionRequest(model="m", prompt=["x"] * 64, n=16).prompts()) == 64
+    for fields in ({"prompt": ["x"] * 65}, {"prompt": "x", "n": 17}):
+        with pytest.raises(ValidationError):
+            CompletionRequest(**{"model": "m", **fields})
 
 
 @pytest.mark.parametrize(
@@ -167,20 +235,24 @@ def test_invalid_fields_are_rejected(fields) -> None:
 
 def test_unsupported_options_say_so() -> None:
     for fields, param in [
-        ({"echo": True}, "echo"),
-        ({"logprobs": 1}, "logprobs"),
-        ({"presence_penalty": 0.5}, "presence_penalty"),
-        ({"logit_bias": {"1": 2.0}}, "logit_bias"),
         ({"stream_options": {"include_usage": True}}, "stream_options"),
     ]:
         with pytest.raises(OpenAIError) as info:
             completion(**fields).check_supported()
         assert info.value.param == param and info.value.status == 400
-    chat = ChatCompletionRequest(
-        model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
-    )
-    with pytest.raises(OpenAIError):
-        chat.check_supported()
+    # Served since issue 23: echo, top-N log-probs, penalties, logit_bias.
+    for fields in (
+        {"echo": True},
+        {"logprobs": 5},
+        {"presence_penalty": 0.5},
+        {"logit_bias": {"1": 2.0}},
+    ):
+        completion(**fields).check_supported()
+    # Tools are not served: the schema says only an empty list.
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(
+            model="m", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}]
+        )
 
 
 def test_chat_max_tokens_precedence() -> None:
@@ -238,10 +310,10 @@ def test_record_view_of_megatron_and_resumed_records() -> None:
         "latency": 0.1,
     }
     view = record_view(record)
-    assert (view["text"], view["prompt_tokens"], view["completion_tokens"]) == ("abc", 3, 3)
-    assert view["finish_reason"] == "stop"
+    assert (view.text, view.prompt_tokens, view.completion_tokens) == ("abc", 3, 3)
+    assert view.finish_reason == "stop"
     bare = record_view({"prompt_tokens": [1], "generated_tokens": [], "generated_text": None})
-    assert (bare["text"], bare["prompt_tokens"], bare["completion_tokens"]) == ("", 1, 0)
+    assert (bare.text, bare.prompt_tokens, bare.completion_tokens) == ("", 1, 0)
 
 
 @pytest.mark.parametrize(

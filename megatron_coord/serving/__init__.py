@@ -3,8 +3,15 @@
 - ``app``: the FastAPI app and its routes (``create_app``);
 - ``state``, ``errors``, ``inference``: what the routes share, OpenAI-shaped errors, serving one
   request (unary or server-sent events);
-- ``openai_protocol``, ``chat_template``, ``generation``: request and response shapes, chat
-  prompts, one choice's generation through the coordinator;
+- ``openai_protocol``, ``bounds``: request models (strict, every bound a field constraint) and
+  their mapping to ``SamplingParams``; a served model's bounds (name, vocabulary, context);
+- ``choices``: a request's engine requests (context check, best_of) and its answer's choices;
+- ``responses``, ``logprobs``, ``stop_strings``: answer bodies and stream chunks, log-probs
+  (echo, top-N, vLLM's prompt_logprobs), stop strings;
+- ``schemas``, ``openapi_doc``: the answers' models and the OpenAPI document built from them;
+- ``tokenize``: vLLM's /tokenize and /detokenize;
+- ``chat_template``, ``generation``: chat prompts, one choice's generation through the
+  coordinator;
 - ``metrics``: Prometheus metrics; ``runner``: uvicorn in this thread, a thread or a process;
   ``workers``: N worker processes behind one port (``--http-workers``), supervised;
   ``cli``: ``python -m megatron_coord.serving``.

@@ -1,40 +1,52 @@
 """OpenAI-compatible HTTP front end (FastAPI + uvicorn) for a running coordinator.
 
 The server is one more coordinator client: it holds an ``InferenceClient`` (DEALER) and turns
-each HTTP request into one engine request per prompt and choice. Everything runs on uvicorn's
+each HTTP request into one engine request per prompt and candidate. Everything runs on uvicorn's
 event loop, so thousands of open HTTP requests cost no threads.
 
-Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with server-sent-event
-streaming, ``n`` choices, ``stop`` strings, ``seed``, and the sampled tokens' log-probabilities
-when not streaming), ``GET /v1/models``, ``GET /health/live`` (200 while this server runs),
+Endpoints: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (server-sent-event
+streaming, ``n`` and ``best_of``, ``stop`` strings, ``seed``, log-probabilities with top-N
+alternatives, ``echo`` with the prompt's log-probs, vLLM's ``prompt_logprobs`` and sampling
+fields: ``top_k``, ``min_p``, penalties, ``logit_bias``, ``ignore_eos``, ``min_tokens``,
+``stop_token_ids`` ...), ``GET /v1/models``, ``GET /health/live`` (200 while this server runs),
 ``GET /health/ready`` and its alias ``GET /health`` (503 unless connected to the coordinator
-and a replica is alive and healthy) and ``GET /metrics`` (Prometheus). Errors use OpenAI's JSON error shape: 400 bad request, 401 bad
-API key, 404 unknown model, 413 body too large, 429 overloaded, 503 no replica, 504 timeout,
-500 anything else. Valid OpenAI parameters that are not served (penalties, logit_bias, echo,
-top-k log-probability lists, tools) are refused with 400 rather than ignored.
+and a replica is alive and healthy), ``GET /metrics`` (Prometheus) and, with a tokenizer,
+vLLM's ``POST /tokenize`` and ``POST /detokenize``. Errors use OpenAI's JSON error shape: 400
+bad request (a field out of bounds, a prompt past the context), 401 bad API key, 404 unknown
+model, 405 wrong method (with ``Allow``), 413 body too large, 429 overloaded, 503 no replica,
+504 timeout, 500 anything else. ``/openapi.json`` documents exactly these (schemathesis checks
+it in the test suite). Valid OpenAI parameters that are not served (tools, suffix) are refused
+rather than ignored.
 
 Run on its own against a coordinator::
 
     python -m megatron_coord.serving --coordinator-address tcp://127.0.0.1:5555 --port 8000
 """
 
-from __future__ import annotations
-
 import contextlib
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI, Path, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from pydantic import WithJsonSchema
 
 from ..coordinator_stats import is_serving
 from . import openai_protocol as oa
+from . import schemas
 from .chat_template import render_chat_prompt
+from .choices import build_choices
 from .errors import install_error_handlers
-from .inference import Choice, serve
+from .inference import serve
 from .metrics import CONTENT_TYPE_LATEST, ServingMetrics
 from .openai_protocol import OpenAIError
+from .openapi_doc import SECURED, install_openapi
+from .responses import ChatFormat, CompletionFormat
+from .schemas import route_responses
 from .state import DEFAULT_MODEL_NAME, Guard, ServerOptions, ServerState, check_options
+from .tokenize import install_tokenize_routes
+
+INFERENCE_ERRORS = (400, 404, 413, 429, 500, 503, 504)
 
 
 def create_app(
@@ -63,60 +75,102 @@ def create_app(
         finally:
             await state.stop()
 
-    app = FastAPI(title="megatron_coord OpenAI-compatible API", lifespan=lifespan)
+    app = FastAPI(
+        title="megatron_coord OpenAI-compatible API",
+        version="1",
+        description=__doc__.split("\n\n")[2],
+        lifespan=lifespan,
+    )
     app.state.server = state
     app.add_middleware(Guard, api_key=opts.api_key, max_body_bytes=opts.max_body_bytes)
     install_error_handlers(app)
-    _install_routes(app, state)
+    _install_inference_routes(app, state)
+    _install_info_routes(app, state)
+    install_tokenize_routes(app, state)
+    install_openapi(app, api_key=bool(opts.api_key))
     return app
 
 
-def _install_routes(app: FastAPI, state: ServerState) -> None:
-    @app.post("/v1/completions")
-    async def completions(body: oa.CompletionRequest, request: Request) -> Response:
+def _v1(state: ServerState, statuses: tuple[int, ...]) -> tuple[tuple[int, ...], dict]:
+    """A /v1 route's error statuses and OpenAPI extras: 401 and the bearer key when one is
+    required."""
+    if state.opts.api_key:
+        return (*statuses, 401), SECURED
+    return statuses, {}
+
+
+def _install_inference_routes(app: FastAPI, state: ServerState) -> None:
+    completion_body = state.models.completion
+    chat_body = state.models.chat
+    statuses, extra = _v1(state, INFERENCE_ERRORS)
+
+    @app.post(
+        "/v1/completions",
+        responses=route_responses(schemas.CompletionResponse, statuses, schemas.CompletionChunk),
+        openapi_extra=extra,
+    )
+    async def completions(body: completion_body, request: Request) -> Response:
         endpoint = "completions"
         with _counting_refusals(state, endpoint):
-            _check_request(state, body)
             body.check_supported()
             max_new = body.max_tokens if body.max_tokens is not None else oa.DEFAULT_MAX_TOKENS
-            choices = _choices(state, body, body.prompts(), max_new)
+            choices = build_choices(state, body, body.prompts(), max_new)
         return await serve(
-            state, request, endpoint, body, choices, oa.CompletionFormat(state.opts.model_name)
+            state, request, endpoint, body, choices, CompletionFormat(state.opts.model_name)
         )
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: oa.ChatCompletionRequest, request: Request) -> Response:
+    @app.post(
+        "/v1/chat/completions",
+        responses=route_responses(
+            schemas.ChatCompletionResponse, statuses, schemas.ChatCompletionChunk
+        ),
+        openapi_extra=extra,
+    )
+    async def chat_completions(body: chat_body, request: Request) -> Response:
         endpoint = "chat_completions"
         with _counting_refusals(state, endpoint):
-            _check_request(state, body)
             body.check_supported()
             try:
                 prompt = render_chat_prompt(body.message_dicts(), state.tokenizer)
             except ValueError as exc:
                 raise OpenAIError(400, str(exc), param="messages") from None
             max_new = body.max_new_tokens(state.opts.default_chat_max_tokens)
-            choices = _choices(state, body, [prompt], max_new)
+            choices = build_choices(state, body, [prompt], max_new, param="messages")
         return await serve(
-            state, request, endpoint, body, choices, oa.ChatFormat(state.opts.model_name)
+            state, request, endpoint, body, choices, ChatFormat(state.opts.model_name)
         )
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [_model_card(state)]}
 
-    @app.get("/v1/models/{model:path}")
-    async def model(model: str) -> dict[str, Any]:
-        if model != state.opts.model_name:
-            raise _unknown_model(model)
-        return _model_card(state)
+def _install_info_routes(app: FastAPI, state: ServerState) -> None:
+    name = state.opts.model_name
+    model_path = Annotated[
+        Literal[name], Path(), WithJsonSchema({"type": "string", "enum": [name]})
+    ]
+    statuses, extra = _v1(state, ())
 
-    @app.get("/health/live")
+    @app.get(
+        "/v1/models", responses=route_responses(schemas.ModelList, statuses), openapi_extra=extra
+    )
+    async def models() -> Response:
+        return JSONResponse({"object": "list", "data": [_model_card(state)]})
+
+    @app.get(
+        "/v1/models/{model:path}",
+        responses=route_responses(schemas.ModelCard, (*statuses, 404)),
+        openapi_extra=extra,
+    )
+    async def model(model: model_path) -> Response:
+        return JSONResponse(_model_card(state))
+
+    @app.get("/health/live", responses=route_responses(schemas.Live, ()))
     async def live() -> Response:
         """Liveness: this server answers (restart it if not); says nothing of the replicas."""
         return JSONResponse({"status": "live"})
 
-    @app.get("/health")
-    @app.get("/health/ready")
+    ready_responses = route_responses(schemas.Ready, (503,))
+
+    @app.get("/health", responses=ready_responses)
+    @app.get("/health/ready", responses=ready_responses)
     async def ready() -> Response:
         """Readiness: connected to the coordinator, which has a healthy replica (503 if not)."""
         if not state.backend.connected:
@@ -139,8 +193,9 @@ def _install_routes(app: FastAPI, state: ServerState) -> None:
             )
         return JSONResponse({"status": "ok", "replicas": len(engines), "replicas_alive": alive})
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
         state.metrics.update_from_stats(await state.stats.query(state.opts.stats_timeout_s))
         return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -154,45 +209,11 @@ def _model_card(state: ServerState) -> dict[str, Any]:
     }
 
 
-def _unknown_model(model: str) -> OpenAIError:
-    return OpenAIError(
-        404,
-        f"the model {model!r} does not exist",
-        "invalid_request_error",
-        "model",
-        "model_not_found",
-    )
-
-
 @contextlib.contextmanager
-def _counting_refusals(state: ServerState, endpoint: str) -> Any:
+def _counting_refusals(state: ServerState, endpoint: str) -> Iterator[None]:
     """Count a request refused before it reached the coordinator as ``invalid_request``."""
     try:
         yield
     except OpenAIError:
         state.metrics.observe_outcome(endpoint, "invalid_request")
         raise
-
-
-def _check_request(state: ServerState, body: oa._SamplingFields) -> None:
-    if body.model != state.opts.model_name:
-        raise _unknown_model(body.model)
-    limit = state.opts.max_tokens_limit
-    wanted = getattr(body, "max_completion_tokens", None) or body.max_tokens
-    if limit is not None and wanted is not None and wanted > limit:
-        raise OpenAIError(400, f"max_tokens must be <= {limit}", param="max_tokens")
-
-
-def _choices(
-    state: ServerState, body: oa._SamplingFields, prompts: list[str | list[int]], max_new: int
-) -> list[Choice]:
-    return [
-        Choice(
-            p * body.n + j,
-            prompt,
-            oa.to_sampling_params(body, max_new, j, state.termination_id),
-            counts_prompt=j == 0,
-        )
-        for p, prompt in enumerate(prompts)
-        for j in range(body.n)
-    ]

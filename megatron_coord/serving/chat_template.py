@@ -19,14 +19,17 @@ DEFAULT_GENERATION_PROMPT = "<|assistant|>\n"
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
-def render_default_template(messages: list[dict[str, str]]) -> str:
+def render_default_template(
+    messages: list[dict[str, str]], add_generation_prompt: bool = True
+) -> str:
     """Render ``[{"role", "content"}, ...]`` with the default template, ending in an open
-    assistant turn."""
+    assistant turn (unless ``add_generation_prompt`` is False)."""
     parts = [
         DEFAULT_ROLE_PREFIX.format(role=m["role"]) + m["content"] + DEFAULT_MESSAGE_SUFFIX
         for m in messages
     ]
-    parts.append(DEFAULT_GENERATION_PROMPT)
+    if add_generation_prompt:
+        parts.append(DEFAULT_GENERATION_PROMPT)
     return "".join(parts)
 
 
@@ -42,16 +45,22 @@ def tokenizer_chat_template(tokenizer: Any) -> Any | None:
     return None
 
 
-def render_chat_prompt(messages: list[dict[str, str]], tokenizer: Any | None = None) -> str:
+def render_chat_prompt(
+    messages: list[dict[str, str]],
+    tokenizer: Any | None = None,
+    add_generation_prompt: bool = True,
+) -> str:
     """The prompt text for ``messages``: the tokenizer's own chat template when it has one,
     the default template otherwise. Raises ValueError on messages the template rejects."""
     if not messages:
         raise ValueError("messages must not be empty")
     hf = tokenizer_chat_template(tokenizer) if tokenizer is not None else None
     if hf is None:
-        return render_default_template(messages)
+        return render_default_template(messages, add_generation_prompt)
     try:
-        text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        )
     except Exception as exc:  # jinja errors (e.g. "roles must alternate") are the caller's fault
         raise ValueError(f"the model's chat template rejected the messages: {exc}") from None
     if not isinstance(text, str):

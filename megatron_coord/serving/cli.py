@@ -12,7 +12,7 @@ import threading
 
 from ..exit_codes import HELP_EPILOG, OK, ConfigurationError, run_main
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
-from .runner import load_cli_tokenizer, serve_http
+from .runner import cli_app_inputs, serve_http
 from .state import DEFAULT_MODEL_NAME
 from .workers import HTTPWorkerPool, worker_count
 
@@ -65,6 +65,13 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="refuse requests asking for more new tokens (default: no limit here)",
     )
     parser.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="the model's context: a prompt plus max_tokens past it gets 400 (default: the "
+        "--tokenizer checkpoint's max_position_embeddings; none: the engine decides)",
+    )
+    parser.add_argument(
         "--api-key",
         default=os.environ.get("MEGATRON_COORD_API_KEY"),
         help="require 'Authorization: Bearer KEY' on /v1/* (/health and /metrics stay open); "
@@ -104,15 +111,11 @@ def _serve(args: argparse.Namespace) -> int:
     if workers > 1:
         return _serve_workers(args, workers)
     try:
-        tokenizer = load_cli_tokenizer(args.tokenizer)
+        tokenizer, options = cli_app_inputs(args.tokenizer, _server_options(args))
     except (OSError, ValueError) as exc:
         raise ConfigurationError(f"cannot load the tokenizer {args.tokenizer!r}: {exc}") from None
     with contextlib.suppress(KeyboardInterrupt):  # uvicorn re-raises Ctrl-C after shutting down
-        serve_http(
-            args.coordinator_address,
-            tokenizer=tokenizer,
-            **_server_options(args),
-        )
+        serve_http(args.coordinator_address, tokenizer=tokenizer, **options)
     return OK
 
 
@@ -127,6 +130,7 @@ def _server_options(args: argparse.Namespace) -> dict:
         "request_timeout_s": args.request_timeout or None,
         "default_chat_max_tokens": args.default_chat_max_tokens,
         "max_tokens_limit": args.max_tokens_limit,
+        "max_model_len": args.max_model_len,
         "api_key": args.api_key,
         "max_body_bytes": args.max_body_bytes,
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 from ..client import InferenceClient, RequestError
 from ..sampling_params import SamplingParams
-from .openai_protocol import StopMatcher
+from .stop_strings import StopMatcher
 
 
 class GenerationError(Exception):
@@ -42,8 +42,10 @@ class Delta:
 
 @dataclass
 class ChoiceResult:
-    """A finished generation: its text (after stop strings), token counts, and -- when asked
-    for -- the generated token ids with their log-probabilities (end-of-text token dropped)."""
+    """A finished generation: its text (after stop strings), token counts, the generated token
+    ids (end-of-text token dropped) and -- when asked for -- their log-probabilities and top-N
+    alternatives, the prompt's (ids, text, log-probs of positions 1.., top-N) and how many
+    prompt tokens the prefix cache served."""
 
     text: str
     prompt_tokens: int
@@ -51,6 +53,28 @@ class ChoiceResult:
     finish_reason: str
     token_ids: list[int] = field(default_factory=list)
     log_probs: list[float] | None = None
+    top_n: list[dict[int, float]] | None = None
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_text: str | None = None
+    prompt_log_probs: list[float] | None = None
+    prompt_top_n: list[dict[int, float]] | None = None
+    cached_tokens: int = 0
+
+    def drop_generated(self) -> None:
+        """Forget the generation (echo with max_tokens 0 asked the engine for one token, to
+        have the prompt's log-probs computed)."""
+        self.text, self.completion_tokens, self.finish_reason = "", 0, "length"
+        self.token_ids = []
+        self.log_probs = [] if self.log_probs is not None else None
+        self.top_n = [] if self.top_n is not None else None
+
+    def cut_last_token(self) -> None:
+        """Drop the last generated token from the ids and their log-probs (not the text)."""
+        self.token_ids = self.token_ids[:-1]
+        if self.log_probs is not None:
+            self.log_probs = self.log_probs[:-1]
+        if self.top_n is not None:
+            self.top_n = self.top_n[:-1]
 
 
 class CoordinatorBackend:
@@ -103,7 +127,10 @@ class CoordinatorBackend:
     async def generate(self, prompt: str | list[int], params: SamplingParams) -> ChoiceResult:
         """Run one request to completion (no partial results)."""
         client = self._client()
-        future = client.add_request(prompt, params)
+        try:
+            future = client.add_request(prompt, params)
+        except ValueError as exc:  # what msgpack cannot carry (the HTTP edge checks first)
+            raise GenerationError("invalid_request", str(exc)) from None
         future.add_done_callback(_retrieve)
         try:
             record = await asyncio.shield(future)
@@ -146,6 +173,9 @@ class CoordinatorBackend:
         except RequestError as exc:
             finished = True
             raise GenerationError(exc.code, exc.message) from None
+        except ValueError as exc:  # not submitted: msgpack cannot carry it
+            finished = True
+            raise GenerationError("invalid_request", str(exc)) from None
         except ConnectionError as exc:  # lost mid-stream: nothing left to abort
             finished = True
             raise GenerationError("no_coordinator", str(exc)) from None
@@ -160,19 +190,14 @@ class CoordinatorBackend:
             _abort(self.client, request_id)
 
     def _result(self, record: Any, params: SamplingParams) -> ChoiceResult:
-        view = record_view(record)
-        text, token_ids, log_probs = view["text"], view["token_ids"], view["log_probs"]
-        if self.eod_text and text.endswith(self.eod_text):
-            text = text[: -len(self.eod_text)]
-            token_ids = token_ids[:-1]
-            log_probs = log_probs[:-1] if log_probs is not None else None
-        reason = view["finish_reason"]
-        if reason not in ("stop", "length"):
-            generated = view["completion_tokens"]
-            reason = "length" if generated >= params.num_tokens_to_generate else "stop"
-        return ChoiceResult(
-            text, view["prompt_tokens"], view["completion_tokens"], reason, token_ids, log_probs
-        )
+        result = record_view(record)
+        if self.eod_text and result.text.endswith(self.eod_text):
+            result.text = result.text[: -len(self.eod_text)]
+            result.cut_last_token()
+        if result.finish_reason not in ("stop", "length"):
+            budget = params.num_tokens_to_generate
+            result.finish_reason = "length" if result.completion_tokens >= budget else "stop"
+        return result
 
 
 async def run_choice(
@@ -192,7 +217,7 @@ async def run_choice(
     """
     if emit is None and not stops:
         return await backend.generate(prompt, params)
-    matcher = StopMatcher(stops)
+    matcher = StopMatcher(stops, params.include_stop_str_in_output)
     pieces: list[str] = []
     waiting_for_first = on_first_token is not None
     tokens = 0
@@ -221,8 +246,8 @@ async def run_choice(
     finally:
         await stream.aclose()
     # Stopped, and the abort raced the end of the request: count what we saw.
-    prompt_tokens = len(prompt) if isinstance(prompt, list) else 0
-    return ChoiceResult("".join(pieces), prompt_tokens, tokens, "stop")
+    prompt_ids = prompt if isinstance(prompt, list) else []
+    return ChoiceResult("".join(pieces), len(prompt_ids), tokens, "stop", prompt_ids=prompt_ids)
 
 
 def _retrieve(future: asyncio.Future) -> None:
@@ -243,12 +268,13 @@ def _abort(client: InferenceClient, handle: Any) -> None:
         client.abort_request(handle)
 
 
-def record_view(record: Any) -> dict[str, Any]:
-    """Text, token counts and finish reason of a finished record.
+def record_view(record: Any) -> ChoiceResult:
+    """A finished record as a ChoiceResult (its finish reason as the engine gave it).
 
     Records are Megatron's serialized ``DynamicInferenceRequestRecord``: ``{"requests": [...]}``
     where a request evicted and resumed appears as several entries; the generation is their
-    concatenation. ``prompt_tokens`` may come as Megatron's ``["tensor", ids]``.
+    concatenation, the prompt's fields are the first entry's. ``prompt_tokens`` may come as
+    Megatron's ``["tensor", ids]``; top-N dicts may have their token ids as strings.
     """
     requests = _field(record, "requests")
     if not isinstance(requests, list) or not requests:
@@ -258,19 +284,47 @@ def record_view(record: Any) -> dict[str, Any]:
     if len(prompt) == 2 and prompt[0] == "tensor" and isinstance(prompt[1], list):
         prompt = prompt[1]
     token_ids = [t for r in requests for t in _field(r, "generated_tokens") or []]
-    log_probs = [_field(r, "generated_log_probs") for r in requests]
-    return {
-        "text": "".join(_field(r, "generated_text") or "" for r in requests),
-        "prompt_tokens": len(prompt),
-        "completion_tokens": len(token_ids),
-        "token_ids": token_ids,
-        "log_probs": (
-            [lp for part in log_probs for lp in part]
-            if all(isinstance(part, list) for part in log_probs)
-            else None
-        ),
-        "finish_reason": _field(last, "finish_reason"),
-    }
+    prompt_text = _field(first, "prompt")
+    return ChoiceResult(
+        text="".join(_field(r, "generated_text") or "" for r in requests),
+        prompt_tokens=len(prompt),
+        completion_tokens=len(token_ids),
+        finish_reason=_field(last, "finish_reason"),
+        token_ids=token_ids,
+        log_probs=_joined(requests, "generated_log_probs"),
+        top_n=_top_n_lists(_joined(requests, "generated_top_n_logprobs")),
+        prompt_ids=list(prompt),
+        prompt_text=prompt_text if isinstance(prompt_text, str) else None,
+        prompt_log_probs=_list_or_none(_field(first, "prompt_log_probs")),
+        prompt_top_n=_top_n_lists(_list_or_none(_field(first, "prompt_top_n_logprobs"))),
+        cached_tokens=_field(first, "cached_tokens") or 0,
+    )
+
+
+def _list_or_none(value: Any) -> list | None:
+    return value if isinstance(value, list) else None
+
+
+def _joined(requests: list[Any], name: str) -> list | None:
+    """The concatenation of a per-token list over a record's entries (None if one lacks it)."""
+    parts = [_field(r, name) for r in requests]
+    if not all(isinstance(part, list) for part in parts):
+        return None
+    return [item for part in parts for item in part]
+
+
+def _top_n_lists(lists: list | None) -> list[dict[int, float]] | None:
+    """Top-N dicts keyed by int token ids, in descending order of log-prob."""
+    if lists is None:
+        return None
+    out = []
+    for entry in lists:
+        if not isinstance(entry, dict):
+            return None
+        pairs = [(int(k), v) for k, v in entry.items()]
+        pairs.sort(key=lambda kv: -kv[1])
+        out.append(dict(pairs))
+    return out
 
 
 def _field(record: Any, name: str) -> Any:

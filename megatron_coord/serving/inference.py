@@ -1,6 +1,8 @@
 """Serving one HTTP inference request: its choices run concurrently through the coordinator,
-answered as one JSON response or as server-sent events (OpenAI's streaming shape). A client that
-disconnects, a deadline or a failed choice cancels, and so aborts, everything still running."""
+answered as one JSON response or as server-sent events (OpenAI's streaming shape): deltas as
+tokens arrive or -- where the answer needs the whole generation (log-probs, echo, best_of) --
+each choice whole in one chunk. A client that disconnects, a deadline or a failed choice
+cancels, and so aborts, everything still running."""
 
 from __future__ import annotations
 
@@ -16,28 +18,16 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.background import BackgroundTask
 
-from ..sampling_params import SamplingParams
 from . import openai_protocol as oa
+from .choices import Choice, answer_choices, token_totals
 from .errors import openai_error, timeout_error
 from .generation import ChoiceResult, GenerationError, run_choice
+from .responses import ChoiceOut, ResponseFormat, usage
 from .state import ServerState
 
 log = logging.getLogger("megatron_coord.serving")
 
-
-@dataclass
-class Choice:
-    """One engine request of an HTTP request: a prompt and a choice number."""
-
-    index: int
-    prompt: str | list[int]
-    params: SamplingParams
-    counts_prompt: bool  # the first choice of its prompt: its prompt tokens go into usage
-
-
-def token_totals(choices: list[Choice], results: list[ChoiceResult]) -> tuple[int, int]:
-    prompt = sum(r.prompt_tokens for c, r in zip(choices, results, strict=True) if c.counts_prompt)
-    return prompt, sum(r.completion_tokens for r in results)
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
 class Disconnected(Exception):
@@ -58,11 +48,13 @@ async def serve(
     endpoint: str,
     body: oa._SamplingFields,
     choices: list[Choice],
-    fmt: oa.ResponseFormat,
+    fmt: ResponseFormat,
 ) -> Response:
+    """Answer one inference request: as JSON, as a stream of deltas, or -- where the answer
+    needs the whole generation (log-probs, echo, best_of) -- as a stream of whole choices."""
     start = time.monotonic()
     state.acquire(endpoint)
-    if body.stream:
+    if body.stream and body.streams_incrementally():
         return await serve_stream(state, request, endpoint, body, choices, fmt, start)
     try:
         results = await _run_unary(state, request, choices, body.stop)
@@ -81,32 +73,37 @@ async def serve(
         raise  # answered 500 by the catch-all handler
     finally:
         state.release()
-    prompt_tokens, completion_tokens = token_totals(choices, results)
-    state.metrics.observe_success(
-        endpoint, time.monotonic() - start, prompt_tokens, completion_tokens
-    )
-    logprobs = [_logprobs(state, fmt, r) for r in results] if body.wants_logprobs() else None
-    usage = oa.usage(prompt_tokens, completion_tokens)
-    return JSONResponse(fmt.response(results, usage, logprobs))
+    answer = answer_choices(state, body, choices, results)
+    prompt_tokens, completion_tokens, cached = token_totals(choices, results)
+    elapsed = time.monotonic() - start
+    state.metrics.observe_success(endpoint, elapsed, prompt_tokens, completion_tokens)
+    totals = usage(prompt_tokens, completion_tokens, cached)
+    if body.stream:
+        state.metrics.observe_ttft(endpoint, elapsed)  # the first token the client sees
+        chunks = _whole_chunks(fmt, answer, totals, body.include_usage())
+        return StreamingResponse(
+            _sse_list(chunks), media_type="text/event-stream", headers=_SSE_HEADERS
+        )
+    return JSONResponse(fmt.response(answer, totals))
 
 
-def _logprobs(
-    state: ServerState, fmt: oa.ResponseFormat, result: ChoiceResult
-) -> dict[str, Any] | None:
-    """The logprobs object of one choice: its tokens as text, cut where a stop string cut its
-    text. Without a tokenizer tokens read ``token_id:N`` and are not cut. None if the engine
-    sent no log-probabilities."""
-    if result.log_probs is None or len(result.log_probs) != len(result.token_ids):
-        return None
-    if state.tokenizer is not None:
-        pieces = [state.tokenizer.detokenize([t]) for t in result.token_ids]
-    else:
-        pieces = [f"token_id:{t}" for t in result.token_ids]
-    kept, length = 0, 0
-    while kept < len(pieces) and (state.tokenizer is None or length < len(result.text)):
-        length += len(pieces[kept])
-        kept += 1
-    return fmt.logprobs_payload(pieces[:kept], result.log_probs[:kept])
+def _whole_chunks(
+    fmt: ResponseFormat, answer: list[ChoiceOut], totals: dict[str, Any], include_usage: bool
+) -> list[dict[str, Any]]:
+    """A finished answer as stream chunks: each choice whole, then its finish."""
+    chunks = fmt.opening_chunks([c.index for c in answer], include_usage)
+    for choice in answer:
+        chunks.append(fmt.whole_chunk(choice, include_usage))
+        chunks.append(fmt.finish_chunk(choice.index, choice.finish_reason, include_usage))
+    if include_usage:
+        chunks.append(fmt.usage_chunk(totals))
+    return chunks
+
+
+async def _sse_list(chunks: list[dict[str, Any]]) -> AsyncIterator[str]:
+    for chunk in chunks:
+        yield _sse_data(chunk)
+    yield "data: [DONE]\n\n"
 
 
 async def _run_unary(
@@ -226,16 +223,16 @@ class _StreamRun:
         metrics = self.state.metrics
         if outcome == "success":
             results = [self.results[c.index] for c in self.choices]
-            prompt_tokens, completion_tokens = token_totals(self.choices, results)
+            prompt_tokens, completion_tokens, _ = token_totals(self.choices, results)
             metrics.observe_success(
                 self.endpoint, time.monotonic() - self.start, prompt_tokens, completion_tokens
             )
         else:
             metrics.observe_outcome(self.endpoint, outcome)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         results = [self.results[c.index] for c in self.choices]
-        return oa.usage(*token_totals(self.choices, results))
+        return usage(*token_totals(self.choices, results))
 
 
 async def serve_stream(
@@ -244,7 +241,7 @@ async def serve_stream(
     endpoint: str,
     body: oa._SamplingFields,
     choices: list[Choice],
-    fmt: oa.ResponseFormat,
+    fmt: ResponseFormat,
     start: float,
 ) -> Response:
     """Start the choices and wait for the first event, so a request the coordinator refuses
@@ -269,7 +266,7 @@ async def serve_stream(
     return StreamingResponse(
         _sse(run, first, fmt, body.include_usage()),
         media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        headers=_SSE_HEADERS,
         background=BackgroundTask(run.close),
     )
 
@@ -294,7 +291,7 @@ def _sse_data(payload: Any) -> str:
 
 
 async def _sse(
-    run: _StreamRun, first: _Event, fmt: oa.ResponseFormat, include_usage: bool
+    run: _StreamRun, first: _Event, fmt: ResponseFormat, include_usage: bool
 ) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's shape: chunks, an optional usage chunk, ``[DONE]``."""
     outcome = "aborted"  # unless we get to the end: the client went away

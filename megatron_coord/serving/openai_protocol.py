@@ -1,28 +1,40 @@
-"""The OpenAI API's shapes: request validation, sampling-parameter mapping, response bodies.
+"""The OpenAI API's requests: validation, and the mapping of their fields to ``SamplingParams``.
 
-Kept apart from the HTTP plumbing (``app``, ``serving``) so the mapping from OpenAI's fields to
-Megatron's ``SamplingParams`` can be read -- and tested -- in one place. Request models forbid
-unknown fields, as OpenAI's API does: a misspelt parameter is an error, not silently ignored.
+Kept apart from the HTTP plumbing (``app``, ``inference``) so the mapping from OpenAI's (and
+vLLM's) fields to Megatron's ``SamplingParams`` can be read -- and tested -- in one place.
+Request models are strict and forbid unknown fields, as OpenAI's API does: a misspelt parameter
+or a string where a number belongs is an error, not silently coerced or ignored. Every bound
+is a field constraint, so the OpenAPI document states exactly what is enforced; the models a
+server validates with (``request_models``) add its model's bounds (served name, vocabulary,
+context) to the defaults below.
 """
 
 from __future__ import annotations
 
-import time
-import uuid
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+)
 
 from ..sampling_params import SamplingParams
+from .bounds import MAX_INT64, ServedLimits, decimal_below
 
-MAX_STOP_SEQUENCES = 4
+MAX_STOP_SEQUENCES = 16
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-MAX_CHOICES = 16  # n: each choice is one engine request
+MAX_CHOICES = 16  # n and best_of: each candidate is one engine request
 MAX_PROMPTS = 64  # a batch of prompts in one /v1/completions call
-MAX_ENGINE_REQUESTS = 256  # prompts x n: what one HTTP request may put on the engines
-
-TokenIds = list[Annotated[StrictInt, Field(ge=0)]]
-Prompt = StrictStr | TokenIds | list[StrictStr] | list[TokenIds]
+MAX_TOP_LOGPROBS = 20
+MAX_LOGIT_BIAS = 1024
+MAX_STOP_TOKEN_IDS = 1024
+LOGIT_BIAS_LIMIT = 100.0
 
 
 class OpenAIError(Exception):
@@ -54,133 +66,246 @@ def error_body(
     return {"error": {"message": message, "type": err_type, "param": param, "code": code}}
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    include_usage: bool = False
+class StrictModel(BaseModel):
+    """Strict (no coercion), no unknown fields, finite floats: what every request model is."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
-class _SamplingFields(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
+# --------------------------------------------------------------------------- bounded types
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: StrictStr
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    temperature: Annotated[float, Field(ge=0.0, le=2.0)] = 1.0
-    top_p: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
-    # Not in OpenAI's API, but vLLM and SGLang accept it (openai client: extra_body).
-    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=MAX_CHOICES)] = 1
-    seed: StrictInt | None = None
-    stream: bool = False
+def _integral_float(low: int, high: int) -> Any:
+    """A float with no fraction, within [low, high], as an int: JSON Schema's integers
+    include 1.0 (bounds checked after the conversion, where 2**63 - 1 is exact; an int
+    never gets here to be rounded)."""
+
+    def to_int(value: Any) -> int:
+        if type(value) is not float or not value.is_integer() or not low <= int(value) <= high:
+            raise ValueError(f"Input should be an integer in [{low}, {high}]")
+        return int(value)
+
+    return Annotated[float, PlainValidator(to_int)]
+
+
+def _int(low: int, high: int = MAX_INT64) -> Any:
+    """An integer in [low, high]: an int (validated in Rust, the fast path) or an integral
+    float; the document says integer."""
+    schema = {"type": "integer", "minimum": low, "maximum": high}
+    exact = Annotated[int, Field(ge=low, le=high)]
+    return Annotated[exact | _integral_float(low, high), WithJsonSchema(schema)]
+
+
+def _ints(low: int, high: int, **length: Any) -> Any:
+    """A list of bounded integers."""
+    return Annotated[list[_int(low, high)], Field(**length)]
+
+
+def _float(low: float, high: float) -> Any:
+    return Annotated[float, Field(ge=low, le=high)]
+
+
+Text = Annotated[str, Field(min_length=1)]
+
+
+def _token_ids(token_max: int, max_len: int | None) -> Any:
+    return _ints(0, token_max, min_length=1, max_length=max_len)
+
+
+def _prompt_type(token_max: int, max_len: int | None) -> Any:
+    """A text, a token list, or a batch (1..MAX_PROMPTS) of either, none empty."""
+    ids = _token_ids(token_max, max_len)
+    batch = {"min_length": 1, "max_length": MAX_PROMPTS}
+    return Text | ids | Annotated[list[Text], Field(**batch)] | Annotated[list[ids], Field(**batch)]
+
+
+def token_ids_type(token_max: int) -> Any:
+    """Token ids in [0, token_max] (an empty list too)."""
+    return _ints(0, token_max)
+
+
+def _stop_token_ids_type(token_max: int) -> Any:
+    return _ints(0, token_max, max_length=MAX_STOP_TOKEN_IDS) | None
+
+
+def _logit_bias_type(token_max: int) -> Any:
+    """OpenAI's logit_bias: token ids as decimal strings -> a bias in [-100, 100]."""
+    key = decimal_below(token_max + 1)
+    bias = _float(-LOGIT_BIAS_LIMIT, LOGIT_BIAS_LIMIT)
+    schema = {
+        "anyOf": [
+            {
+                "type": "object",
+                "propertyNames": {"pattern": key},
+                "additionalProperties": {
+                    "type": "number",
+                    "minimum": -LOGIT_BIAS_LIMIT,
+                    "maximum": LOGIT_BIAS_LIMIT,
+                },
+                "maxProperties": MAX_LOGIT_BIAS,
+            },
+            {"type": "null"},
+        ]
+    }
+    mapping = Annotated[
+        dict[Annotated[str, Field(pattern=key)], bias], Field(max_length=MAX_LOGIT_BIAS)
+    ]
+    return Annotated[mapping | None, WithJsonSchema(schema)]
+
+
+def _model_name_type(name: str | None) -> Any:
+    if name is None:
+        return str
+    return Annotated[Literal[name], WithJsonSchema({"type": "string", "enum": [name]})]
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool | None = False
+
+
+class TextResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+# stream_options needs stream: true (as OpenAI says); in the schema, so generated clients and
+# schema-driven testers know it too.
+_STREAM_OPTIONS_NEED_STREAM = {
+    "if": {
+        "required": ["stream_options"],
+        "properties": {"stream_options": {"type": "object"}},
+    },
+    "then": {"required": ["stream"], "properties": {"stream": {"const": True}}},
+}
+
+
+class _SamplingFields(StrictModel):
+    """Fields shared by /v1/completions and /v1/chat/completions (null means the default)."""
+
+    model_config = ConfigDict(json_schema_extra=_STREAM_OPTIONS_NEED_STREAM)
+
+    model: str
+    max_tokens: _int(0) | None = None
+    temperature: _float(0.0, 2.0) | None = None
+    top_p: _float(0.0, 1.0) | None = None
+    n: _int(1, MAX_CHOICES) | None = None
+    seed: _int(-(2**63)) | None = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    presence_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    frequency_penalty: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.0
-    logit_bias: dict[str, float] | None = None
-    user: StrictStr | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    presence_penalty: _float(-2.0, 2.0) | None = None
+    frequency_penalty: _float(-2.0, 2.0) | None = None
+    logit_bias: _logit_bias_type(MAX_INT64) = None
+    user: str | None = None
+    # vLLM's (and SGLang's) sampling fields; the openai client sends them in extra_body.
+    top_k: _int(-1) | None = None
+    min_p: _float(0.0, 1.0) | None = None
+    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    ignore_eos: bool = False
+    min_tokens: _int(0) = 0
+    stop_token_ids: _stop_token_ids_type(MAX_INT64) = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    prompt_logprobs: _int(0, MAX_TOP_LOGPROBS) | None = None
 
     @field_validator("stop")
     @classmethod
-    def _check_stop(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed")
-        if any(s == "" for s in stops):
-            raise ValueError("stop sequences must not be empty")
-        return stops
-
-    @field_validator("seed")
-    @classmethod
-    def _check_seed(cls, value: int | None) -> int | None:
-        if value is not None and not -(2**63) <= value < 2**63:
-            raise ValueError("seed must fit in a signed 64-bit integer")
-        return value
+    def _stop_as_list(cls, value: str | list[str] | None) -> list[str]:
+        return [value] if isinstance(value, str) else list(value or [])
 
     def check_supported(self) -> None:
-        """Refuse valid OpenAI parameters this server does not implement (rather than ignore)."""
-        if self.presence_penalty or self.frequency_penalty:
-            raise OpenAIError(
-                400, "presence and frequency penalties are not supported", param="presence_penalty"
-            )
-        if self.logit_bias:
-            raise OpenAIError(400, "logit_bias is not supported", param="logit_bias")
+        """Refuse what the schema states but pydantic does not check (across fields)."""
         if self.stream_options is not None and not self.stream:
             raise OpenAIError(
                 400, "stream_options is only allowed when stream is true", param="stream_options"
             )
 
+    @property
+    def choices(self) -> int:
+        return self.n if self.n is not None else 1
+
+    def candidates(self) -> int:
+        """Engine requests per prompt: ``best_of`` when larger than ``n``."""
+        return self.choices
+
     def wants_logprobs(self) -> bool:
+        """Whether the answer carries the generated tokens' log-probabilities."""
         return False
 
+    def generated_top_n(self) -> int:
+        """Alternatives per generated token in the answer."""
+        return 0
+
+    def prompt_top_n(self) -> int | None:
+        """Alternatives per prompt position in the answer (None: no prompt log-probs)."""
+        return self.prompt_logprobs
+
+    def streams_incrementally(self) -> bool:
+        """False where the answer needs the whole generation (log-probs, echo, best_of):
+        such a stream sends each choice in one chunk once it is complete."""
+        return (
+            not self.wants_logprobs()
+            and self.prompt_top_n() is None
+            and self.candidates() == self.choices
+        )
+
     def include_usage(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return bool(self.stream_options is not None and self.stream_options.include_usage)
 
 
 class CompletionRequest(_SamplingFields):
     """POST /v1/completions."""
 
-    prompt: Prompt
-    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = DEFAULT_MAX_TOKENS
-    echo: bool = False
-    # Only 0 is served: the sampled tokens' log-probabilities (engines report no top-k lists).
-    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None
-    best_of: StrictInt | None = None
-    suffix: StrictStr | None = None
+    prompt: _prompt_type(MAX_INT64, None)
+    max_tokens: _int(0) | None = DEFAULT_MAX_TOKENS
+    echo: bool | None = False
+    logprobs: _int(0, MAX_TOP_LOGPROBS) | None = None
+    best_of: _int(1, MAX_CHOICES) | None = None
+    suffix: Annotated[str, Field(max_length=0)] | None = None  # not served: only empty
 
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.echo:
-            raise OpenAIError(400, "echo is not supported", param="echo")
-        if self.logprobs:
-            raise OpenAIError(
-                400,
-                "only logprobs=0 (the sampled tokens' log-probabilities) is supported",
-                param="logprobs",
-            )
-        if self.logprobs is not None and self.stream:
-            raise OpenAIError(400, "logprobs are not supported when streaming", param="logprobs")
-        if self.best_of is not None and self.best_of != self.n:
-            raise OpenAIError(400, "best_of is not supported", param="best_of")
-        if self.suffix:
-            raise OpenAIError(400, "suffix is not supported", param="suffix")
+    def candidates(self) -> int:
+        return max(self.choices, self.best_of or 1)
 
     def wants_logprobs(self) -> bool:
         return self.logprobs is not None
 
+    def generated_top_n(self) -> int:
+        return self.logprobs or 0
+
+    def echo_logprobs(self) -> bool:
+        """echo with logprobs: the prompt's log-probs come first in the logprobs object."""
+        return bool(self.echo) and self.logprobs is not None
+
+    def prompt_top_n(self) -> int | None:
+        wanted = [n for n in (self.prompt_logprobs,) if n is not None]
+        if self.echo_logprobs():
+            wanted.append(self.logprobs)
+        return max(wanted) if wanted else None
+
+    def streams_incrementally(self) -> bool:
+        return super().streams_incrementally() and not self.echo
+
     def prompts(self) -> list[str | list[int]]:
         """The prompt(s) as a list: one entry per prompt of a batch."""
         p = self.prompt
-        # Pydantic already checked that ``p`` is one of the four shapes, so the first element
-        # tells which (no need to walk a long token list again).
-        if isinstance(p, str):
-            prompts: list[str | list[int]] = [p]
-        elif p and isinstance(p[0], int):
-            prompts = [p]
-        else:
-            prompts = list(p)
-        if not prompts:
-            raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        if len(prompts) > MAX_PROMPTS:
-            raise OpenAIError(400, f"at most {MAX_PROMPTS} prompts per request", param="prompt")
-        if any(len(x) == 0 for x in prompts):
-            raise OpenAIError(400, "prompt must not be empty", param="prompt")
-        if len(prompts) * self.n > MAX_ENGINE_REQUESTS:
-            raise OpenAIError(400, f"prompts x n must be at most {MAX_ENGINE_REQUESTS}", param="n")
-        return prompts
+        # Pydantic already checked that ``p`` is one of the four shapes, none empty, so the
+        # first element tells which (no need to walk a long token list again).
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
 
-class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class TextPart(StrictModel):
     type: Literal["text"]
-    text: StrictStr
+    text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class ChatMessage(StrictModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: StrictStr | list[TextPart] | None = None
-    name: StrictStr | None = None
+    content: str | list[TextPart] | None = None
+    name: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -194,31 +319,20 @@ class ChatCompletionRequest(_SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=0)] | None = None
-    logprobs: bool = False
-    # Only 0/None is served: the sampled tokens' log-probabilities, no alternatives.
-    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: Any = None
-    response_format: dict[str, Any] | None = None
-
-    def check_supported(self) -> None:
-        super().check_supported()
-        if self.top_logprobs:
-            raise OpenAIError(
-                400, "only top_logprobs=0 (no alternatives) is supported", param="top_logprobs"
-            )
-        if self.logprobs and self.stream:
-            raise OpenAIError(400, "logprobs are not supported when streaming", param="logprobs")
-        if self.tools or self.tool_choice not in (None, "none"):
-            raise OpenAIError(400, "tools are not supported", param="tools")
-        if self.response_format and self.response_format.get("type") != "text":
-            raise OpenAIError(
-                400, "only the text response_format is supported", param="response_format"
-            )
+    max_completion_tokens: _int(0) | None = None
+    logprobs: bool | None = False
+    # Ignored unless logprobs is true.
+    top_logprobs: _int(0, MAX_TOP_LOGPROBS) | None = None
+    # Tools are not served: only an empty list, or tool_choice "none".
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+    response_format: TextResponseFormat | None = None
 
     def wants_logprobs(self) -> bool:
-        return self.logprobs
+        return bool(self.logprobs)
+
+    def generated_top_n(self) -> int:
+        return (self.top_logprobs or 0) if self.logprobs else 0
 
     def message_dicts(self) -> list[dict[str, str]]:
         return [{"role": m.role, "content": m.text()} for m in self.messages]
@@ -228,268 +342,101 @@ class ChatCompletionRequest(_SamplingFields):
             return self.max_completion_tokens
         return self.max_tokens if self.max_tokens is not None else default
 
+    def explicit_max_tokens(self) -> bool:
+        return self.max_completion_tokens is not None or self.max_tokens is not None
+
+
+@dataclass(frozen=True)
+class RequestModels:
+    """The request models one server validates with (its model's bounds in the types)."""
+
+    completion: type[CompletionRequest]
+    chat: type[ChatCompletionRequest]
+
+
+def request_models(limits: ServedLimits) -> RequestModels:
+    """Request models with ``limits``' served name, token ids, context and max_tokens bounds."""
+    token_max = limits.token_id_max
+    max_new = limits.max_new_tokens
+    shared: dict[str, Any] = {
+        "model": (_model_name_type(limits.model_name), ...),
+        "max_tokens": (_int(0, max_new) | None, None),
+        "stop_token_ids": (_stop_token_ids_type(token_max), None),
+        "logit_bias": (_logit_bias_type(token_max), None),
+    }
+    completion = create_model(
+        "CompletionRequest",
+        __base__=CompletionRequest,
+        __module__=__name__,
+        **{
+            **shared,
+            "max_tokens": (_int(0, max_new) | None, DEFAULT_MAX_TOKENS),
+            "prompt": (_prompt_type(token_max, limits.max_prompt_tokens), ...),
+        },
+    )
+    chat = create_model(
+        "ChatCompletionRequest",
+        __base__=ChatCompletionRequest,
+        __module__=__name__,
+        **shared,
+        max_completion_tokens=(_int(0, max_new) | None, None),
+    )
+    return RequestModels(completion, chat)
+
+
+# --------------------------------------------------------------------------- sampling params
+
+
+def _or(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
 
 def to_sampling_params(
-    req: _SamplingFields, max_new_tokens: int, choice_index: int, termination_id: int | None
+    req: _SamplingFields,
+    max_new_tokens: int,
+    choice_index: int,
+    termination_id: int | None,
+    vocab_size: int | None = None,
 ) -> SamplingParams:
     """Megatron sampling parameters for one choice of ``req``.
 
     OpenAI's ``temperature=0`` (or ``top_p=0``) means greedy, which Megatron spells ``top_k=1``;
-    OpenAI's ``top_p=1`` means "no nucleus filtering", which Megatron spells ``top_p=0``. With
+    OpenAI's ``top_p=1`` means "no nucleus filtering", which Megatron spells ``top_p=0``, and
+    vLLM's ``top_k=-1`` (or one at least the vocabulary) is Megatron's ``top_k=0``. With
     ``n > 1`` and a seed, choice ``i`` uses ``seed + i`` so the choices differ yet stay
-    reproducible.
+    reproducible. Log-probs: generated ones when the answer shows them (or best_of ranks by
+    them), the prompt's for echo or prompt_logprobs; one top-N serves both (the larger).
     """
-    greedy = req.temperature == 0.0 or req.top_p == 0.0 or req.top_k == 1
-    top_k = 1 if greedy else max(req.top_k or 0, 0)
+    temperature, top_p = _or(req.temperature, 1.0), _or(req.top_p, 1.0)
+    top_k = _or(req.top_k, 0)
+    if top_k < 0 or (vocab_size is not None and top_k >= vocab_size):
+        top_k = 0
+    greedy = temperature == 0.0 or top_p == 0.0 or top_k == 1
     params = SamplingParams(
-        temperature=1.0 if greedy else req.temperature,
-        top_k=top_k,
-        top_p=0.0 if greedy or req.top_p >= 1.0 else req.top_p,
+        temperature=1.0 if greedy else temperature,
+        top_k=1 if greedy else top_k,
+        top_p=0.0 if greedy or top_p >= 1.0 else top_p,
         num_tokens_to_generate=max_new_tokens,
         termination_id=termination_id,
+        ignore_eos=req.ignore_eos,
+        min_tokens=min(req.min_tokens, max_new_tokens),
+        stop_token_ids=req.stop_token_ids or None,
+        min_p=_or(req.min_p, 0.0),
+        presence_penalty=_or(req.presence_penalty, 0.0),
+        frequency_penalty=_or(req.frequency_penalty, 0.0),
+        repetition_penalty=_or(req.repetition_penalty, 1.0),
+        logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        skip_special_tokens=req.skip_special_tokens,
     )
     if req.seed is not None:
         params.seed = (req.seed + choice_index + 2**63) % 2**64 - 2**63
-    if req.wants_logprobs():
+    prompt_n = req.prompt_top_n()
+    if req.wants_logprobs() or prompt_n is not None or req.candidates() > req.choices:
         params.return_log_probs = True
-        params.skip_prompt_log_probs = True  # only the generated tokens' are returned
+        params.skip_prompt_log_probs = prompt_n is None
+    top_n = max(req.generated_top_n(), prompt_n or 0)
+    if top_n:
+        params.top_n_logprobs = top_n
+        params.return_prompt_top_n_logprobs = bool(prompt_n)
     return params
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-    }
-
-
-def completion_choice(
-    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
-
-
-def chat_choice(
-    index: int, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
-
-
-def completion_logprobs(tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
-    """The legacy completions ``logprobs`` object for sampled tokens (``logprobs=0``): each
-    entry of ``top_logprobs`` holds just the sampled token, as vLLM returns for 0."""
-    offsets, offset = [], 0
-    for token in tokens:
-        offsets.append(offset)
-        offset += len(token)
-    return {
-        "tokens": tokens,
-        "token_logprobs": log_probs,
-        "top_logprobs": [{t: lp} for t, lp in zip(tokens, log_probs, strict=True)],
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
-    """The chat ``logprobs`` object for sampled tokens (no alternatives)."""
-    return {
-        "content": [
-            {"token": t, "logprob": lp, "bytes": list(t.encode()), "top_logprobs": []}
-            for t, lp in zip(tokens, log_probs, strict=True)
-        ]
-    }
-
-
-def chat_delta_choice(
-    index: int, delta: dict[str, str], finish_reason: str | None
-) -> dict[str, Any]:
-    return {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-
-
-# --------------------------------------------------------------------------- response shapes
-
-
-class ResponseFormat:
-    """OpenAI's response and stream-chunk shapes for one endpoint."""
-
-    object_name = ""
-    chunk_object_name = ""
-    id_prefix = ""
-
-    def __init__(self, model: str) -> None:
-        self.id = new_id(self.id_prefix)
-        self.created = now()
-        self.model = model
-
-    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-        }
-
-    def _chunk(self, choice: dict[str, Any] | None, include_usage: bool) -> dict[str, Any]:
-        chunk = self._envelope(self.chunk_object_name, [choice] if choice is not None else [])
-        if include_usage:
-            chunk["usage"] = None
-        return chunk
-
-    def response(
-        self,
-        results: list[Any],
-        usage: dict[str, int],
-        logprobs: list[dict[str, Any] | None] | None = None,
-    ) -> dict[str, Any]:
-        """The full answer; ``results`` have ``text`` and ``finish_reason`` (ChoiceResult),
-        ``logprobs`` one ``logprobs_payload`` (or None) per result."""
-        logprobs = logprobs or [None] * len(results)
-        choices = [
-            self._choice(i, r.text, r.finish_reason, lp)
-            for i, (r, lp) in enumerate(zip(results, logprobs, strict=True))
-        ]
-        body = self._envelope(self.object_name, choices)
-        body["usage"] = usage
-        return body
-
-    def usage_chunk(self, usage: dict[str, int]) -> dict[str, Any]:
-        chunk = self._chunk(None, False)
-        chunk["usage"] = usage
-        return chunk
-
-    def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
-        return []
-
-    def _choice(
-        self, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def logprobs_payload(self, tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-class CompletionFormat(ResponseFormat):
-    object_name = chunk_object_name = "text_completion"
-    id_prefix = "cmpl"
-
-    def _choice(
-        self, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        return completion_choice(index, text, finish_reason, logprobs)
-
-    def logprobs_payload(self, tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
-        return completion_logprobs(tokens, log_probs)
-
-    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(completion_choice(index, text, None), include_usage)
-
-    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(completion_choice(index, "", reason), include_usage)
-
-
-class ChatFormat(ResponseFormat):
-    object_name = "chat.completion"
-    chunk_object_name = "chat.completion.chunk"
-    id_prefix = "chatcmpl"
-
-    def _choice(
-        self, index: int, text: str, finish_reason: str, logprobs: dict[str, Any] | None
-    ) -> dict[str, Any]:
-        return chat_choice(index, text, finish_reason, logprobs)
-
-    def logprobs_payload(self, tokens: list[str], log_probs: list[float]) -> dict[str, Any]:
-        return chat_logprobs(tokens, log_probs)
-
-    def opening_chunks(self, indices: list[int], include_usage: bool) -> list[dict[str, Any]]:
-        delta = {"role": "assistant", "content": ""}
-        return [self._chunk(chat_delta_choice(i, delta, None), include_usage) for i in indices]
-
-    def delta_chunk(self, index: int, text: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(chat_delta_choice(index, {"content": text}, None), include_usage)
-
-    def finish_chunk(self, index: int, reason: str, include_usage: bool) -> dict[str, Any]:
-        return self._chunk(chat_delta_choice(index, {}, reason), include_usage)
-
-
-class StopMatcher:
-    """Applies OpenAI ``stop`` strings to text arriving piece by piece.
-
-    ``feed`` returns the text that can be sent now: everything up to a stop string (which is
-    not sent), holding back a tail that could still be the start of one. ``stopped`` says a
-    stop string was found; ``flush`` returns what was held back once generation ends.
-    """
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if self.stopped:
-            return ""
-        if not self.stops:
-            return text
-        buffer = self.pending + text
-        cut = _first_stop(buffer, self.stops)
-        if cut >= 0:
-            self.stopped = True
-            self.pending = ""
-            return buffer[:cut]
-        hold = self._held_tail(buffer)
-        self.pending = buffer[len(buffer) - hold :]
-        return buffer[: len(buffer) - hold]
-
-    def flush(self) -> str:
-        out, self.pending = ("" if self.stopped else self.pending), ""
-        return out
-
-    def _held_tail(self, buffer: str) -> int:
-        """Length of the longest suffix of ``buffer`` that is a proper prefix of a stop string."""
-        best = 0
-        for stop in self.stops:
-            for length in range(min(len(stop) - 1, len(buffer)), best, -1):
-                if buffer.endswith(stop[:length]):
-                    best = length
-                    break
-        return best
-
-
-def _first_stop(text: str, stops: list[str]) -> int:
-    """Where ``text`` is cut: the start of the stop string that is complete first (the one
-    ending earliest, the longest of those), or -1.
-
-    "Complete first" is what a generation that stops on a stop string does: with stops "c" and
-    "aca", the text "ac..." stops at "c" before "aca" could ever be generated. Deciding by end
-    position makes the result the same however the text was split into pieces.
-    """
-    best_end, best_start = len(text) + 1, -1
-    for stop in stops:
-        start = text.find(stop)
-        if start < 0:
-            continue
-        end = start + len(stop)
-        if end < best_end or (end == best_end and start < best_start):
-            best_end, best_start = end, start
-    return best_start

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import multiprocessing
 import os
@@ -300,7 +301,8 @@ def _server_process_main(
     logging.basicConfig(level=log_level.upper())
     try:
         sock = bind_socket(host, port)
-        app = create_app(coordinator_address, load_cli_tokenizer(tokenizer), model_name, **options)
+        loaded, options = cli_app_inputs(tokenizer, options)
+        app = create_app(coordinator_address, loaded, model_name, **options)
     except ConfigurationError as exc:  # reported to the parent, which raises it
         conn.send(exc)
         return
@@ -320,3 +322,36 @@ def load_cli_tokenizer(spec: str | None) -> Any | None:
     from ..tokenizer import gpt2_tokenizer, load_tokenizer
 
     return gpt2_tokenizer() if spec == "gpt2" else load_tokenizer(spec)
+
+
+# ServerOptions field -> the Hugging Face config.json key it defaults to.
+_CHECKPOINT_LIMITS = {"max_model_len": "max_position_embeddings", "vocab_size": "vocab_size"}
+
+
+def checkpoint_limits(spec: str | None) -> dict[str, int]:
+    """The context and vocabulary of the checkpoint directory ``spec`` (its config.json), as
+    ServerOptions fields; {} for no directory, 'gpt2', or a config without them."""
+    if spec is None or spec == "gpt2":
+        return {}
+    try:
+        with open(os.path.join(spec, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(config, dict):
+        return {}
+    return {
+        option: config[key]
+        for option, key in _CHECKPOINT_LIMITS.items()
+        if type(config.get(key)) is int and config[key] > 0
+    }
+
+
+def cli_app_inputs(spec: str | None, options: dict[str, Any]) -> tuple[Any | None, dict[str, Any]]:
+    """The tokenizer named by ``spec`` and ``options`` with the checkpoint's limits filled in
+    where they are not given."""
+    filled = dict(options)
+    for option, value in checkpoint_limits(spec).items():
+        if filled.get(option) is None:
+            filled[option] = value
+    return load_cli_tokenizer(spec), filled

@@ -14,11 +14,13 @@ from fastapi import HTTPException
 from ..coordinator_stats import CoordinatorStats
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES
 from ..tokenizer import as_megatron_tokenizer
-from . import openai_protocol as oa
+from .bounds import ServedLimits
 from .errors import error_response
 from .generation import CoordinatorBackend
+from .logprobs import TokenText
 from .metrics import ServingMetrics
-from .openai_protocol import OpenAIError
+from .openai_protocol import OpenAIError, request_models
+from .responses import now
 
 DEFAULT_MODEL_NAME = "megatron_coord"
 
@@ -36,6 +38,11 @@ class ServerOptions:
     default_chat_max_tokens: int = 256
     # Requests asking for more new tokens are refused with 400 (None: the engine decides).
     max_tokens_limit: int | None = None
+    # The model's context (prompt + max_tokens must fit, else 400) and vocabulary (token ids
+    # must be below it, else 400); None: unknown here (the engine checks). A checkpoint
+    # directory given as the tokenizer supplies both (runner.checkpoint_limits).
+    max_model_len: int | None = None
+    vocab_size: int | None = None
     # How long /health and /metrics wait for the coordinator's STATS reply.
     stats_timeout_s: float = 1.0
     # How long startup waits for the coordinator to acknowledge CONNECT.
@@ -76,7 +83,12 @@ class ServerState:
         )
         self.stats = CoordinatorStats(address)
         self.running = 0
-        self.created = oa.now()
+        self.created = now()
+        self.limits = ServedLimits(
+            opts.model_name, opts.vocab_size, opts.max_model_len, opts.max_tokens_limit
+        )
+        self.models = request_models(self.limits)
+        self.token_text = TokenText(self.tokenizer)
 
     async def start(self) -> None:
         await self.backend.start()  # raises TimeoutError after connect_timeout_s

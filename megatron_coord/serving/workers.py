@@ -315,18 +315,13 @@ def _worker_main(
     logging.basicConfig(level=log_level.upper())
     from .app import create_app
     from .metrics import ServingMetrics
-    from .runner import load_cli_tokenizer
+    from .runner import cli_app_inputs
 
     try:
         sock = bind_socket(host, port, reuse_port=True)
         metrics = ServingMetrics(multiprocess_dir=metrics_dir)
-        app = create_app(
-            coordinator_address,
-            load_cli_tokenizer(tokenizer),
-            model_name,
-            metrics=metrics,
-            **options,
-        )
+        loaded, options = cli_app_inputs(tokenizer, options)
+        app = create_app(coordinator_address, loaded, model_name, metrics=metrics, **options)
     except ConfigurationError as exc:
         conn.send(("error", exc))
         return

@@ -4,7 +4,16 @@ It registers (ours: ``[REGISTER, {...}]``; ``--megatron``: one empty frame from 
 ``mp-coord-<rank>``, as Megatron-core 0.16's engines do), then on each wake-up drains every
 ready message and answers all drained SUBMIT_REQUESTs with ONE ENGINE_REPLY. The "generation"
 echoes the prompt: ``generated_tokens[i] = prompt_tokens[i % len(prompt_tokens)]`` for
-``num_tokens_to_generate`` tokens, so tests can predict every token and text.
+``num_tokens_to_generate`` tokens, so tests can predict every token and text. It ends early, as
+an engine does, at ``termination_id`` (unless ``ignore_eos``) or a ``stop_token_ids`` token (the
+token included, finish_reason "stop"); before ``min_tokens`` such a token is masked: the echo
+takes the next id instead (``(t + 1) % 256``).
+
+Asked for log-probabilities, it reports those of a fake model (``fake_log_prob``, ``fake_top_n``:
+every token it echoes is that model's likeliest, the alternatives follow it) for the generated
+tokens, the prompt (``prompt_log_probs``, with ``skip_prompt_log_probs`` False) and the top-N
+lists of both (``top_n_logprobs``, ``return_prompt_top_n_logprobs``), as the contract of
+issue 23 says. ``cached_tokens`` comes from a fake prefix cache (see fake_model.py).
 
 PAUSE is acked and holds new requests until UNPAUSE; STOP is acked and the process exits after
 the coordinator's STOP_ACK. Requests with ``streaming_interval`` > 0 get one PARTIAL_REPLY per
@@ -33,6 +42,8 @@ import msgspec
 import zmq
 
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
+from .fake_model import FakePrefixCache, generate_until_stop, log_prob_fields
+from .fake_model import echo as _generate
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode = msgspec.msgpack.Decoder().decode
@@ -84,11 +95,6 @@ class ByteTokenizer:
         return bytes(token_ids).decode("utf-8", errors="replace")
 
 
-def _generate(prompt_tokens: list[int], count: int) -> list[int]:
-    n = len(prompt_tokens)
-    return [prompt_tokens[i % n] for i in range(count)] if n else []
-
-
 def recv_ready(sock: zmq.Socket, block: bool = True) -> list[bytes]:
     """Every message already queued on ``sock`` (after waiting for the first if ``block``), so
     a batch of requests is handled, and answered, together."""
@@ -126,6 +132,7 @@ class FakeEngine:
         self.stopping = False
         self.held: list[list[Any]] = []  # submits that arrived while paused
         self.served = 0
+        self.prefix_cache = FakePrefixCache()
 
     def register(self) -> None:
         if self.megatron_style:
@@ -137,7 +144,7 @@ class FakeEngine:
     def record(self, request_id: int, prompt: Any, sampling: dict[str, Any]) -> dict[str, Any]:
         """The finished record of one request, shaped like Megatron's serialize()."""
         tokens = list(prompt.encode("utf-8")) if isinstance(prompt, str) else prompt
-        generated = _generate(tokens, sampling.get("num_tokens_to_generate", 30))
+        generated, reason = generate_until_stop(tokens, sampling)
         request = dict(_EMPTY_MEGATRON_REQUEST)
         request.update(
             request_id=request_id,
@@ -149,9 +156,15 @@ class FakeEngine:
             finished_chunk_token_count=0,
             events=[],
         )
+        if sampling.get("return_log_probs") or sampling.get("top_n_logprobs", 0) > 0:
+            request.update(log_prob_fields(tokens, generated, sampling))
         if not self.megatron_style:
             request["data_parallel_rank"] = self.rank  # extra keys must pass through
-            request["finish_reason"] = "length"
+            request["finish_reason"] = reason
+            wants_prompt = sampling.get("return_log_probs") and not sampling.get(
+                "skip_prompt_log_probs"
+            )
+            request["cached_tokens"] = self.prefix_cache.lookup_and_add(tokens, not wants_prompt)
         return {"requests": [request], "latency": None}
 
     def answer(self, submits: list[list[Any]]) -> None:
