@@ -39,9 +39,10 @@ from ..coordinator.coordinator import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
 from ..coordinator.routing import add_prefix_routing_arguments, prefix_routing_options
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
+from ..engine.coordinator_link import DEFAULT_JOIN_TIMEOUT_S, joined_identity
 from ..engine.engine import InferenceEngine
 from ..engine.kv_blocks import DEFAULT_BLOCK_SIZE
-from ..engine.server import DEFAULT_JOIN_TIMEOUT_S, EngineServer, joined_identity
+from ..engine.server import EngineServer
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
 from ..exit_codes import CONFIG_ERROR, ConfigurationError, PeerLostError
