@@ -694,7 +694,7 @@ def make_policy(
 
 
 def add_prefix_routing_arguments(parser: Any) -> None:
-    """The command-line options of ``prefix_aware`` (launch/replica.py, standalone.py)."""
+    """The command-line options of ``prefix_aware`` (launch/arguments.py, standalone.py)."""
     parser.add_argument(
         "--prefix-load-factor",
         type=float,

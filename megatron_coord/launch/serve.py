@@ -37,12 +37,9 @@ from typing import TYPE_CHECKING
 from ..engine.coordinator_link import DEFAULT_JOIN_TIMEOUT_S
 from ..exit_codes import HELP_EPILOG, OK, run_main
 from ..files import write_atomically
-from .replica import (
-    COORDINATOR_START_TIMEOUT_S,
-    Replica,
-    add_replica_arguments,
-    options_from_args,
-)
+from .arguments import add_replica_arguments, options_from_args
+from .coordinator_process import COORDINATOR_START_TIMEOUT_S
+from .replica import Replica
 
 if TYPE_CHECKING:
     from ..serving import HTTPServerProcess, HTTPWorkerPool
