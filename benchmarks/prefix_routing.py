@@ -408,7 +408,7 @@ def code_version() -> str | None:
 
 def known_policies() -> set[str]:
     """The --routing choices this checkout's launch accepts."""
-    from megatron_coord.launch.replica import add_replica_arguments
+    from megatron_coord.launch.arguments import add_replica_arguments
 
     parser = argparse.ArgumentParser()
     add_replica_arguments(parser)

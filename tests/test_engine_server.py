@@ -191,19 +191,19 @@ def test_poll_timeout_blocks_only_when_idle(model):
         assert server.poll_timeout_ms() == 250  # idle: block on the socket
         engine.add_request(NewRequest(1, PROMPT, SamplingParams(**GREEDY), 0))
         assert server.poll_timeout_ms() == 0  # work: drain without blocking
-        server.paused = True
+        server.control.paused = True
         assert server.poll_timeout_ms() == 250  # work waits, but the replica is paused
         server.request_shutdown()
         assert server.poll_timeout_ms() == 0
     finally:
-        server.socket.setsockopt(zmq.LINGER, 0)  # nobody listens: do not wait 2 s to deliver
+        server.link.socket.setsockopt(zmq.LINGER, 0)  # nobody listens: do not wait 2 s to deliver
         server.close()
 
 
 def test_heartbeats_report_load(model):
     h = Harness(model)
     try:
-        h.server.heartbeat_interval_s = 0.05
+        h.server.heartbeats.interval_s = 0.05
         h.send([Headers.SUBMIT_REQUEST, 21, PROMPT, {"top_k": 1, "num_tokens_to_generate": 3}])
         reports, finished = [], False
         while not finished or not reports or reports[-1]["generated_tokens"] < 3:

@@ -307,7 +307,7 @@ def test_heartbeats_report_block_events_and_stats_that_reach_metrics(model):
 
     h = Harness(model)  # max_seq_len 64, 2 slots: 8 blocks of 16
     try:
-        h.server.heartbeat_interval_s = 0.05
+        h.server.heartbeats.interval_s = 0.05
         prompt = prompts()[1][0][:40]
         params = {"top_k": 1, "num_tokens_to_generate": 4, "termination_id": -1}
         reports = []

@@ -3,12 +3,16 @@
 - ``engine``: continuous batching over a slot-indexed KV cache (``InferenceEngine``);
 - ``sampling``: per-request greedy / temperature / top-k / top-p sampling;
 - ``server``: the per-replica serving loop (``EngineServer``): the TP-coordinator talks to the
-  coordinator over ZMQ, every rank steps the engine on the same batch;
+  coordinator over ZMQ, every rank steps the engine on the same batch; beside it
+  ``coordinator_link`` (the socket, registration, losing and rejoining the coordinator),
+  ``control`` (control signals, shutdown, drain), ``heartbeats`` (HEARTBEAT load reports),
+  ``step_heartbeat`` (heartbeats during long steps) and ``step_guard`` (failed steps);
 - ``tp_broadcast``: each step's requests and signals packed (``megatron_coord._C``) and
   broadcast to the tensor-parallel group.
 """
 
+from .coordinator_link import engine_identity
 from .engine import InferenceEngine, StepResult
-from .server import EngineServer, engine_identity
+from .server import EngineServer
 
 __all__ = ["EngineServer", "InferenceEngine", "StepResult", "engine_identity"]

@@ -20,12 +20,8 @@ import sys
 
 from ..exit_codes import GENERATE_HELP_EPILOG, OK, REQUESTS_FAILED, ConfigurationError, run_main
 from ..sampling_params import SamplingParams
-from .replica import (
-    add_replica_arguments,
-    options_from_args,
-    read_prompts,
-    run_generate,
-)
+from .arguments import add_replica_arguments, options_from_args
+from .generate_job import read_prompts, run_generate
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

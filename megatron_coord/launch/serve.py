@@ -34,15 +34,12 @@ import threading
 from functools import partial
 from typing import TYPE_CHECKING
 
-from ..engine.server import DEFAULT_JOIN_TIMEOUT_S
+from ..engine.coordinator_link import DEFAULT_JOIN_TIMEOUT_S
 from ..exit_codes import HELP_EPILOG, OK, run_main
 from ..files import write_atomically
-from .replica import (
-    COORDINATOR_START_TIMEOUT_S,
-    Replica,
-    add_replica_arguments,
-    options_from_args,
-)
+from .arguments import add_replica_arguments, options_from_args
+from .coordinator_process import COORDINATOR_START_TIMEOUT_S
+from .replica import Replica
 
 if TYPE_CHECKING:
     from ..serving import HTTPServerProcess, HTTPWorkerPool
@@ -208,7 +205,7 @@ def _announce_joins(replica: Replica, ready_file: str | None) -> None:
         if ready_file and replica.is_global_rank0:
             write_atomically(ready_file, replica.address)
 
-    replica.server.on_joined = joined
+    replica.server.link.on_joined = joined
 
 
 def _announce_ready(replica: Replica, ready_file: str | None) -> None:

@@ -9,7 +9,7 @@ from .prefix_aware import DEFAULT_PREFIX_BLOCK_SIZE, DEFAULT_PREFIX_LOAD_FACTOR
 
 
 def add_prefix_routing_arguments(parser: Any) -> None:
-    """The command-line options of ``prefix_aware`` (launch/replica.py, standalone.py)."""
+    """The command-line options of ``prefix_aware`` (launch/arguments.py, standalone.py)."""
     parser.add_argument(
         "--prefix-load-factor",
         type=float,
