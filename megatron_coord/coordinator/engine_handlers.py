@@ -30,6 +30,7 @@ from .dialects import (
     Dialect,
     Wire019,
     flat_record,
+    record_016,
     wrapped_record,
 )
 from .engines import BadRegistration, Engine, parse_registration
@@ -231,6 +232,7 @@ class EngineHandlers:
         reply = int(Headers.ENGINE_REPLY)
         reply_019 = int(Wire019.ENGINE_REPLY)
         clients = c.clients
+        token_texts = c.text.token_texts
         for index, (request_id, record) in enumerate(routed):
             if index in failed:
                 c.fail(request_id, ErrorCode.ENGINE_FAILED, failed[index])
@@ -241,21 +243,26 @@ class EngineHandlers:
             client, client_request_id = c.free(request_id, generated)
             dialect = clients.get(client)
             if dialect is Dialect.MEGATRON_019:  # a 0.19 engine's request is 0.19's already
-                flat = record["requests"][0] if from_019 else flat_record(record)
+                flat = record["requests"][0] if from_019 else flat_record(record, token_texts)
                 c.send(client, encode([reply_019, client_request_id, flat]))
-            elif from_019 and dialect is Dialect.MEGATRON_016:
-                flat = record["requests"][0]
-                c.send(client, encode([reply, client_request_id, wrapped_record(flat)]))
+            elif dialect is Dialect.MEGATRON_016:
+                if from_019:
+                    record = wrapped_record(record["requests"][0])
+                else:
+                    record = record_016(record, token_texts)
+                c.send(client, encode([reply, client_request_id, record]))
             else:
                 c.send(client, encode([reply, client_request_id, record]))
 
     def on_partial_reply(self, engine: Engine, payload: bytes) -> None:
-        """PARTIAL_REPLY ``[103, [[request_id, new_tokens], ...]]``: relay the new text."""
+        """PARTIAL_REPLY ``[103, [[request_id, new_tokens(, extras)], ...]]``: relay the new
+        text (and the extras: the new tokens' log-probs / top-N, when asked for)."""
         c = self.c
         _, items = decode_as(partial_decoder, payload)
         header = int(Headers.PARTIAL_REPLY)
         table = c.requests
-        for request_id, tokens in items:
+        for item in items:
+            request_id, tokens, extras = item.request_id, item.tokens, item.extras
             stream = table.streams.get(request_id)
             if stream is None or table.engine_of.get(request_id) != engine.identity:
                 logger.warning("partial reply for request %r not streaming here", request_id)
@@ -263,14 +270,20 @@ class EngineHandlers:
             client = table.client_of[request_id]
             if c.tracks_load:
                 c.routing_policy.on_tokens(engine.identity, request_id, len(tokens))
+            detokenize = c.text.detokenize
+            if extras is not None and extras.get("skip_special_tokens") is False:
+                detokenize = c.text.detokenize_keeping_special
             try:
-                text = stream.push(c.text.detokenize, tokens)
+                text = stream.push(detokenize, tokens)
             except Exception as exc:
                 c.fail(request_id, ErrorCode.ENGINE_FAILED, f"cannot detokenize: {exc}")
                 continue
             if c.clients.get(client) is Dialect.OURS:  # only ours understand PARTIAL_REPLY
                 client_request_id = table.client_request_id_of[request_id]
-                c.send(client, encode([header, client_request_id, tokens, text]))
+                message = [header, client_request_id, tokens, text]
+                if extras:
+                    message.append(extras)
+                c.send(client, encode(message))
 
     def on_error(self, engine: Engine, payload: bytes) -> None:
         """ERROR ``[100, request_id, code, message]``: the engine failed one request."""
