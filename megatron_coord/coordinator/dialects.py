@@ -135,6 +135,7 @@ def record_016(record: dict[str, Any], token_texts: TokenTexts | None = None) ->
         kept = {k: v for k, v in request.items() if k in FIELDS_016}
         for key, value in _REQUIRED.items():
             kept.setdefault(key, value)
+        kept.setdefault("events", [])  # read without a default by 0.16's _post_deserialize
         requests.append(kept)
     return {"requests": requests, "latency": record.get("latency")}
 
