@@ -72,7 +72,8 @@ def test_penalties_match_a_hand_computation():
     )
     sampler = Sampler(1, 6)
     sampler.admit(state)
-    sampler.counts.add(torch.tensor([0, 0, 0]), torch.tensor(generated))  # slots 0 = state's
+    for token in generated:  # the state's slot is 0
+        sampler.counts.add([0], torch.tensor([0]), torch.tensor([token]))
     # By hand: repetition over prompt + generated (0, 2, 3, 4): / 2 if > 0, * 2 otherwise;
     # then frequency x count + presence over generated (2: once, 3: twice).
     expected = [2.0 / 2, -1.0, 0.5 / 2 - 0.25 - 0.5, 3.0 / 2 - 0.5 - 0.5, -2.0 * 2, 1.0]

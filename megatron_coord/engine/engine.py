@@ -86,7 +86,7 @@ class InferenceEngine:
             kv_blocks or max_batch_size * per_sequence, kv_block_size, prefix_caching
         )
         self.kv_cache = model.allocate_kv_cache(self.blocks.num_blocks, kv_block_size)
-        self.sampler = Sampler(max_batch_size, self.vocab_size, self.device)
+        self.sampler = Sampler(max_batch_size, self.vocab_size, self.device, self.max_seq_len)
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self.waiting: deque[RunningRequest] = deque()
         self.active: dict[int, RunningRequest] = {}

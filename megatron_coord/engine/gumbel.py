@@ -17,12 +17,18 @@ affine maps, so their noise vectors share almost no values.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 _MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
 _MIX = 0x45D9F3B  # below 2**27: a 32-bit value times it stays below 2**59
 _UNIT = 2.0**-24
+# The noise lies in [-log(-log(2**-24)), -log(-log(1 - 2**-24))] ~ [-2.81, 16.64]: a token whose
+# scaled logit is SPAN below its row's best can never win, whatever the noise (1.0 of margin
+# for float rounding). Sampling looks at the other tokens alone.
+SPAN = -math.log(-math.log1p(-_UNIT)) + math.log(-math.log(_UNIT)) + 1.0
 
 
 def _splitmix64(z: int) -> int:

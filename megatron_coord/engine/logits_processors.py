@@ -39,6 +39,7 @@ class Penalties:
 
     rows: torch.Tensor | None  # row indices into the batch (None: every row)
     slots: torch.Tensor  # their rows in TokenCounts
+    slot_list: list[int]
     presence: torch.Tensor
     frequency: torch.Tensor
     repetition: torch.Tensor
@@ -49,20 +50,27 @@ class Penalties:
 def apply_penalties(work: torch.Tensor, spec: Penalties, counts: TokenCounts) -> torch.Tensor:
     """Repetition (HF/vLLM: over prompt and generated tokens, a seen token's logit divided by
     the penalty if positive, multiplied if not), then ``logit -= frequency * count + presence *
-    [count > 0]`` over generated tokens. Returns ``work`` (changed in place)."""
-    sub = work if spec.rows is None else work[spec.rows]
-    generated = counts.counts[spec.slots]
+    [count > 0]`` over generated tokens. Returns ``work`` (changed in place).
+
+    Only the ids each row has seen are touched: gathered, penalized, scattered back. An id
+    listed twice is computed twice from the same logit and count, so both writes agree.
+    """
+    width = max(counts.lengths[s] for s in spec.slot_list)
+    if width == 0:
+        return work
+    ids = counts.seen[spec.slots, :width]
+    rows = None if spec.rows is None else spec.rows[:, None]
+    values = work.gather(1, ids) if rows is None else work[rows, ids]
     if spec.any_repetition:
-        seen = counts.prompt_seen[spec.slots] | (generated > 0)
-        scaled = torch.where(sub > 0, sub / spec.repetition, sub * spec.repetition)
-        sub = torch.where(seen, scaled, sub)
+        values = torch.where(values > 0, values / spec.repetition, values * spec.repetition)
     if spec.any_count_penalty:
-        n = generated.to(sub.dtype)
-        sub = sub - spec.frequency * n - spec.presence * (n > 0).to(sub.dtype)
-    if spec.rows is None:
-        work.copy_(sub)
+        flat = spec.slots[:, None] * counts.vocab_size + ids
+        n = torch.take(counts.counts, flat).to(values.dtype)
+        values = values - spec.frequency * n - spec.presence * (n > 0).to(values.dtype)
+    if rows is None:
+        work.scatter_(1, ids, values)
     else:
-        work[spec.rows] = sub
+        work[rows, ids] = values
     return work
 
 
@@ -78,7 +86,7 @@ class Filters:
     top_p: torch.Tensor | None  # [P, 1] of those rows
     nucleus_candidates: int  # how many tokens top-p looks at first
     any_top_p: bool
-    bounded: bool  # every row keeps a short list (top-k or top-p): sample among candidates
+    all_top_k: bool  # every row has a top-k: its candidates are found first (top_k_candidates)
 
 
 def filter_rows(scaled: torch.Tensor, spec: Filters) -> torch.Tensor:
@@ -119,6 +127,32 @@ def _nucleus(scaled: torch.Tensor, spec: Filters) -> None:
         scaled[rows] = sub
 
 
+def top_k_candidates(
+    work: torch.Tensor, temperature: torch.Tensor, spec: Filters
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``filter_rows`` for rows that all have a top-k, done among each row's k best alone:
+    (scaled values [S, k_max + 1] with -inf where filtered, their token ids), in descending
+    order. None when some row's k-th value ties the next one (``filter_rows`` keeps ties:
+    the caller takes the whole-vocabulary path then)."""
+    values, ids = torch.topk(work, spec.k_max + 1, dim=-1)
+    k = spec.top_k + 1
+    if bool((values.gather(1, k) == values.gather(1, spec.top_k)).any()):
+        return None
+    positions = torch.arange(values.shape[1], device=values.device)[None]
+    values = values.masked_fill_(positions >= k, NEG_INF).div_(temperature)
+    if spec.log_min_p is not None:
+        values = values.masked_fill_(values < values[:, :1] + spec.log_min_p, NEG_INF)
+    if spec.any_top_p:
+        rows = spec.top_p_rows
+        sub = values if rows is None else values[rows]
+        probs = torch.softmax(sub, dim=-1)
+        dropped = (torch.cumsum(probs, dim=-1) - probs) > spec.top_p
+        sub = sub.masked_fill_(dropped, NEG_INF)
+        if rows is not None:
+            values[rows] = sub
+    return values, ids
+
+
 def make_filters(
     top_k: list[int], top_p: list[float], min_p: list[float], vocab: int, device: torch.device
 ) -> Filters | None:
@@ -139,7 +173,7 @@ def make_filters(
         top_p=None,
         nucleus_candidates=NUCLEUS_CANDIDATES,
         any_top_p=bool(p_rows),
-        bounded=all(on or (0.0 < p < 1.0) for on, p in zip(k_rows, top_p, strict=True)),
+        all_top_k=all(k_rows),
     )
     if k_max:
         spec.top_k = as_column(

@@ -35,6 +35,7 @@ from .logits_processors import (
     filter_rows,
     make_filters,
     mask_tokens,
+    top_k_candidates,
 )
 from .token_counts import TokenCounts
 
@@ -176,6 +177,7 @@ def _penalties(states: list[SamplingState], device: torch.device) -> Penalties |
     return Penalties(
         rows=_index(rows, len(states), device),
         slots=torch.tensor([s.slot for s in chosen], device=device),
+        slot_list=[s.slot for s in chosen],
         presence=column([s.presence_penalty for s in chosen]),
         frequency=column([s.frequency_penalty for s in chosen]),
         repetition=column([s.repetition_penalty for s in chosen]),
@@ -215,9 +217,16 @@ def _make_plan(states: list[SamplingState], vocab: int, device: torch.device) ->
 class Sampler:
     """Samples a batch's tokens; owns the per-slot token counts the penalties need."""
 
-    def __init__(self, slots: int, vocab_size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        slots: int,
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        max_tokens: int = 2048,
+    ) -> None:
+        """``max_tokens``: the longest sequence (prompt + generated) a penalized request has."""
         self.device = torch.device(device)
-        self.counts = TokenCounts(slots, vocab_size, self.device)
+        self.counts = TokenCounts(slots, vocab_size, self.device, max_tokens)
         self._plan: _Plan | None = None
         self._plan_key: tuple[int, ...] = ()
         self._token_ids: torch.Tensor | None = None
@@ -225,7 +234,7 @@ class Sampler:
     def admit(self, state: SamplingState) -> None:
         """A request entered batch slot ``state.slot``: reset its token counts."""
         if state.penalized:
-            self.counts.reset(state.slot, state.prompt_tokens, state.repetition_penalty != 1.0)
+            self.counts.reset(state.slot, state.prompt_tokens)
 
     def _plan_for(self, states: list[SamplingState], vocab: int, device: torch.device) -> _Plan:
         key = tuple(map(id, states))
@@ -272,9 +281,11 @@ class Sampler:
             chosen[plan.greedy_index] = torch.argmax(work[plan.greedy_index], dim=-1)
             sampled = [states[i] for i in plan.sampled_rows]
             chosen[plan.sampled_index] = self._draw(work[plan.sampled_index], sampled, plan)
-        if plan.penalties is not None:
-            rows = plan.penalties.rows
-            self.counts.add(plan.penalties.slots, chosen if rows is None else chosen[rows])
+        penalties = plan.penalties
+        if penalties is not None:
+            rows = penalties.rows
+            picked = chosen if rows is None else chosen[rows]
+            self.counts.add(penalties.slot_list, penalties.slots, picked)
         return chosen
 
     @staticmethod
@@ -295,24 +306,35 @@ class Sampler:
 
         Unlike inverting a cumulative sum over the vocabulary, the winner only changes when
         two perturbed scores tie within rounding, so logits that differ by float noise (another
-        batch shape, another replica) still give the same token. When every row keeps a short
-        candidate list (top-k / top-p), the noise is computed for the candidates alone (the
-        same values: it is a function of the token id), ties going to the lowest id as argmax's.
+        batch shape, another replica) still give the same token. The noise is bounded, so only
+        the tokens within ``gumbel.SPAN`` of their row's best can win: when those are few (a
+        top-k, a nucleus, a peaked distribution), the noise is computed for them alone (the
+        same values: a function of the token id), ties going to the lowest id as argmax's.
         """
-        scaled = work / plan.temperature
+        a, b = gumbel.key_tensors([s.seed for s in states], [s.drawn for s in states], work.device)
         filters = plan.filters
+        if filters is not None and filters.all_top_k:
+            found = top_k_candidates(work, plan.temperature, filters)
+            if found is not None:
+                return self._pick(*found, a, b, work.shape[-1])
+        scaled = work / plan.temperature
         if filters is not None:
             scaled = filter_rows(scaled, filters)
-        a, b = gumbel.key_tensors([s.seed for s in states], [s.drawn for s in states], work.device)
         vocab = scaled.shape[-1]
-        if filters is not None and filters.bounded:
-            n = int(torch.isfinite(scaled).sum(dim=-1).max())
-            if n * _CANDIDATE_FRACTION <= vocab:
-                values, ids = torch.topk(scaled, n, dim=-1)
-                score = values + gumbel.noise(a, b, ids)
-                best = score.amax(dim=-1, keepdim=True)
-                return torch.where(score == best, ids, vocab).amin(dim=-1)
+        near = scaled > scaled.amax(dim=-1, keepdim=True) - gumbel.SPAN
+        n = int(near.sum(dim=-1).max())
+        if n * _CANDIDATE_FRACTION <= vocab:
+            return self._pick(*torch.topk(scaled, n, dim=-1), a, b, vocab)
         return torch.argmax(scaled + gumbel.noise(a, b, self._ids(vocab, work.device)), dim=-1)
+
+    @staticmethod
+    def _pick(
+        values: torch.Tensor, ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, vocab: int
+    ) -> torch.Tensor:
+        """The Gumbel-max winner among candidates (``values`` [S, K] at token ``ids``)."""
+        score = values + gumbel.noise(a, b, ids)
+        best = score.amax(dim=-1, keepdim=True)
+        return torch.where(score == best, ids, vocab).amin(dim=-1)
 
     def _ids(self, vocab: int, device: torch.device) -> torch.Tensor:
         ids = self._token_ids
@@ -331,7 +353,8 @@ def sample(
     Sampler: penalties see only what ``state.prompt_tokens`` holds.)
     """
     slots = max((s.slot for s in states), default=0) + 1
-    sampler = Sampler(slots, logits.shape[-1], logits.device)
+    longest = max((len(s.prompt_tokens) for s in states), default=0) + 1
+    sampler = Sampler(slots, logits.shape[-1], logits.device, longest)
     for state in states:
         sampler.admit(state)
     draw = sampler(logits, states, want_log_probs)
