@@ -243,3 +243,18 @@ def test_every_new_field_survives_the_tp_broadcast():
             assert getattr(got_plain, name) == getattr(plain, name), name
     # A request without the new fields packs as many words as before them.
     assert len(pack(StepInputs([], [NewRequest(2, [3], plain, 4)]))) == 1 + 1 + 3 + 1 + 11
+
+
+def test_the_candidate_shortcuts_draw_what_the_whole_vocabulary_does():
+    """A peaked row alone (noise for its few contenders only) and beside a flat row (noise for
+    the whole vocabulary): the same tokens, draw after draw."""
+    peaked = _logits(1, 5000, seed=3) * 12
+    flat = _logits(1, 5000, seed=4) * 0.1
+    for params in ({"temperature": 1.0}, {"top_p": 0.9}, {"min_p": 0.2}, {"top_k": 30}):
+        alone = SamplingState(seed=8, **params)
+        crowded = [SamplingState(seed=8, **params), SamplingState(temperature=1.0, seed=2)]
+        sampler, sampler2 = Sampler(1, 5000), Sampler(2, 5000)
+        both = torch.cat([peaked, flat])
+        for _ in range(25):
+            mine = sampler(peaked, [alone], [False]).tokens[0]
+            assert mine == sampler2(both, crowded, [False, False]).tokens[0], params
