@@ -227,8 +227,7 @@ class Sampler:
         """``max_tokens``: the longest sequence (prompt + generated) a penalized request has."""
         self.device = torch.device(device)
         self.counts = TokenCounts(slots, vocab_size, self.device, max_tokens)
-        self._plan: _Plan | None = None
-        self._plan_key: tuple[int, ...] = ()
+        self._plans: dict[tuple[int, ...], _Plan] = {}
         self._token_ids: torch.Tensor | None = None
 
     def admit(self, state: SamplingState) -> None:
@@ -237,11 +236,16 @@ class Sampler:
             self.counts.reset(state.slot, state.prompt_tokens)
 
     def _plan_for(self, states: list[SamplingState], vocab: int, device: torch.device) -> _Plan:
+        """The batch's plan, kept while the batch lasts: the last two (a step samples its
+        decoding batch and its newly admitted one). A plan holds its states, so their ids
+        cannot be reused while it is kept."""
         key = tuple(map(id, states))
-        if key != self._plan_key or self._plan is None:
-            self._plan = _make_plan(states, vocab, device)  # holds them: ids stay unique
-            self._plan_key = key
-        return self._plan
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 2:
+                del self._plans[next(iter(self._plans))]
+            plan = self._plans[key] = _make_plan(states, vocab, device)
+        return plan
 
     def __call__(
         self, logits: torch.Tensor, states: list[SamplingState], want_log_probs: list[bool]
