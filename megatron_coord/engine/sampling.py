@@ -54,6 +54,7 @@ __all__ = [
 SEED_BITS = 64
 GREEDY_TEMPERATURE = 1e-5  # below it, sampling is greedy (vLLM's threshold)
 _CANDIDATE_FRACTION = 8  # sample among candidates when they are at most 1/8 of the vocabulary
+_CPU_NOISE_ELEMENTS = 1 << 17  # noise computed this many (int64) elements at a time on CPU
 
 
 @dataclass
@@ -329,7 +330,25 @@ class Sampler:
         n = int(near.sum(dim=-1).max())
         if n * _CANDIDATE_FRACTION <= vocab:
             return self._pick(*torch.topk(scaled, n, dim=-1), a, b, vocab)
-        return torch.argmax(scaled + gumbel.noise(a, b, self._ids(vocab, work.device)), dim=-1)
+        return self._draw_everywhere(scaled, a, b)
+
+    def _draw_everywhere(
+        self, scaled: torch.Tensor, a: torch.Tensor, b: torch.Tensor
+    ) -> torch.Tensor:
+        """Gumbel-max with noise for the whole vocabulary. On CPU a few rows at a time: the
+        noise's int64 passes then stay in cache (several times faster than whole-batch ones)."""
+        rows, vocab = scaled.shape
+        ids = self._ids(vocab, scaled.device)
+        step = rows if scaled.device.type != "cpu" else max(1, _CPU_NOISE_ELEMENTS // vocab)
+        if step >= rows:
+            return torch.argmax(scaled + gumbel.noise(a, b, ids), dim=-1)
+        parts = [
+            torch.argmax(
+                scaled[i : i + step] + gumbel.noise(a[i : i + step], b[i : i + step], ids), dim=-1
+            )
+            for i in range(0, rows, step)
+        ]
+        return torch.cat(parts)
 
     @staticmethod
     def _pick(
