@@ -9,6 +9,11 @@ same step.
 To keep a decode step at one collective, the buffer travels in a fixed-size head whose first
 word is the total length; only a step whose inputs overflow the head (a prompt arrived) pays a
 second broadcast for the rest.
+
+A request's sampling parameters are doubles: 11 fixed ones, then, only when the request sets
+one of vLLM's / OpenAI's fields (or top-N), an extension block: those fields, the counts of
+its stop ids and logit-bias entries, the stop ids, and (id, bias) pairs. A plain request packs
+exactly as before the extension existed.
 """
 
 from __future__ import annotations
