@@ -40,7 +40,7 @@ def raw_log_probs(
         index = torch.tensor(rows, device=logits.device)
         lp, picked = torch.log_softmax(logits[index], dim=-1), chosen[index]
     values = lp.gather(1, picked[:, None])[:, 0].tolist()
-    n = max(top_ns[i] for i in rows)
+    n = min(max(top_ns[i] for i in rows), lp.shape[-1])
     if n:
         top = torch.topk(lp, n, dim=-1)
         top_values, top_ids = top.values.tolist(), top.indices.tolist()
@@ -77,7 +77,7 @@ def prompt_scores(
     b, n = prompts.shape
     chunk = max(1, CHUNK_ELEMENTS // (b * vocab_size))
     scored = n - 1  # positions 0..n-2 predict tokens 1..n-1; n-1 predicts the first new token
-    n_top = max(top_ns, default=0)
+    n_top = min(max(top_ns, default=0), vocab_size)
     chosen_parts: list[torch.Tensor] = []
     top_values: list[list[list[float]]] = [[] for _ in range(b)]
     top_ids: list[list[list[int]]] = [[] for _ in range(b)]
