@@ -92,6 +92,15 @@ class Filters:
 def filter_rows(scaled: torch.Tensor, spec: Filters) -> torch.Tensor:
     """Mask (to -inf) each row's tokens outside its top-k, below its min-p and outside its
     top-p nucleus. ``scaled`` is temperature-scaled; the result may be it, changed in place."""
+    scaled = threshold_rows(scaled, spec)
+    if spec.any_top_p:
+        nucleus_rows(scaled, spec)
+    return scaled
+
+
+def threshold_rows(scaled: torch.Tensor, spec: Filters) -> torch.Tensor:
+    """The top-k and min-p masks of ``filter_rows`` (in place): both keep what lies at or
+    above a per-row threshold, so they commute."""
     threshold = None
     if spec.k_max:
         kth = torch.topk(scaled, spec.k_max, dim=-1).values.gather(1, spec.top_k)
@@ -101,12 +110,10 @@ def filter_rows(scaled: torch.Tensor, spec: Filters) -> torch.Tensor:
         threshold = floor if threshold is None else torch.maximum(threshold, floor)
     if threshold is not None:
         scaled = scaled.masked_fill_(scaled < threshold, NEG_INF)
-    if spec.any_top_p:
-        _nucleus(scaled, spec)
     return scaled
 
 
-def _nucleus(scaled: torch.Tensor, spec: Filters) -> None:
+def nucleus_rows(scaled: torch.Tensor, spec: Filters) -> None:
     """Top-p in place: keep a token while the tokens ranked above it hold no more than top_p
     (the first always stays). Searched among the likeliest ``nucleus_candidates`` tokens (a
     partial top-k), sorting the whole vocabulary only when they hold no more than top_p."""
@@ -127,6 +134,35 @@ def _nucleus(scaled: torch.Tensor, spec: Filters) -> None:
         scaled[rows] = sub
 
 
+def nucleus_of_candidates(values: torch.Tensor, spec: Filters) -> torch.Tensor:
+    """``nucleus_rows`` on rows of candidates sorted in descending order that hold every token
+    still finite (so their softmax is the row's): in place."""
+    rows = spec.top_p_rows
+    sub = values if rows is None else values[rows]
+    probs = torch.softmax(sub, dim=-1)
+    dropped = (torch.cumsum(probs, dim=-1) - probs) > spec.top_p
+    sub = sub.masked_fill_(dropped, NEG_INF)
+    if rows is not None:
+        values[rows] = sub
+    return values
+
+
+def finite_candidates(
+    scaled: torch.Tensor, spec: Filters, fraction: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """After ``threshold_rows``: when every row keeps at most 1/``fraction`` of the vocabulary,
+    the rest of ``filter_rows`` among those (values in descending order, token ids); else
+    None."""
+    # (isfinite, or a bool sum into int64, costs several times more)
+    n = int((scaled > NEG_INF).sum(dim=-1, dtype=torch.int32).max())
+    if n * fraction > scaled.shape[-1]:
+        return None
+    values, ids = torch.topk(scaled, n, dim=-1)
+    if spec.any_top_p:
+        nucleus_of_candidates(values, spec)
+    return values, ids
+
+
 def top_k_candidates(
     work: torch.Tensor, temperature: torch.Tensor, spec: Filters
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -143,13 +179,7 @@ def top_k_candidates(
     if spec.log_min_p is not None:
         values = values.masked_fill_(values < values[:, :1] + spec.log_min_p, NEG_INF)
     if spec.any_top_p:
-        rows = spec.top_p_rows
-        sub = values if rows is None else values[rows]
-        probs = torch.softmax(sub, dim=-1)
-        dropped = (torch.cumsum(probs, dim=-1) - probs) > spec.top_p
-        sub = sub.masked_fill_(dropped, NEG_INF)
-        if rows is not None:
-            values[rows] = sub
+        nucleus_of_candidates(values, spec)
     return values, ids
 
 

@@ -32,9 +32,11 @@ from .logits_processors import (
     add_bias,
     apply_penalties,
     filter_logits,
-    filter_rows,
+    finite_candidates,
     make_filters,
     mask_tokens,
+    nucleus_rows,
+    threshold_rows,
     top_k_candidates,
 )
 from .token_counts import TokenCounts
@@ -323,11 +325,16 @@ class Sampler:
             if found is not None:
                 return self._pick(*found, a, b, work.shape[-1])
         scaled = work / plan.temperature
-        if filters is not None:
-            scaled = filter_rows(scaled, filters)
         vocab = scaled.shape[-1]
+        if filters is not None:
+            scaled = threshold_rows(scaled, filters)
+            if filters.any_top_p:  # its softmax needs every finite token, not the contenders
+                found = finite_candidates(scaled, filters, _CANDIDATE_FRACTION)
+                if found is not None:
+                    return self._pick(*found, a, b, vocab)
+                nucleus_rows(scaled, filters)
         near = scaled > scaled.amax(dim=-1, keepdim=True) - gumbel.SPAN
-        n = int(near.sum(dim=-1).max())
+        n = int(near.sum(dim=-1, dtype=torch.int32).max())
         if n * _CANDIDATE_FRACTION <= vocab:
             return self._pick(*torch.topk(scaled, n, dim=-1), a, b, vocab)
         return self._draw_everywhere(scaled, a, b)
