@@ -235,6 +235,8 @@ class InferenceClient:
         self, prompt: str | list[int], sampling_params: SamplingParams | dict | None = None
     ) -> AsyncIterator[dict[str, Any]]:
         """Yield ``{"request_id", "tokens", "text"}`` per partial result, then the final record.
+        A request that asked for log-probs or top-N gets the new tokens' ones in its partial
+        results too (``generated_log_probs``, ``generated_top_n_logprobs``).
 
         The partials' tokens and texts concatenate to the final record's ``generated_tokens``
         and ``generated_text``: what the last streamed chunk did not carry (the tokens of the
@@ -316,9 +318,10 @@ class InferenceClient:
         elif header == Headers.PARTIAL_REPLY:
             queue = self._requests.streams.get(message[1])
             if queue is not None:
-                queue.put_nowait(
-                    {"request_id": message[1], "tokens": message[2], "text": message[3]}
-                )
+                item = {"request_id": message[1], "tokens": message[2], "text": message[3]}
+                if len(message) > 4:  # the new tokens' log-probs / top-N, when asked for
+                    item.update(message[4])
+                queue.put_nowait(item)
         elif header == Headers.ERROR:
             if message[2] == "not_connected" and self.heartbeat_interval is not None:
                 # A coordinator that does not know us: it restarted at the same address.

@@ -42,7 +42,15 @@ def stream_tail(
     rest_text = text[len(streamed_text) :] if text.startswith(streamed_text) else ""
     if not rest_tokens and not rest_text:
         return None
-    return {"request_id": request_id, "tokens": rest_tokens, "text": rest_text}
+    tail = {"request_id": request_id, "tokens": rest_tokens, "text": rest_text}
+    for name in _PER_TOKEN_FIELDS:  # what the partials carried for their tokens, if asked
+        values = request.get(name)
+        if isinstance(values, list) and not (values and values[0] == "tensor"):
+            tail[name] = values[streamed_tokens:]
+    return tail
+
+
+_PER_TOKEN_FIELDS = ("generated_log_probs", "generated_top_n_logprobs")
 
 
 class RequestsInFlight:

@@ -52,8 +52,9 @@ class Headers(enum.IntEnum):
     # ("heartbeat_reply": true), so the engine can tell a lost coordinator from a quiet one.
     # client -> coord: [HEARTBEAT] (clients of ours); coord -> client: [HEARTBEAT, {}] at once.
     HEARTBEAT = 102
-    # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids]], ...]]
-    # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text]
+    # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids](, extras)], ...]]
+    # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text(, extras)]
+    # extras (only for a request that asked): generated_log_probs, generated_top_n_logprobs
     PARTIAL_REPLY = 103
     # client -> coord: [ABORT, client_request_id]; coord -> engine: [ABORT, request_id]
     ABORT = 104

@@ -20,7 +20,10 @@ class MegatronTokenizer(Protocol):
 
 
 class HFTokenizerAdapter:
-    """Wraps a Hugging Face tokenizer (``encode``/``decode``) in Megatron's interface."""
+    """Wraps a Hugging Face tokenizer (``encode``/``decode``) in Megatron's interface.
+
+    ``detokenize`` keeps special tokens unless told (as Hugging Face's ``decode``); the
+    coordinator asks for each request's ``skip_special_tokens`` (coordinator/text.py)."""
 
     def __init__(self, hf_tokenizer: Any) -> None:
         self.hf_tokenizer = hf_tokenizer
@@ -31,11 +34,13 @@ class HFTokenizerAdapter:
     def tokenize_batch(self, texts: list[str]) -> list[list[int]]:
         return self.hf_tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def detokenize(self, token_ids: list[int]) -> str:
-        return self.hf_tokenizer.decode(token_ids)
+    def detokenize(self, token_ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf_tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
-    def detokenize_batch(self, token_lists: list[list[int]]) -> list[str]:
-        return self.hf_tokenizer.batch_decode(token_lists)
+    def detokenize_batch(
+        self, token_lists: list[list[int]], skip_special_tokens: bool = False
+    ) -> list[str]:
+        return self.hf_tokenizer.batch_decode(token_lists, skip_special_tokens=skip_special_tokens)
 
     @property
     def eod(self) -> int | None:

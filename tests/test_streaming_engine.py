@@ -104,3 +104,33 @@ def test_token_prompt_streams_every_step(serving, tokenizer):
     # prefilled plus tokens generated, for both requests.
     work = 2 * (len(prompt) + len(request["generated_tokens"]))
     assert serving.server.load_report()["processed_tokens"] == work
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_partials_carry_log_probs_and_special_tokens_as_asked(serving, tokenizer, skip):
+    eos = tokenizer.eod
+    params = {
+        "top_k": 1,
+        "num_tokens_to_generate": 12,
+        "streaming_interval": 2,
+        "return_log_probs": True,
+        "top_n_logprobs": 2,
+        "logit_bias": {eos: 100.0},
+        "min_tokens": 5,  # five tokens, then the (all but certain) end-of-text
+        "skip_special_tokens": skip,
+    }
+    partials, final, unary = run(_collect(serving.address, PROMPT, params))
+    (request,) = final["requests"]
+    tokens = request["generated_tokens"]
+    assert len(tokens) == 6 and tokens[-1] == eos and request["finish_reason"] == "stop"
+    assert [t for p in partials for t in p["tokens"]] == tokens
+    assert "".join(p["text"] for p in partials) == request["generated_text"]
+    text = tokenizer.detokenize(tokens)
+    assert text.endswith("<|endoftext|>")
+    assert request["generated_text"] == (text.removesuffix("<|endoftext|>") if skip else text)
+    for name in ("generated_log_probs", "generated_top_n_logprobs"):
+        assert [v for p in partials for v in p[name]] == request[name]
+        assert unary["requests"][0][name] == request[name]
+    # Top-N is of the raw distribution: the greedy picks top it, the biased end-of-text not.
+    top = request["generated_top_n_logprobs"]
+    assert [list(d)[0] for d in top[:5]] == tokens[:5] and list(top[5])[0] != eos

@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from typing import Any
 
 from ..protocol import Headers
+
+TokenTexts = Callable[[list[int]], list[str]]  # token ids -> their texts (TextCodec.token_texts)
 
 
 class Dialect(enum.Enum):
@@ -102,12 +105,51 @@ def submit_for_019(frame: bytes) -> bytes:
     return frame[:1] + bytes((SUBMIT_019,)) + frame[2:]
 
 
-def flat_record(record: dict[str, Any]) -> dict[str, Any]:
+_TOP_N_FIELDS = ("generated_top_n_logprobs", "prompt_top_n_logprobs")
+
+
+def megatron_top_n(request: dict[str, Any], token_texts: TokenTexts | None) -> None:
+    """Our top-N dicts (``{token id: log-prob}``) in Megatron's format, keyed by each token's
+    text (``List[Dict[str, float]]``), in place. Megatron's clients decode with msgpack's
+    default ``strict_map_key``: an integer key would fail their whole reply."""
+    lists = [request.get(name) for name in _TOP_N_FIELDS]
+    if token_texts is None or not any(lists):
+        return
+    ids = sorted({k for dicts in lists if dicts for d in dicts if d for k in d if type(k) is int})
+    if not ids:
+        return
+    text_of = dict(zip(ids, token_texts(ids), strict=True))
+    for name, dicts in zip(_TOP_N_FIELDS, lists, strict=True):
+        if dicts:
+            request[name] = [
+                {text_of.get(k, k): v for k, v in d.items()} if d else d for d in dicts
+            ]
+
+
+def record_016(record: dict[str, Any], token_texts: TokenTexts | None = None) -> dict[str, Any]:
+    """A record of ours for a 0.16 client: its requests with only 0.16's fields (its
+    ``deserialize`` is ``cls(**request)``) and top-N dicts keyed by token text."""
+    requests = []
+    for request in record["requests"]:
+        megatron_top_n(request, token_texts)
+        kept = {k: v for k, v in request.items() if k in FIELDS_016}
+        for key, value in _REQUIRED.items():
+            kept.setdefault(key, value)
+        kept.setdefault("events", [])  # read without a default by 0.16's _post_deserialize
+        requests.append(kept)
+    return {"requests": requests, "latency": record.get("latency")}
+
+
+def flat_record(record: dict[str, Any], token_texts: TokenTexts | None = None) -> dict[str, Any]:
     """A record of ours or 0.16's (``{"requests": [...]}``) as 0.19's merged request: the
-    checkpoints' generated tokens and text concatenated, only 0.19's fields kept."""
+    checkpoints' generated tokens and text concatenated, only 0.19's fields kept (our
+    ``cached_tokens`` as its ``num_cached_tokens``, top-N dicts keyed by token text)."""
     requests = record["requests"]
     first = requests[0]
+    megatron_top_n(first, token_texts)
     merged = {k: v for k, v in first.items() if k in FIELDS_019}
+    if "num_cached_tokens" not in merged and type(first.get("cached_tokens")) is int:
+        merged["num_cached_tokens"] = first["cached_tokens"]
     if len(requests) > 1:
         merged["generated_tokens"] = [t for r in requests for t in _ids(r["generated_tokens"])]
         merged["generated_text"] = "".join(r.get("generated_text") or "" for r in requests)

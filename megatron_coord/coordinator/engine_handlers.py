@@ -23,6 +23,7 @@ from .dialects import (
     Dialect,
     Wire019,
     flat_record,
+    record_016,
     wrapped_record,
 )
 from .endings import RequestEndings
@@ -248,6 +249,7 @@ class EngineHandlers:
         tracks_load = state.tracks_load
         free = self._free
         send = self._send
+        token_texts = state.text.token_texts
         for index, (request_id, record) in enumerate(routed):
             if index in failed:
                 self._fail(request_id, ErrorCode.ENGINE_FAILED, failed[index])
@@ -258,21 +260,26 @@ class EngineHandlers:
             client, client_request_id = free(request_id, generated)
             dialect = clients.get(client)
             if dialect is Dialect.MEGATRON_019:  # a 0.19 engine's request is 0.19's already
-                flat = record["requests"][0] if from_019 else flat_record(record)
+                flat = record["requests"][0] if from_019 else flat_record(record, token_texts)
                 send(client, encode([reply_019, client_request_id, flat]))
-            elif from_019 and dialect is Dialect.MEGATRON_016:
-                flat = record["requests"][0]
-                send(client, encode([reply, client_request_id, wrapped_record(flat)]))
+            elif dialect is Dialect.MEGATRON_016:
+                if from_019:
+                    record = wrapped_record(record["requests"][0])
+                else:
+                    record = record_016(record, token_texts)
+                send(client, encode([reply, client_request_id, record]))
             else:
                 send(client, encode([reply, client_request_id, record]))
 
     def on_partial_reply(self, engine: Engine, payload: bytes) -> None:
-        """PARTIAL_REPLY ``[103, [[request_id, new_tokens], ...]]``: relay the new text."""
+        """PARTIAL_REPLY ``[103, [[request_id, new_tokens(, extras)], ...]]``: relay the new
+        text (and the extras: the new tokens' log-probs / top-N, when asked for)."""
         state = self.state
         _, items = decode_as(partial_decoder, payload)
         header = int(Headers.PARTIAL_REPLY)
         table = state.requests
-        for request_id, tokens in items:
+        for item in items:
+            request_id, tokens, extras = item.request_id, item.tokens, item.extras
             stream = table.streams.get(request_id)
             if stream is None or table.engine_of.get(request_id) != engine.identity:
                 logger.warning("partial reply for request %r not streaming here", request_id)
@@ -280,14 +287,20 @@ class EngineHandlers:
             client = table.client_of[request_id]
             if state.tracks_load:
                 state.routing_policy.on_tokens(engine.identity, request_id, len(tokens))
+            detokenize = state.text.detokenize
+            if extras is not None and extras.get("skip_special_tokens") is False:
+                detokenize = state.text.detokenize_keeping_special
             try:
-                text = stream.push(state.text.detokenize, tokens)
+                text = stream.push(detokenize, tokens)
             except Exception as exc:
                 self._fail(request_id, ErrorCode.ENGINE_FAILED, f"cannot detokenize: {exc}")
                 continue
             if state.clients.get(client) is Dialect.OURS:  # only ours understand PARTIAL_REPLY
                 client_request_id = table.client_request_id_of[request_id]
-                self._send(client, encode([header, client_request_id, tokens, text]))
+                message = [header, client_request_id, tokens, text]
+                if extras:
+                    message.append(extras)
+                self._send(client, encode(message))
 
     def on_error(self, engine: Engine, payload: bytes) -> None:
         """ERROR ``[100, request_id, code, message]``: the engine failed one request."""

@@ -22,7 +22,19 @@ NonNegInt = Annotated[int, msgspec.Meta(ge=0)]
 submit_decoder = msgspec.msgpack.Decoder(tuple[int, int | str, msgspec.Raw, msgspec.Raw])
 prompt_decoder = msgspec.msgpack.Decoder(str | list[NonNegInt])
 reply_decoder = msgspec.msgpack.Decoder(tuple[int, list[dict[str, Any]]])
-partial_decoder = msgspec.msgpack.Decoder(tuple[int, list[tuple[int, list[NonNegInt]]]])
+
+
+class PartialItem(msgspec.Struct, array_like=True):
+    """One request's streaming chunk: ``[request_id, new_tokens]``, or with ``extras`` (the
+    new tokens' ``generated_log_probs`` / ``generated_top_n_logprobs``, and
+    ``skip_special_tokens`` when False) for a request that asked for them."""
+
+    request_id: int
+    tokens: list[NonNegInt]
+    extras: dict[str, Any] | None = None
+
+
+partial_decoder = msgspec.msgpack.Decoder(tuple[int, list[PartialItem]])
 engine_error_decoder = msgspec.msgpack.Decoder(tuple[int, int, str, str])
 heartbeat_decoder = msgspec.msgpack.Decoder(tuple[int, dict[str, Any]])
 client_id_decoder = msgspec.msgpack.Decoder(tuple[int, int | str])

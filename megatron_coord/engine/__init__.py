@@ -1,7 +1,11 @@
 """One model replica: the continuous-batching engine and the loop that serves it.
 
-- ``engine``: continuous batching over a slot-indexed KV cache (``InferenceEngine``);
-- ``sampling``: per-request greedy / temperature / top-k / top-p sampling;
+- ``engine``: continuous batching over a paged KV cache (``InferenceEngine``); ``running``: a
+  request inside it (``RunningRequest``, its record and streaming chunks);
+- ``sampling``: the batched sampler (``Sampler``), with ``logits_processors`` (logit bias,
+  min-tokens, penalties, top-k / min-p / top-p over [B, V]), ``token_counts`` (per-slot counts
+  for the penalties), ``gumbel`` (counter-based noise) and ``log_probs`` (raw log-probs, top-N,
+  prompt scores a chunk of positions at a time);
 - ``server``: the per-replica serving loop (``EngineServer``): the TP-coordinator talks to the
   coordinator over ZMQ, every rank steps the engine on the same batch; beside it
   ``coordinator_link`` (the socket, registration, losing and rejoining the coordinator),

@@ -10,6 +10,13 @@ The KV cache is paged (kv_blocks.py): with prefix caching (the default), a promp
 blocks were computed before reuses them and prefills only the rest; full blocks are named once
 computed (in ``commit_step``, so a failed step never names a block it may have spoiled).
 
+A request that asks for prompt log-probs (or prompt top-N) reuses no cached block (as vLLM's
+engine): the logits of a position come from the last layer's hidden state there, which needs
+every layer at every position -- exactly the prefill that cached KV saves, so reusing it would
+save nothing for that request. It prefills its whole prompt (its scores are then correct
+whatever the cache holds, computed a chunk of positions at a time: log_probs.py), and its blocks
+are named as any request's, so later requests do reuse them. Its ``cached_tokens`` is 0.
+
 The engine is pure computation: it never talks ZMQ. Every rank of a TP group runs an identical
 engine and feeds it identical inputs (see tp_broadcast), so they all take the same decisions.
 """
@@ -17,71 +24,18 @@ engine and feeds it identical inputs (see tp_broadcast), so they all take the sa
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from ..prefix_hash import ROOT_HASH, block_hashes, chain_hash
 from .kv_blocks import DEFAULT_BLOCK_SIZE, BlockPool
-from .sampling import SamplingState, sample
+from .log_probs import prompt_scores
+from .running import PendingStep, RunningRequest, StepResult, sampling_state, stop_ids
+from .sampling import Sampler
 from .tp_broadcast import NewRequest
 
-
-@dataclass
-class RunningRequest:
-    """A request inside the engine: its sampling state, KV slot and output so far."""
-
-    new: NewRequest
-    sampler: SamplingState
-    max_new_tokens: int
-    termination_ids: frozenset[int]
-    slot: int | None = None
-    blocks: list[int] = field(default_factory=list)  # KV block table (positions in order)
-    cached_tokens: int = 0  # prompt tokens reused from the prefix cache (not prefilled)
-    hashes: list[int] = field(default_factory=list)  # names of its full blocks known so far
-    named: int = 0  # leading blocks of the table already named (registered or reused)
-    generated: list[int] = field(default_factory=list)
-    log_probs: list[float] | None = None
-    prompt_log_probs: list[float] | None = None
-    streamed: int = 0  # generated tokens already sent as partial replies
-    steps_since_stream: int = 0
-
-    @property
-    def request_id(self) -> int:
-        return self.new.request_id
-
-    @property
-    def length(self) -> int:
-        return len(self.new.prompt_tokens) + len(self.generated)
-
-    def tokens(self, start: int, end: int) -> list[int]:
-        """Its tokens (prompt, then generated) in ``[start, end)``."""
-        prompt = self.new.prompt_tokens
-        if end <= len(prompt):
-            return prompt[start:end]
-        cut = len(prompt)
-        return prompt[start:] + self.generated[max(0, start - cut) : end - cut]
-
-
-@dataclass
-class StepResult:
-    """What one step produced: finished records and streaming chunks ([request_id, tokens])."""
-
-    finished: list[dict[str, Any]] = field(default_factory=list)
-    partial: list[list[Any]] = field(default_factory=list)
-    tokens: int = 0  # tokens generated in this step
-    prefill_tokens: int = 0  # prompt tokens prefilled in this step
-
-
-@dataclass
-class PendingStep:
-    """A computed step awaiting ``commit_step``: its batch and the first error it raised."""
-
-    decoding: list[RunningRequest]
-    admitted: list[RunningRequest]
-    prefill_tokens: int = 0
-    error: Exception | None = None
+__all__ = ["InferenceEngine", "PendingStep", "RunningRequest", "StepResult"]
 
 
 class InferenceEngine:
@@ -89,7 +43,8 @@ class InferenceEngine:
 
     ``model`` follows the model contract: ``config`` (vocab_size, max_position_embeddings,
     eos_token_id), ``allocate_kv_cache(blocks, block_len)`` and
-    ``forward(tokens, start_positions, block_tables, kv_cache, all_logits=False)``.
+    ``forward(tokens, start_positions, block_tables, kv_cache)`` (last-position logits), and
+    for prompt log-probs ``hidden_states(...)`` (final hidden states) and ``output_logits``.
 
     ``kv_blocks`` bounds the KV pool (default: a max-length sequence for every batch slot, the
     memory of an unpaged cache); ``prefix_caching=False`` frees blocks as requests leave.
@@ -131,6 +86,7 @@ class InferenceEngine:
             kv_blocks or max_batch_size * per_sequence, kv_block_size, prefix_caching
         )
         self.kv_cache = model.allocate_kv_cache(self.blocks.num_blocks, kv_block_size)
+        self.sampler = Sampler(max_batch_size, self.vocab_size, self.device, self.max_seq_len)
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
         self.waiting: deque[RunningRequest] = deque()
         self.active: dict[int, RunningRequest] = {}
@@ -139,8 +95,14 @@ class InferenceEngine:
         self.suspended = False
 
     # ----------------------------------------------------------------- admission
-    def check_request(self, prompt_tokens: Any, max_new_tokens: int = 1) -> str | None:
-        """Why this prompt cannot be served (a message), or None if it can."""
+    def check_request(
+        self, prompt_tokens: Any, max_new_tokens: int = 1, params: Any = None
+    ) -> str | None:
+        """Why this prompt (and these SamplingParams) cannot be served (a message), or None."""
+        if params is not None:
+            problem = self._check_token_ids(params)
+            if problem is not None:
+                return problem
         if not isinstance(prompt_tokens, list) or not prompt_tokens:
             return "prompt_tokens must be a non-empty list of token ids"
         if not all(type(t) is int and 0 <= t < self.vocab_size for t in prompt_tokens):
@@ -160,6 +122,16 @@ class InferenceEngine:
             )
         return None
 
+    def _check_token_ids(self, params: Any) -> str | None:
+        """Token ids in the sampling params must be the model's (validated as integers)."""
+        vocab = self.vocab_size
+        for name in ("stop_token_ids", "logit_bias"):
+            ids = getattr(params, name, None) or ()
+            bad = next((t for t in ids if not 0 <= t < vocab), None)
+            if bad is not None:
+                return f"sampling_params.{name}: token id {bad} is not in [0, {vocab})"
+        return None
+
     def footprint(self, running: RunningRequest) -> int:
         """The KV positions a request may fill: its blocks, reserved at admission."""
         return min(len(running.new.prompt_tokens) + running.max_new_tokens, self.max_seq_len)
@@ -175,22 +147,19 @@ class InferenceEngine:
     def add_request(self, new: NewRequest) -> None:
         """Queue a request; raises ValueError if it cannot be served or its id is in use."""
         budget = self.token_budget(new)
-        problem = self.check_request(new.prompt_tokens, budget)
+        problem = self.check_request(new.prompt_tokens, budget, new.params)
         if problem is None and new.request_id in self._known:
             problem = f"request id {new.request_id} is already in the engine"
         if problem is not None:
             raise ValueError(problem)
-        p = new.params
-        stops = self.default_termination_ids
-        if p.termination_id is not None:
-            stops = frozenset([p.termination_id])
+        stops = stop_ids(new.params, self.default_termination_ids)
         running = RunningRequest(
             new=new,
-            sampler=SamplingState(p.temperature, p.top_k, p.top_p, new.seed),
+            sampler=sampling_state(new, stops, self.vocab_size),
             max_new_tokens=budget,
             termination_ids=stops,
-            log_probs=[] if p.return_log_probs else None,
         )
+        running.reset_output()
         if self.blocks.caching:
             running.hashes = block_hashes(new.prompt_tokens, self.blocks.block_size)
         self._known.add(new.request_id)
@@ -250,8 +219,10 @@ class InferenceEngine:
         admitted = []
         while self.waiting and self.free_slots:
             running = self.waiting[0]
-            # Prompt log probs need every prompt position's logits: no reuse for them.
-            hashes = [] if self._wants_prompt_log_probs(running) else running.hashes
+            # Prompt log-probs need the logits of every prompt position, so no reuse: those
+            # are the final hidden states of every position, i.e. the whole prefill, which
+            # cached KV would not save (engine docstring). Its blocks are named for others.
+            hashes = [] if running.wants_prompt_scores else running.hashes
             got = self.blocks.allocate(
                 hashes, len(running.new.prompt_tokens), self.footprint(running)
             )
@@ -261,7 +232,8 @@ class InferenceEngine:
             running.blocks, reused = got
             running.named = reused
             running.cached_tokens = reused * self.blocks.block_size
-            running.slot = self.free_slots.pop()
+            running.slot = running.sampler.slot = self.free_slots.pop()
+            self.sampler.admit(running.sampler)
             self.active[running.request_id] = running
             admitted.append(running)
         return admitted
@@ -279,22 +251,7 @@ class InferenceEngine:
         self._release(running)
         self.active.pop(running.request_id, None)
         self._known.discard(running.request_id)
-        out.append(self._record(running, reason))
-
-    def _record(self, running: RunningRequest, reason: str) -> dict[str, Any]:
-        request = {
-            "request_id": running.request_id,
-            "prompt": None,
-            "prompt_tokens": list(running.new.prompt_tokens),
-            "generated_tokens": list(running.generated),
-            "generated_length": len(running.generated),
-            "generated_log_probs": running.log_probs,
-            "prompt_log_probs": running.prompt_log_probs,
-            "status": "ABORTED" if reason == "abort" else "COMPLETED",
-            "finish_reason": reason,
-            "data_parallel_rank": self.data_parallel_rank,
-        }
-        return {"requests": [request]}
+        out.append(running.record(reason, self.data_parallel_rank))
 
     # ----------------------------------------------------------------- stepping
     def step(self) -> StepResult:
@@ -374,12 +331,8 @@ class InferenceEngine:
         for running in reversed(batch):
             self.discard(running)
             self._known.add(running.request_id)
-            p = running.new.params
-            running.sampler = SamplingState(p.temperature, p.top_k, p.top_p, running.new.seed)
-            running.generated = []
-            running.log_probs = [] if p.return_log_probs else None
-            running.prompt_log_probs = None
-            running.streamed = running.steps_since_stream = 0
+            running.sampler = sampling_state(running.new, running.termination_ids, self.vocab_size)
+            running.reset_output()
             # Names of blocks with generated tokens go: the rerun may generate others.
             del running.hashes[len(running.new.prompt_tokens) // self.blocks.block_size :]
             self.waiting.appendleft(running)
@@ -402,11 +355,6 @@ class InferenceEngine:
         self._take_tokens(batch, logits)
 
     @staticmethod
-    def _wants_prompt_log_probs(running: RunningRequest) -> bool:
-        p = running.new.params
-        return p.return_log_probs and not p.skip_prompt_log_probs
-
-    @staticmethod
     def _prefill_len(running: RunningRequest) -> int:
         """Prompt tokens to compute: those after its reused prefix."""
         return len(running.new.prompt_tokens) - running.cached_tokens
@@ -416,7 +364,7 @@ class InferenceEngine:
         forward call, whatever prefix each reuses."""
         groups: dict[tuple[int, bool], list[RunningRequest]] = {}
         for running in admitted:
-            key = (self._prefill_len(running), self._wants_prompt_log_probs(running))
+            key = (self._prefill_len(running), running.wants_prompt_scores)
             groups.setdefault(key, []).append(running)
         return list(groups.values())
 
@@ -426,28 +374,41 @@ class InferenceEngine:
         )
         starts = torch.tensor([r.cached_tokens for r in batch], device=self.device)
         tables = self._tables(batch, [len(r.new.prompt_tokens) for r in batch])
-        all_logits = self._wants_prompt_log_probs(batch[0])
-        logits = self.model.forward(prompts, starts, tables, self.kv_cache, all_logits=all_logits)
-        if all_logits:
-            lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            chosen = lp.gather(2, prompts[:, 1:, None])[..., 0]
-            for running, row in zip(batch, chosen.tolist(), strict=True):
-                running.prompt_log_probs = row
-            logits = logits[:, -1]
-        self._take_tokens(batch, logits)
+        if not batch[0].wants_prompt_scores:
+            logits = self.model.forward(prompts, starts, tables, self.kv_cache)
+            self._take_tokens(batch, logits)
+            return
+        # Every row prefills from position 0 (no reuse): its scores cover the whole prompt.
+        hidden = self.model.hidden_states(prompts, starts, tables, self.kv_cache)
+        top_ns = [r.new.params.top_n_logprobs if self._prompt_top_n(r) else 0 for r in batch]
+        scores = prompt_scores(self.model.output_logits, hidden, prompts, top_ns, self.vocab_size)
+        for running, log_probs, top_n in zip(batch, scores.log_probs, scores.top_n, strict=True):
+            p = running.new.params
+            if p.return_log_probs and not p.skip_prompt_log_probs:
+                running.prompt_log_probs = log_probs
+            running.prompt_top_n = top_n
+        self._take_tokens(batch, scores.last_logits)
+
+    @staticmethod
+    def _prompt_top_n(running: RunningRequest) -> bool:
+        p = running.new.params
+        return p.top_n_logprobs > 0 and p.return_prompt_top_n_logprobs
 
     def _take_tokens(self, batch: list[RunningRequest], logits: torch.Tensor) -> None:
-        tokens, log_probs = sample(
+        draw = self.sampler(
             logits, [r.sampler for r in batch], [r.log_probs is not None for r in batch]
         )
-        for running, token, log_prob in zip(batch, tokens, log_probs, strict=True):
-            running.generated.append(token)
+        for i, running in enumerate(batch):
+            running.generated.append(draw.tokens[i])
             if running.log_probs is not None:
-                running.log_probs.append(log_prob)
+                running.log_probs.append(draw.log_probs[i])
+            if running.top_n is not None:
+                running.top_n.append(draw.top_n[i])
 
     def _after_token(self, running: RunningRequest, result: StepResult) -> None:
         reason = None
-        if running.generated[-1] in running.termination_ids:
+        generated = running.generated
+        if generated[-1] in running.termination_ids and len(generated) > running.sampler.min_tokens:
             reason = "stop"
         elif len(running.generated) >= running.max_new_tokens or running.length >= self.max_seq_len:
             reason = "length"
@@ -458,6 +419,5 @@ class InferenceEngine:
         if interval > 0:
             running.steps_since_stream += 1
             if running.steps_since_stream >= interval:
-                result.partial.append([running.request_id, running.generated[running.streamed :]])
-                running.streamed = len(running.generated)
+                result.partial.append(running.partial())
                 running.steps_since_stream = 0

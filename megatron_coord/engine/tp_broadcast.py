@@ -9,6 +9,11 @@ same step.
 To keep a decode step at one collective, the buffer travels in a fixed-size head whose first
 word is the total length; only a step whose inputs overflow the head (a prompt arrived) pays a
 second broadcast for the rest.
+
+A request's sampling parameters are doubles: 11 fixed ones, then, only when the request sets
+one of vLLM's / OpenAI's fields (or top-N), an extension block: those fields, the counts of
+its stop ids and logit-bias entries, the stop ids, and (id, bias) pairs. A plain request packs
+exactly as before the extension existed.
 """
 
 from __future__ import annotations
@@ -62,10 +67,45 @@ def _optional(value: int | None) -> float:
     return math.nan if value is None else _clamp_int(value)
 
 
+_FIXED = 11  # the numeric fields every request carries
+# vLLM's / OpenAI's fields (and Megatron's top-N ones): appended only when one is not at its
+# default, then the stop ids and the (id, bias) pairs, so a plain request packs as before.
+_EXTENSION_FIELDS = (
+    "ignore_eos",
+    "min_tokens",
+    "min_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "top_n_logprobs",
+    "return_prompt_top_n_logprobs",
+    "include_stop_str_in_output",
+    "skip_special_tokens",
+)
+_BOOL_EXTENSIONS = frozenset(
+    {
+        "ignore_eos",
+        "return_prompt_top_n_logprobs",
+        "include_stop_str_in_output",
+        "skip_special_tokens",
+    }
+)
+_INT_EXTENSIONS = frozenset({"min_tokens", "top_n_logprobs"})
+_DEFAULTS = SamplingParams()
+_EXTENDED = _FIXED + len(_EXTENSION_FIELDS) + 2  # + the stop-id and bias counts
+
+
+def _extended(params: SamplingParams) -> bool:
+    return bool(params.stop_token_ids or params.logit_bias) or any(
+        getattr(params, name) != getattr(_DEFAULTS, name) for name in _EXTENSION_FIELDS
+    )
+
+
 def encode_params(params: SamplingParams, seed: int) -> list[float]:
-    """The numeric sampling fields an engine acts on, as doubles (the seed split in halves)."""
+    """The sampling fields an engine acts on, as doubles (the seed split in halves; token ids
+    are below the vocabulary size, exact in a double)."""
     seed %= 1 << 64
-    return [
+    values = [
         float(params.temperature),
         _clamp_int(params.top_k),
         float(params.top_p),
@@ -78,16 +118,46 @@ def encode_params(params: SamplingParams, seed: int) -> list[float]:
         float(seed & 0xFFFFFFFF),
         float(seed >> 32),
     ]
+    if not _extended(params):
+        return values
+    for name in _EXTENSION_FIELDS:
+        value = getattr(params, name)
+        values.append(_clamp_int(value) if name in _INT_EXTENSIONS else float(value))
+    stops = params.stop_token_ids or []
+    bias = params.logit_bias or {}
+    values += [float(len(stops)), float(len(bias))]
+    values += [_clamp_int(t) for t in stops]
+    for token, value in bias.items():
+        values += [_clamp_int(token), float(value)]
+    return values
 
 
 def _opt_int(value: float) -> int | None:
     return None if math.isnan(value) else int(value)
 
 
+def _decode_extension(values: list[float], params: SamplingParams) -> None:
+    for name, value in zip(_EXTENSION_FIELDS, values[_FIXED:], strict=False):
+        if name in _BOOL_EXTENSIONS:
+            value = bool(value)
+        elif name in _INT_EXTENSIONS:
+            value = int(value)
+        setattr(params, name, value)
+    n_stops, n_bias = int(values[_EXTENDED - 2]), int(values[_EXTENDED - 1])
+    if n_stops < 0 or n_bias < 0 or len(values) != _EXTENDED + n_stops + 2 * n_bias:
+        raise ValueError(f"sampling parameters: bad lengths {n_stops}, {n_bias}")
+    stops = values[_EXTENDED : _EXTENDED + n_stops]
+    pairs = values[_EXTENDED + n_stops :]
+    params.stop_token_ids = [int(t) for t in stops] or None
+    params.logit_bias = {int(t): b for t, b in zip(pairs[::2], pairs[1::2], strict=True)} or None
+
+
 def decode_params(values: list[float]) -> tuple[SamplingParams, int]:
     """Inverse of encode_params; raises ValueError on a vector of the wrong length."""
-    if len(values) != 11:
-        raise ValueError(f"expected 11 sampling parameters, got {len(values)}")
+    if len(values) < _FIXED or (_FIXED < len(values) < _EXTENDED):
+        raise ValueError(
+            f"expected {_FIXED} or at least {_EXTENDED} sampling parameters, got {len(values)}"
+        )
     params = SamplingParams(
         temperature=values[0],
         top_k=int(values[1]),
@@ -99,6 +169,8 @@ def decode_params(values: list[float]) -> tuple[SamplingParams, int]:
         skip_prompt_log_probs=bool(values[7]),
         streaming_interval=int(values[8]),
     )
+    if len(values) > _FIXED:
+        _decode_extension(values, params)
     return params, int(values[9]) | (int(values[10]) << 32)
 
 

@@ -145,14 +145,36 @@ class LlamaModel(torch.nn.Module):
         Returns float32 logits over the full vocabulary: [B, vocab] for each row's last
         position, or [B, S, vocab] with ``all_logits``. Identical on every TP rank.
         """
+        x = self.hidden_states(tokens, start_positions, slots, kv_cache, last_only=not all_logits)
+        logits = self._output(x)
+        return logits if all_logits else logits[:, 0]
+
+    @torch.inference_mode()
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        start_positions: torch.Tensor,
+        slots: torch.Tensor,
+        kv_cache: KVCache,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """``forward`` up to the final norm: [B, S, hidden] (``last_only``: [B, 1, hidden]).
+
+        With ``output_logits`` it lets a caller turn many positions into logits a chunk at a
+        time (prompt log-probs) instead of holding [B, S, vocab] at once.
+        """
         step = self._prepare(tokens, start_positions, slots, kv_cache)
         x = self._embed(tokens.to(self.device))
         for layer, k_cache, v_cache in zip(self.layers, kv_cache.k, kv_cache.v, strict=True):
             x = layer(x, step, k_cache, v_cache)
-        if not all_logits:
+        if last_only:
             x = x[:, -1:]
-        logits = self._output(self.norm(x))
-        return logits if all_logits else logits[:, 0]
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Float32 full-vocabulary logits of final hidden states (collective under TP)."""
+        return self._output(hidden)
 
     def _prepare(
         self, tokens: torch.Tensor, start: torch.Tensor, slots: torch.Tensor, cache: KVCache
