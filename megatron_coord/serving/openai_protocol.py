@@ -24,17 +24,24 @@ from pydantic import (
     field_validator,
 )
 
-from ..sampling_params import SamplingParams
+from ..sampling_params import (
+    BOUNDS,
+    MAX_ABS_LOGIT_BIAS,
+    MAX_LOGIT_BIAS_ENTRIES,
+    MAX_STOP_TOKEN_IDS,
+    MAX_TOP_N_LOGPROBS,
+    SamplingParams,
+)
 from .bounds import MAX_INT64, ServedLimits, decimal_below
 
 MAX_STOP_SEQUENCES = 16
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_CHOICES = 16  # n and best_of: each candidate is one engine request
 MAX_PROMPTS = 64  # a batch of prompts in one /v1/completions call
-MAX_TOP_LOGPROBS = 20
-MAX_LOGIT_BIAS = 1024
-MAX_STOP_TOKEN_IDS = 1024
-LOGIT_BIAS_LIMIT = 100.0
+# The engine's own bounds (sampling_params.py), so the document states what is enforced.
+MAX_TOP_LOGPROBS = MAX_TOP_N_LOGPROBS
+MAX_LOGIT_BIAS = MAX_LOGIT_BIAS_ENTRIES
+LOGIT_BIAS_LIMIT = MAX_ABS_LOGIT_BIAS
 
 
 class OpenAIError(Exception):
@@ -195,14 +202,14 @@ class _SamplingFields(StrictModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: Text | Annotated[list[Text], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
-    presence_penalty: _float(-2.0, 2.0) | None = None
-    frequency_penalty: _float(-2.0, 2.0) | None = None
+    presence_penalty: _float(*BOUNDS["presence_penalty"]) | None = None
+    frequency_penalty: _float(*BOUNDS["frequency_penalty"]) | None = None
     logit_bias: _logit_bias_type(MAX_INT64) = None
     user: str | None = None
     # vLLM's (and SGLang's) sampling fields; the openai client sends them in extra_body.
     top_k: _int(-1) | None = None
-    min_p: _float(0.0, 1.0) | None = None
-    repetition_penalty: Annotated[float, Field(gt=0.0)] | None = None
+    min_p: _float(*BOUNDS["min_p"]) | None = None
+    repetition_penalty: _float(*BOUNDS["repetition_penalty"]) | None = None
     ignore_eos: bool = False
     min_tokens: _int(0) = 0
     stop_token_ids: _stop_token_ids_type(MAX_INT64) = None
