@@ -37,6 +37,8 @@ def training_grads(model, tokens: torch.Tensor) -> dict:
     loss.backward()
     out["log_probs"] = log_probs.detach()
     out["tail_log_probs"] = training.token_log_probs(model, tokens, first=5).detach()
+    mask = loss_weights(tokens)[:, 3:] > 0  # the output layer on a scattered subset
+    out["masked_log_probs"] = training.token_log_probs(model, tokens, 4, mask).detach()
     out["loss"] = loss.item()
     out["grad_norm"] = training.grad_norm(model, params).item()
     out["grads"]["log_probs"] = {names[id(p)]: p.grad.clone() for p in params}

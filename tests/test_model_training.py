@@ -84,6 +84,12 @@ def test_train_log_probs_equal_serving_log_probs(checkpoints):
     assert (trained.detach() - serving).abs().max() < 1e-5
     tail = training.token_log_probs(model, tokens, first=6)  # output layer on the tail only
     torch.testing.assert_close(tail, trained[:, 5:], atol=1e-5, rtol=0)
+    mask = torch.rand(tail.shape, generator=torch.Generator().manual_seed(0)) > 0.5
+    masked = training.token_log_probs(model, tokens, 6, mask)
+    torch.testing.assert_close(masked, tail.where(mask, 0.0), atol=1e-5, rtol=0)
+    (from_masked,) = torch.autograd.grad(masked.sum(), [model.lm_head], retain_graph=True)
+    (from_tail,) = torch.autograd.grad(tail[mask].sum(), [model.lm_head])
+    torch.testing.assert_close(from_masked, from_tail, atol=1e-6, rtol=1e-5)
     with torch.inference_mode():  # the serving path, after set_trainable, gives the same
         again = model(tokens, torch.zeros(b, dtype=torch.long), torch.arange(b), cache, True)
     assert torch.equal(again, logits)
@@ -187,7 +193,7 @@ def test_tp2_grads_equal_tp1_grads(checkpoints, tmp_path):
         for rank in range(2):
             got = torch.load(out / f"{os.path.basename(path)}.rank{rank}.pt")
             lay = TPLayout.of(config, 2, rank)
-            for key in ("log_probs", "tail_log_probs"):
+            for key in ("log_probs", "tail_log_probs", "masked_log_probs"):
                 torch.testing.assert_close(got[key], reference[key], atol=1e-5, rtol=0)
             for key in ("loss", "logits_loss", "grad_norm"):
                 assert got[key] == pytest.approx(reference[key], rel=1e-5, abs=1e-5), key

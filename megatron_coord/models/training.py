@@ -72,23 +72,35 @@ def train_logits(model: LlamaModel, tokens: torch.Tensor) -> torch.Tensor:
     return model._output(model.tp.copy_in(hidden))
 
 
-def token_log_probs(model: LlamaModel, tokens: torch.Tensor, first: int = 1) -> torch.Tensor:
+def token_log_probs(
+    model: LlamaModel, tokens: torch.Tensor, first: int = 1, mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """log p(tokens[:, t] | tokens[:, :t]) for t in [first, S): float32 [B, S - first].
 
     The output layer runs only on the positions that predict those tokens (a completion after
-    a prompt of ``first`` tokens needs only its own), and the log-softmax is vocab-parallel:
-    each rank works on its slice of the logits and three scalars per position cross the TP
-    group (max, sum of exponentials, the target's logit), never the full vocabulary.
-    These are the log-probs the engine reports for sampled tokens (of the unmodified
-    distribution, whatever temperature drew them).
+    a prompt of ``first`` tokens needs only its own), or, given ``mask`` [B, S - first] bool,
+    only where it is set (the rest read 0: padding and prompts cost no output layer). The
+    log-softmax is vocab-parallel: each rank works on its slice of the logits and three
+    scalars per position cross the TP group (max, sum of exponentials, the target's logit),
+    never the full vocabulary. These are the log-probs the engine reports for sampled tokens
+    (of the unmodified distribution, whatever temperature drew them).
     """
     s = tokens.shape[1] if tokens.dim() == 2 else 0
     if not 1 <= first < s:
         raise ValueError(f"first must lie in [1, {s}) for {s} positions, got {first}")
     tokens = tokens.to(model.device)
     hidden = causal_hidden(model, tokens)[:, first - 1 : -1]
-    local = F.linear(model.tp.copy_in(hidden), model.lm_head).float()
-    return vocab_parallel_log_probs(model, local, tokens[:, first:])
+    targets = tokens[:, first:]
+    if mask is None:
+        local = F.linear(model.tp.copy_in(hidden), model.lm_head).float()
+        return vocab_parallel_log_probs(model, local, targets)
+    mask = mask.to(model.device)
+    if mask.shape != targets.shape:
+        raise ValueError(f"mask must have shape {tuple(targets.shape)}, got {tuple(mask.shape)}")
+    local = F.linear(model.tp.copy_in(hidden[mask]), model.lm_head).float()
+    out = torch.zeros(targets.shape, device=model.device)
+    out[mask] = vocab_parallel_log_probs(model, local, targets[mask])
+    return out
 
 
 def vocab_parallel_log_probs(
