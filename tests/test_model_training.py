@@ -1,6 +1,7 @@
 """Training the TP Llama (models/training.py): loss and gradients equal transformers' at TP 1
-and TP 1's at TP 2 (a real torchrun gloo world); the training forward's log-probs equal the
-serving forward's; right padding does not change a row's log-probs; serving is untouched."""
+and TP 1's at TP 2 (a real torchrun gloo world, which also checks that two data-parallel
+replicas of a GRPO step take the whole batch's step); the training forward's log-probs equal
+the serving forward's; right padding does not change a row's log-probs; serving is untouched."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import pytest
 import torch
 from _model_scenario import SMALL, save_hf_checkpoint, scenario_tokens
-from _model_training_worker import loss_weights, training_grads
+from _model_training_worker import grpo_step, loss_weights, training_grads
 
 from megatron_coord.models import training
 from megatron_coord.models.checkpoint import load_model
@@ -207,3 +208,11 @@ def test_tp2_grads_equal_tp1_grads(checkpoints, tmp_path):
                         rtol=1e-4,
                         msg=f"{which}/{loss}/{name} rank {rank}",
                     )
+    # Two data-parallel replicas, half the rollouts each, take the step of the whole batch.
+    initial = load_model(checkpoints["tied"][0], single_process_state()).state_dict()
+    whole = grpo_step(load_model(checkpoints["tied"][0], single_process_state()), slice(0, 4))
+    assert all(not torch.equal(whole[name], initial[name]) for name in whole)  # a real step
+    for rank in range(2):
+        got = torch.load(out / f"dp.rank{rank}.pt")
+        for name, expected in whole.items():
+            torch.testing.assert_close(got[name], expected, atol=1e-6, rtol=1e-5, msg=name)
