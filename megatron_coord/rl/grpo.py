@@ -10,7 +10,10 @@ train/inference mismatch (which ``policy_step`` reports); the clip acts once a b
 reused for several steps.
 
 Nothing here knows where rollouts come from: the engine in-process (rl/prototype.py), or
-the coordinator (``generated_tokens`` and ``generated_log_probs`` of its records).
+the coordinator (``generated_tokens`` and ``generated_log_probs`` of its records). Those
+log-probs are of the model's unmodified distribution whatever temperature or filter drew the
+token, and so are ``token_log_probs``: sample at temperature 1 without top-k/top-p for the
+ratio to be the importance weight of the distribution that sampled.
 """
 
 from __future__ import annotations
