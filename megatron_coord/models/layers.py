@@ -7,7 +7,10 @@ projections are row-parallel, their partial results summed by ``TPGroup.all_redu
 decoder layer costs exactly two all-reduces, as in Megatron.
 
 Attention writes the new K/V into, and reads the history from, the KV blocks ``ForwardStep``
-names; the model builds that step once per forward and every layer shares it.
+names; the model builds that step once per forward and every layer shares it. The ``causal``
+methods are the same layers without a KV cache, for training (models/training.py): the
+column-parallel matmuls take their input through ``TPGroup.copy_in``, a no-op unless autograd
+is recording, so the serving path computes exactly what it did.
 """
 
 from __future__ import annotations
@@ -96,26 +99,50 @@ class Attention(torch.nn.Module):
     def forward(
         self, x: torch.Tensor, step: ForwardStep, k_cache: torch.Tensor, v_cache: torch.Tensor
     ) -> torch.Tensor:
-        b, s, _ = x.shape
-        hd = self.head_dim
-        qkv = F.linear(x, self.qkv_proj).view(b, s, self.heads + 2 * self.kv_heads, hd)
-        qk = _rotate(qkv[:, :, : self.heads + self.kv_heads], step.cos, step.sin)
-        q, k = qk.split([self.heads, self.kv_heads], dim=2)
-        v = qkv[:, :, self.heads + self.kv_heads :]
+        q, k, v = self._qkv(x, step.cos, step.sin)
         k_cache[step.write_blocks, step.write_offsets] = k  # [B, S, kv, hd] both sides
         v_cache[step.write_blocks, step.write_offsets] = v
         q = q.transpose(1, 2)
         if step.mask is None:  # every row starts at 0: the new K/V are the whole history
             keys, values = k.transpose(1, 2), v.transpose(1, 2)
             out = F.scaled_dot_product_attention(
-                q, keys, values, is_causal=s > 1, enable_gqa=self.heads != self.kv_heads
+                q, keys, values, is_causal=q.shape[2] > 1, enable_gqa=self.heads != self.kv_heads
             )
         else:
             keys, values = _read_cache(k_cache, step), _read_cache(v_cache, step)
             out = F.scaled_dot_product_attention(
                 q, keys, values, attn_mask=step.mask, enable_gqa=self.heads != self.kv_heads
             )
-        out = out.transpose(1, 2).reshape(b, s, self.heads * hd)
+        return self._project_out(out)
+
+    def causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention of every position over those before it, without a KV cache (training:
+        rows start at position 0, so padding at a row's end is never attended to)."""
+        q, k, v = self._qkv(x, cos, sin)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            is_causal=x.shape[1] > 1,
+            enable_gqa=self.heads != self.kv_heads,
+        )
+        return self._project_out(out)
+
+    def _qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Q and K (rotated) and V of this rank's heads, each [B, S, heads, hd]."""
+        b, s, _ = x.shape
+        qkv = F.linear(self.tp.copy_in(x), self.qkv_proj)
+        qkv = qkv.view(b, s, self.heads + 2 * self.kv_heads, self.head_dim)
+        qk = _rotate(qkv[:, :, : self.heads + self.kv_heads], cos, sin)
+        q, k = qk.split([self.heads, self.kv_heads], dim=2)
+        return q, k, qkv[:, :, self.heads + self.kv_heads :]
+
+    def _project_out(self, out: torch.Tensor) -> torch.Tensor:
+        """The row-parallel output projection of attention's [B, heads, S, hd], summed."""
+        b, _, s, _ = out.shape
+        out = out.transpose(1, 2).reshape(b, s, self.heads * self.head_dim)
         return self.tp.all_reduce(F.linear(out, self.o_proj))
 
 
@@ -136,7 +163,7 @@ class MLP(torch.nn.Module):
         self.tp = tp
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj).split(self.width, dim=-1)
+        gate, up = F.linear(self.tp.copy_in(x), self.gate_up_proj).split(self.width, dim=-1)
         return self.tp.all_reduce(F.linear(F.silu(gate) * up, self.down_proj))
 
 
@@ -155,4 +182,9 @@ class DecoderLayer(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, step: ForwardStep, k_cache, v_cache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), step, k_cache, v_cache)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def causal(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The block without a KV cache (``Attention.causal``): the training forward."""
+        x = x + self.self_attn.causal(self.input_layernorm(x), cos, sin)
         return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,6 @@
+"""Reinforcement learning on the TP Llama: GRPO's learning core and a toy task.
+
+- ``grpo``: group-relative advantages, the clipped policy loss (+ KL), one policy step;
+- ``toy_task``: a verifiable toy task for the default model (answer in numerals);
+- ``prototype``: the loop in one process, rollouts from an in-process engine.
+"""
