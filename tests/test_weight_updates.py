@@ -359,3 +359,25 @@ def test_generation_epoch_and_suspend_with_options(router):
     router.send(Headers.RESUME)
     assert router.load(lambda load: not load["suspended"])["kv_bytes"] == held
     assert router.generate(9, [7, 8, 9])["generated_tokens"] == request["generated_tokens"]
+
+
+def test_a_replica_broken_by_a_failed_update_waits_for_the_next(router, new_checkpoint):
+    engine = router.server.engine
+    engine.weights_broken = "the update to 'v2' failed midway: (a test)"  # weights mixed
+    router.send(Headers.SUBMIT_REQUEST, 20, [7, 8, 9], {"top_k": 1, "num_tokens_to_generate": 6})
+    load = router.load(lambda load: load["queued"] == 1)
+    assert load["update_error"] == engine.weights_broken and not load["healthy"]
+    with pytest.raises(TimeoutError):
+        router.message(timeout_s=0.3)  # held: no step runs on mixed weights
+    router.send(Headers.ABORT, 20)  # the coordinator moves its requests elsewhere
+    aborted = router.message()[1][0]["requests"][0]
+    assert aborted["request_id"] == 20 and aborted["finish_reason"] == "abort"
+    router.send(Headers.SUBMIT_REQUEST, 21, [7, 8, 9], {"top_k": 1, "num_tokens_to_generate": 6})
+    source = {"kind": "checkpoint", "path": new_checkpoint}
+    router.send(Headers.UPDATE_WEIGHTS, 4, _update("v3", source))
+    done = router.message()
+    assert done[0] == Headers.UPDATE_WEIGHTS_DONE and done[2]["ok"], done
+    request = router.message()[1][0]["requests"][0]
+    assert request["generated_tokens"] == hf_greedy(new_checkpoint, [[7, 8, 9]], 6)[0]
+    assert engine.weights_broken is None
+    assert router.load(lambda load: load["weight_version"] == "v3")["healthy"]

@@ -90,7 +90,7 @@ def _describe(exc: BaseException) -> str:
     """An error for the caller: the message of the errors that explain themselves."""
     if isinstance(exc, KeyError):
         return str(exc.args[0]) if exc.args else "KeyError"
-    if isinstance(exc, ValueError | FileNotFoundError):
+    if isinstance(exc, ValueError | OSError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -104,6 +104,7 @@ class WeightUpdater:
         self.group = group  # the TP ranks' agreement group (None at TP = 1)
         self.done = 0
         self.failed = 0
+        self._agreed = False  # this update passed its agreement before the first copy
 
     # ----------------------------------------------------------------- agreement
     def _gather(self, mine: Any) -> list[Any]:
@@ -119,10 +120,23 @@ class WeightUpdater:
             return ""
         return f"TP rank {tp_rank} (global rank {self.state.tp_src_rank + tp_rank}): "
 
+    def _merge(self, every: list[list[str]]) -> list[str]:
+        """Each rank's problems, one list: one every rank has is said once, the others name
+        their rank."""
+        merged: list[str] = []
+        for rank, mine in enumerate(every):
+            for problem in mine:
+                if all(problem in other for other in every):
+                    if problem not in merged:
+                        merged.append(problem)
+                else:
+                    merged.append(self._where(rank) + problem)
+        return merged
+
     def agree(self, problems: list[str]) -> list[str]:
-        """Every rank's problems, each naming its rank (the same list on every rank)."""
-        every = self._gather(list(problems))
-        return [self._where(r) + p for r, mine in enumerate(every) for p in mine]
+        """Every rank's problems (the same list on every rank: see ``_merge``)."""
+        self._agreed = True
+        return self._merge(self._gather(list(problems)))
 
     def _refuse_unless_agreed(self, problems: list[str]) -> None:
         refused = self.agree(problems)
@@ -135,19 +149,21 @@ class WeightUpdater:
         started = time.monotonic()
         engine = self.engine
         progress = TransferProgress()
-        error, agreed = None, False  # agreed: an UpdateRefused, the same on every rank
-        version, mode, stale = None, "keep", []
+        error = None
+        version, mode, stale, source = None, "keep", [], None
+        self._agreed = False
         try:
             version, mode, stale, source, timeout_s = _checked(spec)
             self._load(spec, version, source, timeout_s, progress)
         except Exception as exc:  # noqa: BLE001 - reported to the coordinator
-            error, agreed = _describe(exc), isinstance(exc, UpdateRefused)
-        mine = (error, agreed, progress.touched, engine.weight_bytes, progress.buffer_bytes)
+            error = _describe(exc)
+            if source is not None and source["kind"] != "in_place" and not self._agreed:
+                # Failed before the agreement its peers may be waiting in: join it, so every
+                # rank of the group makes the same collectives (and says the same error).
+                error = "; ".join(self.agree([error]))
+        mine = (error, progress.touched, engine.weight_bytes, progress.buffer_bytes)
         every = self._gather(mine)
-        errors = list(dict.fromkeys(e for e, shared, *_ in every if e is not None and shared))
-        errors += [
-            self._where(r) + e for r, (e, shared, *_) in enumerate(every) if e and not shared
-        ]
+        errors = self._merge([[e] if e is not None else [] for e, *_ in every])
         message = "; ".join(errors)
         outcome = UpdateOutcome(
             {
@@ -156,14 +172,14 @@ class WeightUpdater:
                 "error": message or None,
                 "aborted": 0,
                 "recomputed": 0,
-                "weight_bytes": sum(m[3] for m in every),
-                "buffer_bytes": max(m[4] for m in every),
+                "weight_bytes": sum(m[2] for m in every),
+                "buffer_bytes": max(m[3] for m in every),
                 "received_bytes": progress.received_bytes,
             }
         )
         if errors:
             self.failed += 1
-            if any(m[2] for m in every):
+            if any(m[1] for m in every):
                 engine.weights_broken = f"the update to {version!r} failed midway: {message}"
             self._log_failure(version, message, engine.weights_broken is not None)
         else:

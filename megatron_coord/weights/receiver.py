@@ -15,6 +15,7 @@ collective timed out) leaves them mixed: ``TransferProgress.touched`` says so.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +28,9 @@ from .manifest import FLOAT_DTYPES, Manifest, Piece, TensorInfo
 from .transfer_group import TransferGroup, announce_label, connect_store, resolve_backend
 
 _MAX_NAMES_SHOWN = 8
+# The gist of a failed collective (gloo's messages run to several lines with an address).
+_LOST = re.compile(r"Connection [a-z ]+ by peer|Socket closed|Broken pipe")
+_TIMED_OUT = re.compile(r"[Tt]imed out|[Tt]imeout")
 
 
 class UpdateRefused(ValueError):
@@ -40,6 +44,21 @@ class TransferProgress:
     touched: bool = False  # some parameter was written: the weights may be mixed
     received_bytes: int = 0
     buffer_bytes: int = 0  # the receive buffer: the most this rank held beyond its shard
+
+
+def broken_off(exc: Exception, done: int, total: int | None) -> ConnectionError:
+    """A transfer collective that failed: where, and the gist of why."""
+    text = str(exc)
+    if _LOST.search(text):
+        why = "connection lost"
+    elif _TIMED_OUT.search(text):
+        why = "timed out"
+    else:
+        why = f"{type(exc).__name__}: {text[:200]}"
+    where = "before the manifest" if total is None else f"after {done} of {total} buckets"
+    return ConnectionError(
+        f"the weight transfer broke off {where} ({why}): the trainer vanished or stalled"
+    )
 
 
 def _names(names: list[str]) -> str:
@@ -143,7 +162,10 @@ def receive_weights(
     announce_label(store, version)
     group = TransferGroup(store, version, rank, world_size, backend, timeout_s, device)
     try:
-        manifest = Manifest.decode(group.broadcast_bytes(None))
+        try:
+            manifest = Manifest.decode(group.broadcast_bytes(None))
+        except RuntimeError as exc:
+            raise broken_off(exc, 0, None) from None
         writer = ShardWriter(model)
         refused = agree(writer.check(manifest))
         buffer = torch.empty(manifest.max_bucket_bytes, dtype=torch.uint8, device=group.device)
@@ -151,7 +173,10 @@ def receive_weights(
         failed: Exception | None = None
         for index, bucket in enumerate(manifest.buckets):
             view = buffer[: manifest.bucket_size(index)]
-            group.broadcast(view)
+            try:
+                group.broadcast(view)
+            except RuntimeError as exc:
+                raise broken_off(exc, index, len(manifest.buckets)) from None
             progress.received_bytes += view.numel()
             if not refused and failed is None:
                 progress.touched = True
