@@ -24,7 +24,13 @@ from typing import Any
 import torch
 
 from .manifest import Manifest, Piece, TensorInfo, dtype_name, plan_buckets
-from .transfer_group import TransferGroup, await_label, connect_store, resolve_backend
+from .transfer_group import (
+    TransferGroup,
+    await_label,
+    connect_store,
+    forget_label,
+    resolve_backend,
+)
 
 DEFAULT_BUCKET_BYTES = 32 << 20
 DEFAULT_TIMEOUT_S = 300.0
@@ -79,7 +85,9 @@ class WeightSender:
         progress: Callable[[int, int], None] | None = None,
     ) -> dict[str, Any]:
         """Send the tensors to a transfer group of ``world_size`` ranks (WEIGHT_TRANSFER_READY
-        says it), for the update labelled ``version`` (None: the one the replicas announce).
+        says it), for the update labelled ``version``. Give it when known: with None the
+        sender takes the next label the replicas announce in the store, which is right
+        unless an earlier update reached the replicas but was never sent.
         ``progress(buckets done, buckets)`` is called after each bucket. Returns what was sent
         (``bytes``, ``buckets``, ``max_bucket_bytes``, ``seconds``, ``version``)."""
         started = time.monotonic()
@@ -109,6 +117,8 @@ class WeightSender:
                     progress(index + 1, len(manifest.buckets))
         finally:
             group.close()
+            if version is None and self.rank == 0:
+                forget_label(self.store)  # the next send waits for the next announcement
         self.last_stats = {
             "version": label,
             "bytes": manifest.total_bytes,

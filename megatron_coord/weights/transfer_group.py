@@ -74,6 +74,11 @@ def await_label(store: Any, sent: set[str], timeout_s: float) -> str:
         pause = min(pause * 2, _POLL_S[1])
 
 
+def forget_label(store: Any) -> None:
+    """After a transfer: the announcement is used up."""
+    store.delete_key(LABEL_KEY)
+
+
 class TransferGroup:
     """One update's process group; rank 0 (the trainer's first rank) is every broadcast's root."""
 
