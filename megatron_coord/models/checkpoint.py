@@ -25,7 +25,7 @@ import torch
 from ..parallel_state import ParallelState
 from .config import ModelConfig
 from .llama import LlamaModel
-from .shard_plan import OUTPUT_LAYER, ShardPart, shard_plan
+from .shard_plan import OUTPUT_LAYER, ShardPart, copy_into, shard_plan
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -153,7 +153,7 @@ def fill_parameter(
             raise ValueError(
                 f"{name}: shard shape {tuple(tensor.shape)} != {tuple(target.shape)}"
             )  # a bug here, not in the checkpoint
-        target.copy_(tensor)
+        copy_into(target, tensor)
         end = max(end, part.row + part.rows)
     if end < param.shape[0]:
         param[end:].zero_()

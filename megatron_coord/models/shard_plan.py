@@ -7,17 +7,21 @@ trainer broadcasts). A local parameter is filled by one or more ``ShardPart``: w
 (the norms), row ranges stacked in order (Q/K/V into ``qkv_proj``, gate/up into
 ``gate_up_proj``, a vocabulary range into the embedding and output layer, whose padding rows
 past the vocabulary stay zero) or a column range (the row-parallel ``o_proj`` and
-``down_proj``). Plain data: no tensors, no I/O.
+``down_proj``). The plan is plain data (no tensors, no I/O); ``copy_into`` writes a part into
+a parameter, fast also where the parameter is stored transposed (the output layer).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from .config import ModelConfig, TPLayout
 
 EMBEDDING = "model.embed_tokens.weight"
 OUTPUT_LAYER = "lm_head.weight"
+_TRANSPOSE_CHUNK_BYTES = 1 << 20  # staging for a transposed copy, a chunk of rows at a time
 
 
 @dataclass(frozen=True)
@@ -91,3 +95,22 @@ def shard_plan(config: ModelConfig, lay: TPLayout, tied: bool) -> dict[str, list
 def tensor_names(plan: dict[str, list[ShardPart]]) -> set[str]:
     """The Hugging Face tensors a plan reads."""
     return {part.name for parts in plan.values() for part in parts}
+
+
+def copy_into(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target.copy_(source)`` for a 2-D ``target`` that may be a transposed view (the output
+    layer is stored ``[hidden, vocab]``): a row-major copy into a column-major view strides
+    through memory (~5x slower on CPU), so rows are staged, a chunk at a time, transposed in a
+    small buffer and written as contiguous runs."""
+    if target.dim() != 2 or target.stride(0) != 1 or target.stride(1) == 1 or target.numel() < 2:
+        target.copy_(source)
+        return
+    rows, cols = target.shape
+    columns = target.t()  # [cols, rows], each of its rows contiguous
+    step = max(1, _TRANSPOSE_CHUNK_BYTES // max(1, cols * target.element_size()))
+    stage = torch.empty(cols, min(step, rows), dtype=target.dtype, device=target.device)
+    for start in range(0, rows, step):
+        end = min(rows, start + step)
+        chunk = stage[:, : end - start]
+        chunk.copy_(source[start:end].t())
+        columns[:, start:end].copy_(chunk)

@@ -4,8 +4,11 @@ Each rank of each replica joins the transfer group (transfer_group.py) with its 
 (``first_rank`` + its TP rank), receives the manifest, checks it against the served model
 (every name known, none missing, shapes and dtypes right: ``ShardWriter.check``), then receives
 every bucket and copies the rows or columns of its shard (shard_plan.py, as the checkpoint
-loader reads them) straight from the bucket into the model's parameters, in the model's dtype:
-at most one bucket more than the shard is ever held, never a second copy of the model.
+loader reads them) straight from the bucket into the model's parameters, in the model's dtype.
+Two buffers of half a bucket each (the sender plans buckets of ``bucket_bytes / 2``) let the
+next bucket arrive while the last one is copied: at most ``bucket_bytes`` are held beyond the
+shard (and a 1 MiB staging chunk for the transposed output layer), never a second copy of the
+model.
 
 A rank whose check failed (or whose TP group's did: ``agree``) goes on receiving every bucket
 without copying, so the trainer and the other replicas are not left waiting in a collective;
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..models.shard_plan import EMBEDDING, OUTPUT_LAYER, ShardPart, shard_plan
+from ..models.shard_plan import EMBEDDING, OUTPUT_LAYER, ShardPart, copy_into, shard_plan
 from .manifest import FLOAT_DTYPES, Manifest, Piece, TensorInfo
 from .transfer_group import TransferGroup, announce_label, connect_store, resolve_backend
 
@@ -121,13 +124,13 @@ class ShardWriter:
         with torch.no_grad():
             for param, part in self.targets.get(info.name, ()):
                 if part.dim == 1:
-                    param[start:end].copy_(rows[:, part.lo : part.hi])
+                    copy_into(param[start:end], rows[:, part.lo : part.hi])
                     continue
                 part_lo, part_hi = (part.lo, part.hi) if part.dim == 0 else (0, part.rows)
                 lo, hi = max(start, part_lo), min(end, part_hi)
                 if lo < hi:
                     first = part.row + lo - part_lo
-                    param[first : first + hi - lo].copy_(rows[lo - start : hi - start])
+                    copy_into(param[first : first + hi - lo], rows[lo - start : hi - start])
 
     def write_bucket(self, buffer: torch.Tensor, bucket: list[Piece], manifest: Manifest) -> None:
         """Every piece of one received bucket."""
@@ -168,15 +171,25 @@ def receive_weights(
             raise broken_off(exc, 0, None) from None
         writer = ShardWriter(model)
         refused = agree(writer.check(manifest))
-        buffer = torch.empty(manifest.max_bucket_bytes, dtype=torch.uint8, device=group.device)
-        progress.buffer_bytes = buffer.numel()
+        count = len(manifest.buckets)
+        size = manifest.max_bucket_bytes
+        buffers = [torch.empty(size, dtype=torch.uint8, device=group.device) for _ in range(2)]
+        progress.buffer_bytes = 2 * size
+
+        def start(index: int) -> tuple[torch.Tensor, Any]:
+            view = buffers[index % 2][: manifest.bucket_size(index)]
+            return view, group.start_broadcast(view)
+
+        pending = start(0) if count else None
         failed: Exception | None = None
         for index, bucket in enumerate(manifest.buckets):
-            view = buffer[: manifest.bucket_size(index)]
+            view, work = pending
             try:
-                group.broadcast(view)
+                work.wait()
             except RuntimeError as exc:
-                raise broken_off(exc, index, len(manifest.buckets)) from None
+                raise broken_off(exc, index, count) from None
+            if index + 1 < count:
+                pending = start(index + 1)  # the next arrives while this one is copied
             progress.received_bytes += view.numel()
             if not refused and failed is None:
                 progress.touched = True

@@ -114,6 +114,11 @@ class TransferGroup:
         """Broadcast ``tensor`` (on ``device``) from rank 0, in place; waits for it."""
         self.group.broadcast([tensor], self._options).wait()
 
+    def start_broadcast(self, tensor: torch.Tensor) -> Any:
+        """The same, without waiting: its ``Work`` (``.wait()`` it). Every rank starts the
+        same broadcasts in the same order; two may be in flight at once."""
+        return self.group.broadcast([tensor], self._options)
+
     def broadcast_bytes(self, data: bytes | None) -> bytes:
         """Rank 0 passes ``data``, the others None; every rank returns it."""
         length = torch.zeros(1, dtype=torch.int64, device=self.device)
