@@ -1,17 +1,19 @@
 """``WeightSender``: a trainer's end of a weight update over torch.distributed.
 
-    sender = WeightSender()                    # hosts a TCPStore on a free loopback port
-    outcome = await client.update_weights("v8", sender=sender, named_tensors=model.named_parameters())
+    sender = WeightSender()  # hosts a TCPStore on a free loopback port
+    outcome = await client.update_weights(
+        "v8", sender=sender, named_tensors=hf_model.named_parameters()
+    )
 
 or by hand: put ``sender.source_spec()`` in an UPDATE_WEIGHTS spec; once the coordinator
 answers WEIGHT_TRANSFER_READY (every replica knows its ranks), call
 ``sender.send(named_tensors, world_size)``. It joins the transfer group (transfer_group.py) as
 rank 0, broadcasts the manifest (names, shapes, dtypes, bucket layout: manifest.py), then the
-tensors, whole and in the trainer's dtype, in buckets of at most ``bucket_bytes / 2``, two
-buffers each side (one packed, or copied on the receiving side, while the other travels,
-one broadcast at a time): the sender
-holds ``bucket_bytes`` more than the model, each receiving rank as much more than its shard.
-A bucket that is a run of rows of one contiguous tensor is sent from the tensor itself.
+tensors, whole and in the trainer's dtype, in buckets of at most ``bucket_bytes / 2``. Each
+side has two such buffers, so one is packed (or, receiving, copied into the shard) while the
+other travels, one broadcast at a time: the sender holds ``bucket_bytes`` more than the
+model, each receiving rank as much more than its shard. A bucket that is a run of rows of one
+contiguous tensor is sent from the tensor itself.
 
 With several trainer ranks (``trainer_ranks`` T > 1), rank 0 hosts the store and sends every
 tensor; ranks 1..T-1 (built with ``rank`` and rank 0's ``store_port``) only join the group,
