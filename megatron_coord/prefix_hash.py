@@ -7,6 +7,11 @@ heartbeats; the coordinator, which tokenizes prompts itself, computes the same n
 token ids alone to know which replica holds a prompt's prefix. That only works if the hash is
 the same in every process and on every machine: blake2b over little-endian bytes, never
 Python's salted ``hash()``. No torch here: the coordinator imports it.
+
+The weights that computed a block are part of its identity too: the engine keys its cache by
+``name ^ version_salt(weight version)``, so a block computed under other weights never matches,
+while the names it reports (and the coordinator computes) stay these version-free ones (the
+engine caches only the current version's blocks, and says ``kv_blocks_reset`` when it changes).
 """
 
 from __future__ import annotations
@@ -44,3 +49,9 @@ def block_hashes(tokens: Sequence[int], block_size: int, previous: int = ROOT_HA
         previous = int.from_bytes(blake2b(data, digest_size=8).digest(), "little")
         out.append(previous)
     return out
+
+
+def version_salt(version: str) -> int:
+    """A 64-bit salt for the KV blocks computed under the weights labelled ``version``."""
+    digest = hashlib.blake2b(version.encode(), digest_size=8, person=b"kv-weights").digest()
+    return int.from_bytes(digest, "little")

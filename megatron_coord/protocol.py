@@ -64,6 +64,28 @@ class Headers(enum.IntEnum):
     # "engines_lost": int, "requests_resubmitted": int, "shutting_down": bool,
     # "maps": {per-request or per-peer map: size}}] (health checks, metrics, tests)
     STATS = 105
+    # --- weight updates (update_spec.py checks the spec and the engines' results) ---
+    # client -> coord: [UPDATE_WEIGHTS, client_request_id, spec]; spec = {"version": str,
+    # "source": {"kind": "checkpoint", "path": str} | {"kind": "distributed", "store_host",
+    # "store_port", "trainer_ranks", "bucket_bytes", "backend"} | {"kind": "in_place"},
+    # "mode": "abort" | "keep" | "recompute", "abort_older_than": str | None, "timeout_s"}
+    # coord -> engine: [UPDATE_WEIGHTS, update_id: int, spec_for_engine]: the spec plus
+    # "stale_versions": [labels] (and "first_rank", "world_size" for the distributed source)
+    UPDATE_WEIGHTS = 106
+    # engine -> coord: [UPDATE_WEIGHTS_DONE, update_id, {"ok": bool, "version": str, "error":
+    # str | None, "duration_s", "aborted": int, "recomputed": int, "weight_bytes": int}]
+    # coord -> client: [UPDATE_WEIGHTS_DONE, client_request_id, {"version", "published": bool,
+    # "duration_s", "replicas": [{"data_parallel_rank", "identity" (hex), "ok", "error",
+    # "duration_s", ...}], "failed": ["dp rank N (identity hex)", ...], "error": str | None}]
+    UPDATE_WEIGHTS_DONE = 107
+    # coord -> client (source "distributed" only), once every replica was told its ranks:
+    # [WEIGHT_TRANSFER_READY, client_request_id, {"world_size": int, "trainer_ranks": [0..T-1],
+    # "replicas": [{"data_parallel_rank", "first_rank", "tp_size"}, ...]}]
+    WEIGHT_TRANSFER_READY = 108
+    # coord -> engine: [SET_GENERATION_EPOCH_OURS, epoch: int], a Megatron-core 0.19 client's
+    # SET_GENERATION_EPOCH (its header 44) for our engines: tokens generated after it are of
+    # version str(epoch) (a version bump with no weight change, mode "keep")
+    SET_GENERATION_EPOCH_OURS = 109
 
 
 CONTROL_SIGNALS = frozenset(

@@ -12,8 +12,9 @@ from megatron_coord.sampling_params import SamplingParams
 EOS = 50256
 
 
-def make_tiny_checkpoint(path: str) -> None:
-    """A seeded-random Llama saved by transformers, with the GPT-2 tokenizer beside it.
+def make_tiny_checkpoint(path: str, seed: int = 0) -> None:
+    """A seeded-random Llama saved by transformers, with the GPT-2 tokenizer beside it
+    (another ``seed``: the same model with other weights).
 
     ``initializer_range=0.5`` gives logits with well-separated maxima, so greedy decoding is
     decided by the model and not by float rounding.
@@ -36,7 +37,7 @@ def make_tiny_checkpoint(path: str) -> None:
         tie_word_embeddings=False,
         initializer_range=0.5,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     LlamaForCausalLM(config).eval().save_pretrained(path)
     gpt2_tokenizer().hf_tokenizer.save_pretrained(path)
 
@@ -167,9 +168,12 @@ def test_streaming_chunks_add_up(model):
     streamed, final = [], None
     while engine.has_work:
         result = engine.step()
-        for rid, tokens in result.partial:
+        for rid, tokens, extras in result.partial:  # extras: the version spans so far
             assert rid == 5
             streamed += tokens
+            generated = len(streamed)
+            assert extras["weight_version_spans"] == [[0, generated, "initial"]]
+            assert extras["kv_version_spans"] == [[0, 3 + generated - 1, "initial"]]
         if result.finished:
             final = result.finished[0]["requests"][0]["generated_tokens"]
     assert len(streamed) == 8 and streamed == final[: len(streamed)]

@@ -37,6 +37,7 @@ class Harness:
         self.identity, first = self.recv()
         info = {"data_parallel_rank": 0, "protocol": 1, "heartbeat_reply": True}
         info.update(kv_block_size=16, prefix_caching=True)  # how to name its KV blocks
+        info.update(weight_version="initial", tensor_parallel_size=1)  # for weight updates
         assert first == [Headers.REGISTER, info]
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

@@ -12,7 +12,11 @@
   ``control`` (control signals, shutdown, drain), ``heartbeats`` (HEARTBEAT load reports),
   ``step_heartbeat`` (heartbeats during long steps) and ``step_guard`` (failed steps);
 - ``tp_broadcast``: each step's requests and signals packed (``megatron_coord._C``) and
-  broadcast to the tensor-parallel group.
+  broadcast to the tensor-parallel group;
+- ``weight_updates``: a replica's weight updates (``WeightUpdater``: checkpoint, distributed
+  or in-place source, all or nothing across its ranks), ``weight_versions`` (what a new
+  version does to the requests in flight, their version spans and the prefix cache) and
+  ``suspension`` (SUSPEND / RESUME: the KV cache freed, the weights offloaded, both restored).
 """
 
 from .coordinator_link import engine_identity

@@ -5,7 +5,9 @@ and drain.
   every engine once all of them acked (PAUSE_ACK, STOP_ACK), ABORT of one request, and the
   TP-coordinator's own SHUTDOWN reach every rank of the group in a step's broadcast inputs
   (tp_broadcast.py) and are applied there alike (``apply``), so the replica's state is the same
-  on every rank. The TP-coordinator acks PAUSE and STOP to the coordinator.
+  on every rank. The TP-coordinator acks PAUSE and STOP to the coordinator. Signals with
+  options (payload signals: ``[SUSPEND, {"offload_weights": true}]``, a weight update, a
+  generation epoch) go to the handler registered for their header (``payload_handlers``).
 * **Shutdown.** SIGINT/SIGTERM, another thread (``request_shutdown``) or a lost coordinator
   (coordinator_link.py) ask the loop to end: the TP-coordinator broadcasts SHUTDOWN at its next
   step. A wake-up socket, polled with the coordinator's, ends its idle wait at once.
@@ -26,7 +28,7 @@ from typing import Any
 from ..protocol import Headers
 from .coordinator_link import CoordinatorLink
 from .engine import InferenceEngine
-from .tp_broadcast import ABORT_SIGNAL, SHUTDOWN_SIGNAL
+from .tp_broadcast import ABORT_SIGNAL, PAYLOAD_SIGNAL, SHUTDOWN_SIGNAL, read_payload
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +72,22 @@ class ReplicaControl:
         self._drain_started = 0.0
         self._wake_r: socket.socket | None = None
         self._wake_w: socket.socket | None = None
+        # Header -> handler(payload) of the payload signals (on every rank alike).
+        self.payload_handlers: dict[int, Callable[[Any], None]] = {
+            int(Headers.SUSPEND): self._suspend_with_options
+        }
 
     @property
     def halted(self) -> bool:
-        """Paused, suspended or stopped: the engine keeps its requests but runs none."""
-        return self.paused or self.engine.suspended or self.stop_received
+        """Paused, suspended, stopped or its weights broken by a failed update: the engine
+        keeps its requests but runs none."""
+        engine = self.engine
+        return (
+            self.paused
+            or engine.suspended
+            or self.stop_received
+            or engine.weights_broken is not None
+        )
 
     @property
     def draining(self) -> bool:
@@ -90,6 +103,14 @@ class ReplicaControl:
             if sig == ABORT_SIGNAL and i + 1 < len(signals):
                 self.engine.abort(signals[i + 1])
                 i += 2
+                continue
+            if sig == PAYLOAD_SIGNAL:
+                header, payload, i = read_payload(signals, i)
+                handler = self.payload_handlers.get(header)
+                if handler is None:
+                    log.warning("rank %d: no handler for payload signal %d", self.rank, header)
+                else:
+                    handler(payload)
                 continue
             self._apply_signal(sig, reply)
             i += 1
@@ -111,6 +132,11 @@ class ReplicaControl:
             self.stop_received = True
             if reply is not None:
                 reply([Headers.STOP_ACK])
+
+    def _suspend_with_options(self, options: Any) -> None:
+        """Ours: ``[SUSPEND, {"offload_weights": bool}]`` (a bare SUSPEND frees the KV only)."""
+        offload = isinstance(options, dict) and options.get("offload_weights") is True
+        self.engine.suspend(offload_weights=offload)
 
     def undo_halt(self) -> list[int]:
         """The signals that undo a pause or a suspension (for a coordinator that never sent

@@ -68,8 +68,10 @@ class CoordinatorLink:
         reconnect: bool = False,
         join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
         on_joined: Callable[[], None] | None = None,
+        describe: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self.state = state
+        self.describe = describe  # more for REGISTER (the replica's weights), at each one
         self.blocks = blocks  # its block size and caching go into REGISTER
         self.address = address
         self.identity = identity
@@ -140,6 +142,8 @@ class CoordinatorLink:
         }
         if self.outside:  # joined: say who we are
             info.update(pid=os.getpid(), host=socket.gethostname())
+        if self.describe is not None:
+            info.update(self.describe())
         return info
 
     def also_poll(self, other: Any) -> None:

@@ -10,6 +10,12 @@ The KV cache is paged (kv_blocks.py): with prefix caching (the default), a promp
 blocks were computed before reuses them and prefills only the rest; full blocks are named once
 computed (in ``commit_step``, so a failed step never names a block it may have spoiled).
 
+Weights change while it serves (weight_versions.py): ``change_version`` moves it to a new
+weight version at a step boundary (its requests aborted, kept or recomputed; the prefix cache
+forgotten, its blocks keyed by version), and every record and streaming chunk says which
+version produced each token and computed the KV it was decoded over. SUSPEND and RESUME
+release and restore its memory (suspension.py).
+
 A request that asks for prompt log-probs (or prompt top-N) reuses no cached block (as vLLM's
 engine): the logits of a position come from the last layer's hidden state there, which needs
 every layer at every position -- exactly the prefill that cached KV saves, so reusing it would
@@ -28,12 +34,16 @@ from typing import Any
 
 import torch
 
-from ..prefix_hash import ROOT_HASH, block_hashes, chain_hash
+from ..prefix_hash import ROOT_HASH, block_hashes, chain_hash, version_salt
+from . import suspension
 from .kv_blocks import DEFAULT_BLOCK_SIZE, BlockPool
 from .log_probs import prompt_scores
 from .running import PendingStep, RunningRequest, StepResult, sampling_state, stop_ids
 from .sampling import Sampler
 from .tp_broadcast import NewRequest
+from .weight_versions import VersionChange, change_version
+
+INITIAL_VERSION = "initial"  # a replica's weight version before any update, unless labelled
 
 __all__ = ["InferenceEngine", "PendingStep", "RunningRequest", "StepResult"]
 
@@ -48,6 +58,7 @@ class InferenceEngine:
 
     ``kv_blocks`` bounds the KV pool (default: a max-length sequence for every batch slot, the
     memory of an unpaged cache); ``prefix_caching=False`` frees blocks as requests leave.
+    ``weight_version`` labels the weights it starts with.
     """
 
     def __init__(
@@ -60,6 +71,7 @@ class InferenceEngine:
         prefix_caching: bool = True,
         kv_block_size: int = DEFAULT_BLOCK_SIZE,
         kv_blocks: int | None = None,
+        weight_version: str = INITIAL_VERSION,
     ) -> None:
         config = model.config
         limit = config.max_position_embeddings
@@ -85,6 +97,8 @@ class InferenceEngine:
         self.blocks = BlockPool(
             kv_blocks or max_batch_size * per_sequence, kv_block_size, prefix_caching
         )
+        self.weight_version = weight_version
+        self.blocks.salt = version_salt(weight_version)
         self.kv_cache = model.allocate_kv_cache(self.blocks.num_blocks, kv_block_size)
         self.sampler = Sampler(max_batch_size, self.vocab_size, self.device, self.max_seq_len)
         self.free_slots = list(range(max_batch_size - 1, -1, -1))
@@ -93,6 +107,10 @@ class InferenceEngine:
         self._known: set[int] = set()
         self._done: list[dict[str, Any]] = []  # finished outside a step (aborts, zero budgets)
         self.suspended = False
+        self.weights_offloaded = False
+        # Why the weights may be a mix of two versions (an update failed midway): no step
+        # runs until a later update succeeds (weight_updates.py).
+        self.weights_broken: str | None = None
 
     # ----------------------------------------------------------------- admission
     def check_request(
@@ -164,7 +182,7 @@ class InferenceEngine:
             running.hashes = block_hashes(new.prompt_tokens, self.blocks.block_size)
         self._known.add(new.request_id)
         if budget == 0:
-            self._finish(running, "length", self._done)
+            self.finish(running, "length", self._done)
         else:
             self.waiting.append(running)
 
@@ -173,36 +191,45 @@ class InferenceEngine:
         for running in self.waiting:
             if running.request_id == request_id:
                 self.waiting.remove(running)
-                self._finish(running, "abort", self._done)
+                self.finish(running, "abort", self._done)
                 return True
         running = self.active.get(request_id)
         if running is None:
             return False
-        self._finish(running, "abort", self._done)
+        self.finish(running, "abort", self._done)
         return True
 
-    # ----------------------------------------------------------------- suspend
-    def suspend(self) -> None:
-        """Release accelerator memory: the KV cache moves to host memory (on CUDA only).
+    # ----------------------------------------------------------------- suspend, versions
+    def suspend(self, offload_weights: bool = False) -> None:
+        """Free the KV cache (and optionally move the weights to CPU memory): suspension.py.
 
         Requests keep their slots, so RESUME continues them where they stopped.
         """
-        if self.device.type != "cuda" or self.suspended:
-            self.suspended = True
-            return
-        cache = self.kv_cache
-        cache.k = [t.to("cpu") for t in cache.k]
-        cache.v = [t.to("cpu") for t in cache.v]
-        torch.cuda.empty_cache()
-        self.suspended = True
+        suspension.suspend(self, offload_weights)
 
     def resume(self) -> None:
-        """Bring the KV cache back to the device after suspend()."""
-        if self.suspended and self.device.type == "cuda":
-            cache = self.kv_cache
-            cache.k = [t.to(self.device) for t in cache.k]
-            cache.v = [t.to(self.device) for t in cache.v]
-        self.suspended = False
+        """Restore what suspend() released, the running requests' KV included."""
+        suspension.resume(self)
+
+    @property
+    def kv_bytes(self) -> int:
+        return suspension.kv_bytes(self)
+
+    @property
+    def weight_bytes(self) -> int:
+        return suspension.weight_bytes(self.model)
+
+    def change_version(
+        self, version: str, mode: str = "keep", stale_versions: Any = ()
+    ) -> VersionChange:
+        """The weights are now ``version``'s: settle the requests in flight as ``mode`` says
+        (weight_versions.py); the records of those it ended are in the result."""
+        return change_version(self, version, mode, stale_versions)
+
+    def take_finished(self) -> list[dict[str, Any]]:
+        """The records finished outside a step (aborts), for a replica that does not step."""
+        done, self._done = self._done, []
+        return done
 
     # ----------------------------------------------------------------- state
     @property
@@ -233,6 +260,10 @@ class InferenceEngine:
             running.named = reused
             running.cached_tokens = reused * self.blocks.block_size
             running.slot = running.sampler.slot = self.free_slots.pop()
+            version = self.weight_version
+            running.weight_marks = [(0, version)]
+            running.kv_marks = [(0, version)]
+            running.salt = self.blocks.salt
             self.sampler.admit(running.sampler)
             self.active[running.request_id] = running
             admitted.append(running)
@@ -247,7 +278,8 @@ class InferenceEngine:
             self.blocks.free(running.blocks)
             running.blocks = []
 
-    def _finish(self, running: RunningRequest, reason: str, out: list[dict[str, Any]]) -> None:
+    def finish(self, running: RunningRequest, reason: str, out: list[dict[str, Any]]) -> None:
+        """End a request: free its slot and blocks, append its record to ``out``."""
         self._release(running)
         self.active.pop(running.request_id, None)
         self._known.discard(running.request_id)
@@ -272,6 +304,8 @@ class InferenceEngine:
         """
         if self.suspended:
             raise RuntimeError("the engine is suspended; resume() it first")
+        if self.weights_broken is not None:
+            raise RuntimeError(f"the engine does not serve: {self.weights_broken}")
         pending = PendingStep(list(self.active.values()), self._admit())
         if pending.decoding:
             self._run_phase(pending, self._decode, pending.decoding)
@@ -295,11 +329,11 @@ class InferenceEngine:
         result.tokens = len(pending.decoding) + len(pending.admitted)
         for running in pending.decoding + pending.admitted:
             if self.blocks.caching:
-                self._name_blocks(running)
+                self.name_blocks(running)
             self._after_token(running, result)
         return result
 
-    def _name_blocks(self, running: RunningRequest) -> None:
+    def name_blocks(self, running: RunningRequest) -> None:
         """Name the request's blocks that this step filled, so later prompts can reuse them.
 
         K/V are written for every position but the newest token's, i.e. ``length - 1``.
@@ -312,7 +346,7 @@ class InferenceEngine:
             if i == len(hashes):
                 previous = hashes[-1] if hashes else ROOT_HASH
                 hashes.append(chain_hash(previous, running.tokens(i * size, (i + 1) * size)))
-            self.blocks.register(running.blocks[i], hashes[i])
+            self.blocks.register(running.blocks[i], hashes[i], running.salt)
             running.named = i + 1
 
     # ----------------------------------------------------------------- failed steps
@@ -337,7 +371,7 @@ class InferenceEngine:
             del running.hashes[len(running.new.prompt_tokens) // self.blocks.block_size :]
             self.waiting.appendleft(running)
 
-    def _tables(self, batch: list[RunningRequest], end: list[int]) -> torch.Tensor:
+    def block_table(self, batch: list[RunningRequest], end: list[int]) -> torch.Tensor:
         """Block tables [B, W] covering positions ``[0, end[b])`` of each row (padded with
         block 0, which the attention mask hides)."""
         size = self.blocks.block_size
@@ -350,7 +384,7 @@ class InferenceEngine:
         tokens = torch.tensor([[r.generated[-1]] for r in batch], device=self.device)
         lengths = [r.length for r in batch]
         starts = torch.tensor([n - 1 for n in lengths], device=self.device)
-        tables = self._tables(batch, lengths)
+        tables = self.block_table(batch, lengths)
         logits = self.model.forward(tokens, starts, tables, self.kv_cache)
         self._take_tokens(batch, logits)
 
@@ -373,7 +407,7 @@ class InferenceEngine:
             [r.new.prompt_tokens[r.cached_tokens :] for r in batch], device=self.device
         )
         starts = torch.tensor([r.cached_tokens for r in batch], device=self.device)
-        tables = self._tables(batch, [len(r.new.prompt_tokens) for r in batch])
+        tables = self.block_table(batch, [len(r.new.prompt_tokens) for r in batch])
         if not batch[0].wants_prompt_scores:
             logits = self.model.forward(prompts, starts, tables, self.kv_cache)
             self._take_tokens(batch, logits)
@@ -413,7 +447,7 @@ class InferenceEngine:
         elif len(running.generated) >= running.max_new_tokens or running.length >= self.max_seq_len:
             reason = "length"
         if reason is not None:
-            self._finish(running, reason, result.finished)
+            self.finish(running, reason, result.finished)
             return
         interval = running.new.params.streaming_interval
         if interval > 0:

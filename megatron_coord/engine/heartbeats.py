@@ -93,10 +93,18 @@ class Heartbeats:
             "processed_tokens": counters.processed_tokens,
             "paused": self.control.paused,
             "suspended": engine.suspended,
-            "healthy": self.guard.healthy,  # False: its model steps keep failing
+            # False: its model steps keep failing, or an update left its weights mixed
+            "healthy": self.guard.healthy and engine.weights_broken is None,
             "failed_steps": self.guard.failed_steps,
             **blocks.stats(),
+            # Its weights (weight_updates.py) and the memory it holds (suspension.py).
+            "weight_version": engine.weight_version,
+            "kv_bytes": engine.kv_bytes,
+            "weight_bytes": engine.weight_bytes,
+            "weights_offloaded": engine.weights_offloaded,
         }
+        if engine.weights_broken is not None:
+            report["update_error"] = engine.weights_broken
         if block_events:
             report.update(blocks.drain_events())
         if self.heartbeat_reply:

@@ -12,6 +12,12 @@ capped at the sequence limit), so a running request never runs out of KV memory:
 that cannot get its blocks waits in the queue until others leave (the engine refuses up front
 one that would need more than the whole pool).
 
+Names are salted with the weights' version (``salt``: prefix_hash.version_salt): the pool keys
+a block by ``name ^ salt`` and caches only blocks computed under its current salt. A new
+version (``reset_cache``) forgets every cached block: those no request holds become free, those
+running requests hold stay theirs, unnamed (freed, not cached, when they leave). Reports name
+blocks by their version-free names, which is what the coordinator computes.
+
 Everything here is deterministic, so every rank of a TP group takes the same decisions from the
 same inputs. Only the TP-coordinator records block events (``record_events``): the stored and
 evicted hashes since the last report, which the coordinator uses to index each replica's cache.
@@ -40,8 +46,9 @@ class BlockPool:
         self.caching = caching
         self._refs = [0] * num_blocks
         self._free = list(range(num_blocks - 1, -1, -1))  # unnamed and unused; pop() -> 0 first
-        self._hash_of: dict[int, int] = {}  # block -> its name (cached blocks only)
-        self._block_of: dict[int, int] = {}  # name -> block
+        self.salt = 0  # of the weights the cached blocks were computed under
+        self._hash_of: dict[int, int] = {}  # block -> its key, name ^ salt (cached blocks only)
+        self._block_of: dict[int, int] = {}  # key -> block
         self._lru: OrderedDict[int, None] = OrderedDict()  # named, unused: oldest first
         # Cumulative prompt tokens looked up / found (the hit rate), over admitted requests.
         self.queried_tokens = 0
@@ -78,8 +85,9 @@ class BlockPool:
     def lookup(self, hashes: Sequence[int]) -> list[int]:
         """The blocks of the longest cached chain that ``hashes`` starts with."""
         blocks = []
+        salt = self.salt
         for h in hashes:
-            block = self._block_of.get(h)
+            block = self._block_of.get(h ^ salt)
             if block is None:
                 break
             blocks.append(block)
@@ -118,9 +126,9 @@ class BlockPool:
             block = self._free.pop()
         else:
             block, _ = self._lru.popitem(last=False)
-            name = self._hash_of.pop(block)
-            del self._block_of[name]
-            self._event(name, False)
+            key = self._hash_of.pop(block)
+            del self._block_of[key]
+            self._event(key ^ self.salt, False)
         self._refs[block] = 1
         return block
 
@@ -138,15 +146,31 @@ class BlockPool:
                 else:
                     self._free.append(block)
 
-    def register(self, block: int, name: int) -> bool:
+    def register(self, block: int, name: int, salt: int | None = None) -> bool:
         """Name a full, computed block so later prompts can reuse it. False if that name is
-        cached already (another block computed the same prefix: this one stays private)."""
-        if not self.caching or name in self._block_of or block in self._hash_of:
+        cached already (another block computed the same prefix: this one stays private), or
+        if the block was computed under other weights (``salt``, default the current one)."""
+        key = name ^ self.salt
+        if salt is not None and salt != self.salt:
             return False
-        self._hash_of[block] = name
-        self._block_of[name] = block
+        if not self.caching or key in self._block_of or block in self._hash_of:
+            return False
+        self._hash_of[block] = key
+        self._block_of[key] = block
         self._event(name, True)
         return True
+
+    def reset_cache(self, salt: int) -> None:
+        """Forget every cached block (new weights, or lost KV contents); from now on blocks
+        are named under ``salt``. Blocks in use stay with their requests, unnamed; the next
+        report says ``kv_blocks_reset``."""
+        for block in self._lru:
+            self._free.append(block)
+        self._lru.clear()
+        self._hash_of.clear()
+        self._block_of.clear()
+        self.salt = salt
+        self.request_snapshot()
 
     # ------------------------------------------------------------------ reports
     def _event(self, name: int, stored: bool) -> None:
@@ -167,7 +191,8 @@ class BlockPool:
         if self._reset:
             self._reset = False
             self._events.clear()
-            return {"kv_blocks_reset": True, "kv_blocks_stored": list(self._block_of)}
+            salt = self.salt
+            return {"kv_blocks_reset": True, "kv_blocks_stored": [k ^ salt for k in self._block_of]}
         if not self._events:
             return {}
         events, self._events = self._events, {}

@@ -1,5 +1,11 @@
 """A request inside the engine: how it samples and stops, what it produced, and the
-Megatron-shaped record it leaves as (plus the result types of a step)."""
+Megatron-shaped record it leaves as (plus the result types of a step).
+
+Which weights produced its tokens, and computed the KV they were decoded over, is kept as
+*marks*, ``(first index, version)``, set at admission and at each weight update (never per
+token): ``weight_version_spans`` over its generated tokens and ``kv_version_spans`` over the
+positions whose KV its tokens attended to (prompt + generated - 1: the newest token's KV is
+computed by the step after it), both ``[[start, end, version], ...]`` (weight_versions.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +15,7 @@ from typing import Any
 from ..sampling_params import SamplingParams
 from .sampling import SamplingState
 from .tp_broadcast import NewRequest
+from .weight_versions import spans
 
 
 def stop_ids(params: SamplingParams, default_termination: frozenset[int]) -> frozenset[int]:
@@ -69,6 +76,11 @@ class RunningRequest:
     prompt_top_n: list[dict[int, float]] | None = None
     streamed: int = 0  # generated tokens already sent as partial replies
     steps_since_stream: int = 0
+    # (first generated index, version) of the weights that produced its tokens, and (first
+    # position, version) of those that computed its KV; salt: its blocks' (kv_blocks.py).
+    weight_marks: list[tuple[int, str]] = field(default_factory=list)
+    kv_marks: list[tuple[int, str]] = field(default_factory=list)
+    salt: int = 0
 
     @property
     def request_id(self) -> int:
@@ -101,26 +113,42 @@ class RunningRequest:
         self.top_n = [] if p.top_n_logprobs > 0 else None
         self.prompt_log_probs = self.prompt_top_n = None
         self.streamed = self.steps_since_stream = 0
+        self.weight_marks = []
+        self.kv_marks = []
+
+    def version_spans(self) -> dict[str, list[list[Any]]]:
+        """``weight_version_spans`` and ``kv_version_spans`` of what it generated so far."""
+        generated = len(self.generated)
+        kv_end = len(self.new.prompt_tokens) + generated - 1 if generated else 0
+        return {
+            "weight_version_spans": spans(self.weight_marks, generated),
+            "kv_version_spans": spans(self.kv_marks, kv_end),
+        }
+
+    @property
+    def first_version(self) -> str | None:
+        """The version of the weights that produced its first token (None: none yet)."""
+        return self.weight_marks[0][1] if self.weight_marks and self.generated else None
 
     def partial(self) -> list[Any]:
         """The streaming chunk of what it generated since the last one: ``[id, tokens]``, and
         the new tokens' log-probs / top-N (``[id, tokens, extras]``) when it asked for them."""
         start = self.streamed
         chunk: list[Any] = [self.request_id, self.generated[start:]]
-        extras = {}
+        extras = self.version_spans()
         if self.log_probs is not None:
             extras["generated_log_probs"] = self.log_probs[start:]
         if self.top_n is not None:
             extras["generated_top_n_logprobs"] = self.top_n[start:]
         if not self.new.params.skip_special_tokens:
             extras["skip_special_tokens"] = False
-        if extras:
-            chunk.append(extras)
+        chunk.append(extras)
         self.streamed = len(self.generated)
         return chunk
 
     def record(self, reason: str, data_parallel_rank: int) -> dict[str, Any]:
-        """Its finished record (Megatron's shape: ``{"requests": [request]}``)."""
+        """Its finished record (Megatron's shape: ``{"requests": [request]}``); ``reason``
+        "abort" (an ABORT) and "aborted" (a weight update's) end it as ABORTED."""
         request = {
             "request_id": self.request_id,
             "prompt": None,
@@ -132,9 +160,10 @@ class RunningRequest:
             "generated_top_n_logprobs": self.top_n,
             "prompt_top_n_logprobs": self.prompt_top_n,
             "cached_tokens": self.cached_tokens,
-            "status": "ABORTED" if reason == "abort" else "COMPLETED",
+            "status": "ABORTED" if reason in ("abort", "aborted") else "COMPLETED",
             "finish_reason": reason,
             "data_parallel_rank": data_parallel_rank,
+            **self.version_spans(),
         }
         if not self.new.params.skip_special_tokens:
             request["skip_special_tokens"] = False  # the coordinator's detokenization

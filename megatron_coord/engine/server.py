@@ -14,7 +14,9 @@ Every rank of a replica runs ``EngineServer.run``. Each iteration:
 
 The loop's parts live beside it: the socket, registration and losing the coordinator
 (coordinator_link.py), the control signals, shutdown and drain (control.py), the HEARTBEAT load
-reports (heartbeats.py, step_heartbeat.py) and failed steps (step_guard.py).
+reports (heartbeats.py, step_heartbeat.py), failed steps (step_guard.py) and weight updates
+(weight_updates.py: an UPDATE_WEIGHTS, or a 0.19 generation epoch, reaches every rank as a
+payload signal and is applied between two steps; heartbeats go on meanwhile).
 """
 
 from __future__ import annotations
@@ -36,7 +38,15 @@ from .heartbeats import Heartbeats, StepCounters
 from .sampling import choose_seed
 from .step_guard import DEFAULT_MAX_STEP_FAILURES, DEFAULT_PROBE_INTERVAL_S, StepGuard
 from .step_heartbeat import DEFAULT_MAX_STEP_S
-from .tp_broadcast import ABORT_SIGNAL, SHUTDOWN_SIGNAL, NewRequest, StepInputs, TPBroadcaster
+from .tp_broadcast import (
+    ABORT_SIGNAL,
+    SHUTDOWN_SIGNAL,
+    NewRequest,
+    StepInputs,
+    TPBroadcaster,
+    payload_signal,
+)
+from .weight_updates import WeightUpdater
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +91,10 @@ class EngineServer:
         self.counters = StepCounters()
         # Control signals, shutdown requests and the drain on SIGTERM (control.py).
         self.control = ReplicaControl(engine, state.rank, drain_s, on_drain)
+        # Weight updates, applied by every rank between two steps (weight_updates.py).
+        self.updater = WeightUpdater(engine, state, self.guard.group)
+        self.control.payload_handlers[int(Headers.UPDATE_WEIGHTS)] = self._on_update
+        self.control.payload_handlers[int(Headers.SET_GENERATION_EPOCH_OURS)] = self._on_epoch
         # Requests whose outcome is never sent: our own probes, and those of a coordinator we
         # registered away from.
         self._silenced: set[int] = {PROBE_REQUEST_ID}
@@ -104,6 +118,7 @@ class EngineServer:
                 reconnect=reconnect,
                 join_timeout_s=join_timeout_s,
                 on_joined=on_joined,
+                describe=self._describe_weights,
             )
         # HEARTBEAT load reports, also during long steps (heartbeats.py).
         self.heartbeats = Heartbeats(
@@ -194,6 +209,8 @@ class EngineServer:
         inputs = self.broadcaster.exchange(inputs)
         self._apply(inputs)
         if self.control.done or not self.runnable:
+            if self.engine.weights_broken is not None and self.link is not None:
+                self._reply(StepResult(finished=self.engine.take_finished()))  # its aborts
             return None
         guard = self.guard
         healthy = guard.healthy
@@ -292,10 +309,29 @@ class EngineServer:
             inputs.signals += [ABORT_SIGNAL, message[1]]
         elif header == Headers.HEARTBEAT:
             pass  # the coordinator's answer to ours: it is alive (noted by _collect)
+        elif header == Headers.UPDATE_WEIGHTS:
+            self._parse_update(message, inputs)
+        elif header == Headers.SET_GENERATION_EPOCH_OURS and len(message) == 2:
+            if type(message[1]) is int:
+                inputs.signals += payload_signal(header, message[1])
+        elif header == Headers.SUSPEND and len(message) == 2 and isinstance(message[1], dict):
+            inputs.signals += payload_signal(header, message[1])  # ours, with options
         elif header in FORWARDED_SIGNALS:
             inputs.signals.append(int(header))
         else:
             log.warning("engine %d: ignored message %r", self.state.dp_rank, header)
+
+    def _parse_update(self, message: list[Any], inputs: StepInputs) -> None:
+        """``[UPDATE_WEIGHTS, update_id, spec]``: to the group, applied between two steps."""
+        if len(message) != 3 or type(message[1]) is not int:
+            log.warning("engine %d: malformed UPDATE_WEIGHTS", self.state.dp_rank)
+            return
+        if not isinstance(message[2], dict):
+            result = {"ok": False, "version": self.engine.weight_version, "duration_s": 0.0}
+            result.update(error="the update spec must be a dict", aborted=0, recomputed=0)
+            self.link.send([Headers.UPDATE_WEIGHTS_DONE, message[1], result])
+            return
+        inputs.signals += payload_signal(Headers.UPDATE_WEIGHTS, [message[1], message[2]])
 
     def _parse_request(self, message: list[Any], inputs: StepInputs) -> None:
         if len(message) != 4 or type(message[1]) is not int:
@@ -360,3 +396,52 @@ class EngineServer:
             self.link.send([Headers.PARTIAL_REPLY, result.partial])
         if result.finished:
             self.link.send([Headers.ENGINE_REPLY, result.finished])
+
+    # ----------------------------------------------------------------- weight updates
+    def _describe_weights(self) -> dict[str, Any]:
+        """What REGISTER says of this replica's weights and parallelism."""
+        return {
+            "weight_version": self.engine.weight_version,
+            "tensor_parallel_size": self.state.tensor_parallel_size,
+        }
+
+    def apply_update(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Apply an update spec (any source) from inside the serving processes: every rank of
+        the replica calls it at the same point between two ``run_once`` calls (a training
+        loop sharing the model). The records of the requests it ends go to the coordinator;
+        the UPDATE_WEIGHTS_DONE-shaped result is returned."""
+        during_steps = self.heartbeats.during_steps
+        if during_steps is not None:
+            during_steps.begin()  # the update may take long: heartbeats go on meanwhile
+        try:
+            outcome = self.updater.apply(spec)
+        finally:
+            if during_steps is not None:
+                during_steps.end()
+        if outcome.finished and self.link is not None:
+            self._reply(StepResult(finished=outcome.finished))
+        self.heartbeats.soon()  # the new version, and the reset of the prefix cache
+        return outcome.result
+
+    def update_in_place(
+        self, version: str, mode: str = "keep", stale_versions: list[str] | None = None
+    ) -> dict[str, Any]:
+        """The model's parameters were changed in place by their owner: move to ``version``
+        (``apply_update`` with the in_place source; same calling rule)."""
+        spec = {"version": version, "source": {"kind": "in_place"}, "mode": mode}
+        spec["stale_versions"] = list(stale_versions or [])
+        return self.apply_update(spec)
+
+    def _on_update(self, payload: Any) -> None:
+        """The payload signal of an UPDATE_WEIGHTS: apply, then answer UPDATE_WEIGHTS_DONE."""
+        update_id, spec = payload
+        result = self.apply_update(spec)
+        if self.link is not None:
+            self.link.send([Headers.UPDATE_WEIGHTS_DONE, update_id, result])
+
+    def _on_epoch(self, epoch: Any) -> None:
+        """A 0.19 client's SET_GENERATION_EPOCH: a version bump labelled ``str(epoch)`` with no
+        weight change (in_place, mode keep); 0.19 acknowledges nothing."""
+        result = self.update_in_place(str(epoch))
+        if not result["ok"]:
+            log.error("engine %d: generation epoch %r: %s", self.state.dp_rank, epoch, result)

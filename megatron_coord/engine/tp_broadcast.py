@@ -10,6 +10,10 @@ To keep a decode step at one collective, the buffer travels in a fixed-size head
 word is the total length; only a step whose inputs overflow the head (a prompt arrived) pays a
 second broadcast for the rest.
 
+A signal with structured options (a weight update's spec, a SUSPEND that offloads the weights,
+a generation epoch) travels as a *payload signal*: ``[PAYLOAD_SIGNAL, header, n_bytes, word...]``,
+its msgpack bytes packed little-endian into int64 words (``payload_signal`` / ``read_payload``).
+
 A request's sampling parameters are doubles: 11 fixed ones, then, only when the request sets
 one of vLLM's / OpenAI's fields (or top-N), an extension block: those fields, the counts of
 its stop ids and logit-bias entries, the stop ids, and (id, bias) pairs. A plain request packs
@@ -20,7 +24,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
+import msgspec
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -33,6 +40,8 @@ from ..sampling_params import SamplingParams
 SHUTDOWN_SIGNAL = -1
 # Signals followed by one argument word (the request id).
 ABORT_SIGNAL = 104
+# Internal: a signal with options, [PAYLOAD_SIGNAL, header, n_bytes, msgpack bytes as words...].
+PAYLOAD_SIGNAL = -2
 
 HEAD_WORDS = 64
 _EXACT = float(1 << 52)  # integers below this magnitude survive a trip through a double
@@ -57,6 +66,26 @@ class StepInputs:
 
     def __bool__(self) -> bool:
         return bool(self.signals or self.requests)
+
+
+def payload_signal(header: int, payload: Any) -> list[int]:
+    """The signal words that carry ``header`` with ``payload`` (anything msgpack encodes)."""
+    data = msgspec.msgpack.encode(payload)
+    padded = data + b"\0" * (-len(data) % 8)
+    words = np.frombuffer(padded, dtype="<i8").tolist()
+    return [PAYLOAD_SIGNAL, int(header), len(data), *words]
+
+
+def read_payload(signals: list[int], i: int) -> tuple[int, Any, int]:
+    """The payload signal at ``signals[i]``: (header, payload, index after it)."""
+    if i + 2 >= len(signals):
+        raise ValueError("truncated payload signal")
+    header, n = signals[i + 1], signals[i + 2]
+    end = i + 3 + -(-n // 8)
+    if n < 0 or end > len(signals):
+        raise ValueError(f"payload signal of {n} bytes overruns the step's signals")
+    data = np.array(signals[i + 3 : end], dtype="<i8").tobytes()[:n]
+    return header, msgspec.msgpack.decode(data), end
 
 
 def _clamp_int(value: int) -> float:

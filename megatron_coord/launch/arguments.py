@@ -3,6 +3,7 @@ ReplicaOptions they make."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import torch
@@ -11,10 +12,18 @@ from ..coordinator.liveness import DEFAULT_ENGINE_TIMEOUT_S
 from ..coordinator.options import DEFAULT_FAILOVER_WAIT_S
 from ..coordinator.routing import add_prefix_routing_arguments, prefix_routing_options
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
+from ..engine.engine import INITIAL_VERSION
 from ..engine.kv_blocks import DEFAULT_BLOCK_SIZE
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
 from .replica import DRAIN_MARGIN_S, ReplicaOptions
+
+
+def _version_label(text: str) -> str:
+    """A weight version label: 1 to 128 characters (what an update's label may be)."""
+    if not 0 < len(text) <= 128:
+        raise argparse.ArgumentTypeError("a version label has 1 to 128 characters")
+    return text
 
 
 def add_replica_arguments(parser: Any) -> None:
@@ -65,6 +74,15 @@ def add_replica_arguments(parser: Any) -> None:
         default=None,
         help="KV-cache blocks per replica, the bound on its KV memory, cached prefixes "
         "included (default: max-batch-size x max-seq-len positions)",
+    )
+    parser.add_argument(
+        "--weights-version",
+        default=INITIAL_VERSION,
+        type=_version_label,
+        metavar="LABEL",
+        help="the version label of the weights loaded at start, which records' "
+        "weight_version_spans name until a weight update gives the next one (default "
+        f"{INITIAL_VERSION!r})",
     )
     parser.add_argument(
         "--dtype",
@@ -183,4 +201,5 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
         max_step_failures=args.max_step_failures,
         shutdown_grace_s=args.shutdown_grace,
         auth_keys=args.auth_keys,
+        weights_version=args.weights_version,
     )

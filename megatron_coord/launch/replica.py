@@ -33,7 +33,7 @@ import torch.distributed as dist
 from .. import parallel_state
 from ..coordinator.shutdown import DEFAULT_SHUTDOWN_GRACE_S, STOP_ROUND_S
 from ..engine.coordinator_link import DEFAULT_JOIN_TIMEOUT_S, joined_identity
-from ..engine.engine import InferenceEngine
+from ..engine.engine import INITIAL_VERSION, InferenceEngine
 from ..engine.kv_blocks import DEFAULT_BLOCK_SIZE
 from ..engine.server import EngineServer
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
@@ -81,6 +81,8 @@ class ReplicaOptions:
     # Joined: seconds to wait for the coordinator's first answer after each registration.
     join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S
     auth_keys: str | None = None
+    # The label of the weights loaded at start (a weight update gives the next one).
+    weights_version: str = INITIAL_VERSION
 
     def drain_s(self) -> float:
         """How long a signalled rank serves on, at most, waiting for the coordinator's STOP."""
@@ -130,6 +132,7 @@ class Replica:
             prefix_caching=options.prefix_caching,
             kv_block_size=options.kv_block_size,
             kv_blocks=options.kv_blocks,
+            weight_version=options.weights_version,
         )
         self.server = EngineServer(
             self.engine,

@@ -5,6 +5,10 @@ only the rows or columns its shard needs, so a TP=T job reads each weight about 
 rather than T times. Single-file (``model.safetensors``) and sharded
 (``model.safetensors.index.json``) checkpoints are both supported.
 
+``load_weights`` reads a checkpoint into a served model's parameters in place (a weight
+update), checking every tensor's shape from the file headers before the first copy. Which rows
+or columns a rank reads is ``shard_plan.py``'s, shared with the weight-update receiver.
+
 The embedded default model is written as such a checkpoint by ``default_model.py``.
 """
 
@@ -19,8 +23,9 @@ from typing import Any
 import torch
 
 from ..parallel_state import ParallelState
-from .config import ModelConfig, TPLayout
+from .config import ModelConfig
 from .llama import LlamaModel
+from .shard_plan import OUTPUT_LAYER, ShardPart, copy_into, shard_plan
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -97,6 +102,10 @@ class _Reader:
             self.handles[file] = self.stack.enter_context(safe_open(file, framework="pt"))
         return self.handles[file].get_slice(name)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The full shape of ``name``, from its file's header (no data is read)."""
+        return tuple(self._slice(name).get_shape())
+
     def read(
         self, name: str, shape: tuple[int, ...], dim: int | None = None, lo: int = 0, hi: int = 0
     ) -> torch.Tensor:
@@ -114,74 +123,53 @@ class _Reader:
 
 def _shares_embedding(config: ModelConfig, reader: _Reader) -> bool:
     """True when the output layer is the embedding (tied and no separate lm_head saved)."""
-    if reader.has("lm_head.weight"):
+    if reader.has(OUTPUT_LAYER):
         return False
     if not config.tie_word_embeddings:
         raise KeyError("checkpoint lacks lm_head.weight and tie_word_embeddings is false")
     return True
 
 
-def _shard_sources(
-    config: ModelConfig, lay: TPLayout, reader: _Reader
-) -> dict[str, Callable[[], torch.Tensor]]:
-    """For each local parameter name, a function that reads its shard from the checkpoint."""
-    c = config
-    hd, hidden = c.head_dim, c.hidden_size
-    sources: dict[str, Callable[[], torch.Tensor]] = {}
+def _read_part(reader: _Reader, part: ShardPart) -> torch.Tensor:
+    """The rows or columns of a checkpoint tensor that one part of a local parameter needs."""
+    if part.dim is None:
+        return reader.read(part.name, part.shape)
+    return reader.read(part.name, part.shape, part.dim, part.lo, part.hi)
 
-    def rows(name: str, full: tuple[int, int], lo: int, hi: int) -> Callable[[], torch.Tensor]:
-        return lambda: reader.read(name, full, 0, lo, hi)
 
-    def cols(name: str, full: tuple[int, int], lo: int, hi: int) -> Callable[[], torch.Tensor]:
-        return lambda: reader.read(name, full, 1, lo, hi)
+def fill_parameter(
+    name: str,
+    param: torch.Tensor,
+    parts: list[ShardPart],
+    read: Callable[[ShardPart], torch.Tensor],
+) -> None:
+    """Copy a local parameter's parts (``read(part)``: that part's tensor) into it in place;
+    rows no part covers (the vocabulary's padding) are zeroed."""
+    end = 0
+    for part in parts:
+        tensor = read(part)
+        target = param if part.dim == 1 else param[part.row : part.row + tensor.shape[0]]
+        if tensor.shape != target.shape:
+            raise ValueError(
+                f"{name}: shard shape {tuple(tensor.shape)} != {tuple(target.shape)}"
+            )  # a bug here, not in the checkpoint
+        copy_into(target, tensor)
+        end = max(end, part.row + part.rows)
+    if end < param.shape[0]:
+        param[end:].zero_()
 
-    def cat(*parts: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
-        return lambda: torch.cat([p() for p in parts], dim=0)
 
-    def vocab(name: str) -> Callable[[], torch.Tensor]:
-        lo = lay.vocab_start
-        hi = min(lo + lay.vocab_part, c.vocab_size)
-
-        def load() -> torch.Tensor:
-            shard = torch.zeros(lay.vocab_part, hidden)
-            if hi > lo:
-                shard[: hi - lo] = reader.read(name, (c.vocab_size, hidden), 0, lo, hi)
-            return shard
-
-        return load
-
-    sources["embed_tokens"] = vocab("model.embed_tokens.weight")
-    if not _shares_embedding(config, reader):
-        sources["lm_head"] = vocab("lm_head.weight")
-    sources["norm.weight"] = lambda: reader.read("model.norm.weight", (hidden,))
-
-    q0, k0 = lay.rank * lay.heads * hd, lay.rank * lay.kv_heads * hd
-    nq, nk = lay.heads * hd, lay.kv_heads * hd
-    f0, nf = lay.rank * lay.intermediate, lay.intermediate
-    for i in range(c.num_hidden_layers):
-        p, hf = f"layers.{i}.", f"model.layers.{i}."
-        attn = hf + "self_attn."
-        sources[p + "self_attn.qkv_proj"] = cat(
-            rows(attn + "q_proj.weight", (c.num_attention_heads * hd, hidden), q0, q0 + nq),
-            rows(attn + "k_proj.weight", (c.num_key_value_heads * hd, hidden), k0, k0 + nk),
-            rows(attn + "v_proj.weight", (c.num_key_value_heads * hd, hidden), k0, k0 + nk),
-        )
-        sources[p + "self_attn.o_proj"] = cols(
-            attn + "o_proj.weight", (hidden, c.num_attention_heads * hd), q0, q0 + nq
-        )
-        mlp = hf + "mlp."
-        sources[p + "mlp.gate_up_proj"] = cat(
-            rows(mlp + "gate_proj.weight", (c.intermediate_size, hidden), f0, f0 + nf),
-            rows(mlp + "up_proj.weight", (c.intermediate_size, hidden), f0, f0 + nf),
-        )
-        sources[p + "mlp.down_proj"] = cols(
-            mlp + "down_proj.weight", (hidden, c.intermediate_size), f0, f0 + nf
-        )
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            sources[p + norm + ".weight"] = lambda n=hf + norm + ".weight": reader.read(
-                n, (hidden,)
-            )
-    return sources
+def _copy_shards(model: LlamaModel, reader: _Reader, tied: bool) -> None:
+    """Read this rank's shard of every parameter from the checkpoint, into the model."""
+    params = dict(model.named_parameters())
+    plan = shard_plan(model.config, model.layout, tied)
+    if set(plan) != set(params):
+        raise RuntimeError(
+            f"loader/model mismatch: {sorted(set(plan) ^ set(params))}"
+        )  # a bug here, not in the checkpoint
+    with torch.no_grad():
+        for name, parts in plan.items():
+            fill_parameter(name, params[name], parts, lambda part: _read_part(reader, part))
 
 
 def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float32) -> LlamaModel:
@@ -190,23 +178,64 @@ def load_model(path: str, state: ParallelState, dtype: torch.dtype = torch.float
     model = LlamaModel(config, state, dtype=dtype)
     with ExitStack() as stack:
         reader = _Reader(weight_files(path), stack)
-        if _shares_embedding(config, reader):
+        tied = _shares_embedding(config, reader)
+        if tied:
             # One tensor, not two copies of the vocabulary; the output layer's (transposed)
             # layout wins, as the output matmul costs far more than the embedding lookup.
             model.embed_tokens = model.lm_head
-        params = dict(model.named_parameters())
-        sources = _shard_sources(config, model.layout, reader)
-        if set(sources) != set(params):
-            raise RuntimeError(
-                f"loader/model mismatch: {sorted(set(sources) ^ set(params))}"
-            )  # a bug here, not in the checkpoint
-        with torch.no_grad():
-            for name, load in sources.items():
-                param = params[name]
-                tensor = load()
-                if tensor.shape != param.shape:
-                    raise ValueError(
-                        f"{name}: shard shape {tuple(tensor.shape)} != {tuple(param.shape)}"
-                    )
-                param.copy_(tensor.to(dtype))
+        _copy_shards(model, reader, tied)
     return model.eval()
+
+
+# What a new checkpoint for a served model must keep: every field but the token ids.
+_ARCHITECTURE = tuple(
+    f for f in ModelConfig.__dataclass_fields__ if f not in ("bos_token_id", "eos_token_id")
+)
+
+
+def _problems(model: LlamaModel, config: ModelConfig, reader: _Reader, tied: bool) -> list[str]:
+    """What keeps a checkpoint from replacing a served model's weights (empty: nothing)."""
+    served = model.config
+    changed = [f for f in _ARCHITECTURE if getattr(config, f) != getattr(served, f)]
+    if changed:
+        differences = (
+            f"{f} ({getattr(config, f)!r}, served {getattr(served, f)!r})" for f in changed
+        )
+        return ["its config.json differs from the served model's in " + ", ".join(differences)]
+    problems = []
+    if tied and reader.has(OUTPUT_LAYER):
+        problems.append(
+            "the served model ties its output layer to the embedding, the checkpoint has its "
+            "own lm_head.weight"
+        )
+    plan = shard_plan(served, model.layout, tied)
+    for name, shape in sorted({(p.name, p.shape) for parts in plan.values() for p in parts}):
+        if not reader.has(name):
+            problems.append(f"tensor {name!r} is missing")
+            continue
+        actual = reader.shape(name)
+        if actual != shape:
+            problems.append(f"tensor {name!r} has shape {actual}, the served model needs {shape}")
+    return problems
+
+
+def load_weights(
+    model: LlamaModel, path: str, before_copy: Callable[[list[str]], None] | None = None
+) -> None:
+    """Replace a loaded model's weights by this rank's shard of the checkpoint at ``path``, in
+    place (a weight update: the parameters keep their tensors, so nothing else changes).
+
+    Every tensor's presence and shape is checked from the files' headers before the first copy;
+    ``before_copy(problems)`` is called then (on every rank: a TP group agrees there, raising if
+    any rank found a problem); without it, problems raise ValueError here. Once it returns,
+    the copy may fail only on I/O, leaving the weights mixed."""
+    config = read_config(path)
+    tied = model.embed_tokens is model.lm_head
+    with ExitStack() as stack:
+        reader = _Reader(weight_files(path), stack)
+        problems = _problems(model, config, reader, tied)
+        if before_copy is not None:
+            before_copy(problems)
+        elif problems:
+            raise ValueError(f"checkpoint {path!r}: " + "; ".join(problems))
+        _copy_shards(model, reader, tied)
