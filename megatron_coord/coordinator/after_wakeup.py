@@ -60,25 +60,32 @@ class AfterWakeup:
         """Everything not driven by a message: closed connections, silence, deadlines."""
         state = self.state
         now = state.now
+        # Silence first: an engine both silent and cut off in one wake-up may only have paused.
+        for identity in state.registry.silent(now):
+            self._failover.engine_gone(
+                identity,
+                f"no message from the engine for {state.engine_timeout:g} s",
+                may_return=True,
+            )
         if monitor_ready or state.monitor.pending:
             for identity in state.monitor.disconnected():
                 if identity in state.registry.engines:
                     self._failover.engine_gone(identity, "the engine's connection closed")
                 elif identity in state.clients:
                     self._client_gone(identity)
-        for identity in state.registry.silent(now):
-            self._failover.engine_gone(
-                identity, f"no message from the engine for {state.engine_timeout:g} s"
-            )
         if state.limits.request_timeout is not None:
             engine_of = state.requests.engine_of
-            for request_id in state.requests.deadlines.expired(now, engine_of):
+            expired = state.requests.deadlines.expired(now, engine_of)
+            for request_id in expired:
                 self._abort(
                     request_id,
                     ErrorCode.TIMEOUT,
                     f"no result within the request timeout ({state.limits.request_timeout:g} s); "
                     "aborted",
+                    log=False,
                 )
+            if expired:
+                logger.warning("%d request(s) timed out: aborted", len(expired))
             state.requests.deadlines.compact(engine_of)
         if state.requests.orphans:
             self._failover.expire_orphans(now)
@@ -100,8 +107,16 @@ class AfterWakeup:
                 shutdown.grace_s,
             )
         if shutdown.deadline is not None and (not state.requests or now >= shutdown.deadline):
-            for request_id in list(state.requests.engine_of):
-                self._abort(request_id, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+            left = list(state.requests.engine_of)
+            for request_id in left:
+                self._abort(
+                    request_id,
+                    ErrorCode.SHUTTING_DOWN,
+                    "the coordinator is shutting down",
+                    log=False,
+                )
+            if left:
+                logger.warning("shutting down: %d request(s) unfinished after the grace", len(left))
             if shutdown.start_stop_round():
                 self._stop_engines()
             elif shutdown.finished(now):

@@ -15,6 +15,12 @@ Every rank of a replica runs ``EngineServer.run``. Each iteration:
 The loop's parts live beside it: the socket, registration and losing the coordinator
 (coordinator_link.py), the control signals, shutdown and drain (control.py), the HEARTBEAT load
 reports (heartbeats.py, step_heartbeat.py) and failed steps (step_guard.py).
+
+A replica declared dead while it lived, or one that lost its coordinator, loses nothing: it
+registers again listing what it holds, holds back those requests' outputs until the answer
+(REGISTER_ACK), drops what the coordinator says moved or ended and carries on with the rest
+(replica_rejoin.py). A request resubmitted to it that it already holds is not an error: it
+keeps the one it has.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import zmq
 
 from ..parallel_state import ParallelState
 from ..protocol import ErrorCode, Headers, ProtocolError, decode
+from ..replica_rejoin import Answer, Rejoin
 from ..sampling_params import SamplingParams
 from .control import FORWARDED_SIGNALS, ReplicaControl
 from .coordinator_link import DEFAULT_JOIN_TIMEOUT_S, CoordinatorLink, engine_identity
@@ -67,6 +74,7 @@ class EngineServer:
         probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
         drain_s: float | None = None,
         on_drain: Callable[[], None] | None = None,
+        heartbeat_interval_fixed: bool = False,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -81,9 +89,14 @@ class EngineServer:
         self.counters = StepCounters()
         # Control signals, shutdown requests and the drain on SIGTERM (control.py).
         self.control = ReplicaControl(engine, state.rank, drain_s, on_drain)
-        # Requests whose outcome is never sent: our own probes, and those of a coordinator we
-        # registered away from.
+        # Requests whose outcome is never sent: our own probes, and those the coordinator
+        # said to drop when we registered again.
         self._silenced: set[int] = {PROBE_REQUEST_ID}
+        # Registering again keeps what it holds (replica_rejoin.py). A SUBMIT of an id being
+        # dropped in the same step waits for the next one (the abort comes first).
+        self.rejoin = Rejoin()
+        self._dropping: set[int] = set()
+        self._deferred: list[NewRequest] = []
         # Block events go out in heartbeats, so only the TP-coordinator keeps them.
         engine.blocks.record_events = state.is_tp_coordinator
         # The TP-coordinator's socket: registration, joining, losing the coordinator and
@@ -104,6 +117,8 @@ class EngineServer:
                 reconnect=reconnect,
                 join_timeout_s=join_timeout_s,
                 on_joined=on_joined,
+                heartbeat_interval_s=heartbeat_interval_s,
+                heartbeat_interval_fixed=heartbeat_interval_fixed,
             )
         # HEARTBEAT load reports, also during long steps (heartbeats.py).
         self.heartbeats = Heartbeats(
@@ -147,6 +162,12 @@ class EngineServer:
         return None if self.link is None else self.link.lost_reason
 
     @property
+    def refused(self) -> bool:
+        """The coordinator refused this replica's settings (the launch exits with a
+        configuration error)."""
+        return self.link is not None and self.link.refused
+
+    @property
     def steps(self) -> int:
         return self.counters.steps
 
@@ -180,8 +201,12 @@ class EngineServer:
         return self.engine.has_work and not self.control.halted
 
     def poll_timeout_ms(self) -> int:
-        """0 (drain without blocking) while there is work, else block up to the idle timeout."""
-        return 0 if (self.runnable or self.control.shutdown_requested) else self.idle_timeout_ms
+        """0 (drain without blocking) while there is work, else block up to the idle timeout
+        or the next heartbeat, whichever comes first."""
+        if self.runnable or self.control.shutdown_requested:
+            return 0
+        due = self.heartbeats.due_in_ms()
+        return self.idle_timeout_ms if due is None else max(1, min(self.idle_timeout_ms, due))
 
     def run(self) -> None:
         """Serve until STOP_ACK (after STOP) or a shutdown request; collective over the group."""
@@ -222,6 +247,9 @@ class EngineServer:
         """TP-coordinator: this step's inputs from the socket, and the link's and the
         process's checks between steps (heartbeats, silence, drain, shutdown, probes)."""
         inputs = StepInputs()
+        if self._deferred:  # their ids' aborts were applied in the last step
+            inputs.requests, self._deferred = self._deferred, []
+        self._dropping.clear()
         link = self.link
         control = self.control
         events = dict(link.poller.poll(self.poll_timeout_ms()))
@@ -240,8 +268,8 @@ class EngineServer:
         self.heartbeats.between_steps()
         if link.outside and not control.stop_received:
             link.watch()
-            if link.reconnect_pending and not control.shutdown_requested:
-                self._register_again(inputs)
+        if link.reconnect_pending and not (control.shutdown_requested or control.stop_received):
+            self._register_again(inputs)
         if control.draining:
             control.check_drain(link.last_heard)
         link.watch_process(exit_expected=control.stop_received or control.draining)
@@ -252,17 +280,62 @@ class EngineServer:
         return inputs
 
     def _register_again(self, inputs: StepInputs) -> None:
-        """Drop every request (the old coordinator's) and undo a pause or a suspension (the
-        new coordinator knows of neither), then register afresh under a new identity."""
-        engine = self.engine
-        for request_id in [r.request_id for r in engine.waiting] + list(engine.active):
-            inputs.signals += [ABORT_SIGNAL, request_id]
-            # The new coordinator numbers its requests afresh: an outcome of an old one must
-            # never reach it, where the same id may be a request of its own.
-            self._silenced.add(request_id)
+        """Keep every request, undo a pause or a suspension (the coordinator that answers
+        sends the state it wants), and register afresh under a new identity, listing what
+        it holds: their outputs wait for the answer (``_on_register_ack``)."""
+        holding = set(self.engine.request_ids())
+        holding.update(r.request_id for r in inputs.requests)
+        holding.update(r.request_id for r in self._deferred)
+        holding -= self._silenced
         inputs.signals += self.control.undo_halt()
         self.heartbeats.soon()
-        self.link.register_again()
+        self.link.register_again(self.rejoin.fields(holding, self.link.identity))
+
+    def _on_register_ack(self, message: list[Any], inputs: StepInputs) -> None:
+        """REGISTER_ACK: the cadence to heartbeat at, or a refusal; after a re-registration,
+        which held requests to drop (silently) and which to carry on with: their held-back
+        outputs go now, and each adopted stream's tokens from what its client has."""
+        if len(message) != 2 or not isinstance(message[1], dict):
+            log.warning("engine %d: malformed REGISTER_ACK", self.state.dp_rank)
+            return
+        ack = message[1]
+        if "refused" in ack:
+            self.link.refuse(str(ack["refused"]))
+            return
+        interval = ack.get("heartbeat_interval")
+        if isinstance(interval, (int, float)) and interval > 0:
+            self.heartbeats.adopt(float(interval))
+        answer = self.rejoin.answered(ack)
+        if answer is not None:
+            self._carry_on(answer, inputs)
+
+    def _carry_on(self, answer: Answer, inputs: StepInputs) -> None:
+        """Act on the coordinator's answer to a re-registration (see ``_on_register_ack``)."""
+        engine = self.engine
+        for request_id in answer.drop:
+            if engine.holds(request_id):
+                inputs.signals += [ABORT_SIGNAL, request_id]
+                self._silenced.add(request_id)  # its aborted record is never sent
+                self._dropping.add(request_id)
+        fill = []
+        for request_id, relayed in answer.streamed.items():
+            running = engine.active.get(request_id)
+            if running is not None and type(relayed) is int and running.streamed > relayed >= 0:
+                fill.append([request_id, running.generated[relayed : running.streamed]])
+        if fill:
+            self.link.send([Headers.PARTIAL_REPLY, fill])
+        records = [o for o in answer.outputs if isinstance(o, dict)]
+        for error in (o for o in answer.outputs if not isinstance(o, dict)):
+            self.link.send(error)
+        if records:
+            self.link.send([Headers.ENGINE_REPLY, records])
+        log.warning(
+            "engine %d: registered again: %d request(s) kept, %d dropped (ended or moved "
+            "elsewhere)",
+            self.state.dp_rank,
+            len(answer.kept),
+            len(answer.drop),
+        )
 
     def _maybe_probe(self, inputs: StepInputs) -> None:
         """Unhealthy and idle: every probe interval, a one-token request of our own (never
@@ -288,6 +361,8 @@ class EngineServer:
         self.link.answered = True
         if header == Headers.SUBMIT_REQUEST:
             self._parse_request(message, inputs)
+        elif header == Headers.REGISTER_ACK:
+            self._on_register_ack(message, inputs)
         elif header == Headers.ABORT and len(message) == 2 and type(message[1]) is int:
             inputs.signals += [ABORT_SIGNAL, message[1]]
         elif header == Headers.HEARTBEAT:
@@ -321,7 +396,10 @@ class EngineServer:
             self._send_error(request_id, ErrorCode.INVALID_REQUEST, problem)
             return
         new.seed = choose_seed(params.seed, prompt, self.deterministic_mode)
-        inputs.requests.append(new)
+        if request_id in self._dropping:
+            self._deferred.append(new)
+        else:
+            inputs.requests.append(new)
 
     def _unsilenced(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``records`` without those of silenced requests (a final record ends the silence)."""
@@ -339,16 +417,32 @@ class EngineServer:
             if request_id != PROBE_REQUEST_ID:
                 self._silenced.discard(request_id)
             return
-        self.link.send([Headers.ERROR, request_id, code.value, message])
+        error = [Headers.ERROR, request_id, code.value, message]
+        if self.rejoin.holds_back(request_id):
+            self.rejoin.keep(request_id, error)
+            return
+        self.link.send(error)
 
     def _apply(self, inputs: StepInputs) -> None:
-        """Apply one step's inputs; identical on every rank of the group."""
+        """Apply one step's inputs; identical on every rank of the group. A request whose id
+        is here already (resubmitted after a false death) keeps the one it has."""
+        engine = self.engine
+        duplicates = 0
         for new in inputs.requests:
+            if engine.holds(new.request_id):
+                duplicates += 1
+                continue
             try:
-                self.engine.add_request(new)
+                engine.add_request(new)
             except ValueError as exc:
                 if self.link is not None:
                     self._send_error(new.request_id, ErrorCode.INVALID_REQUEST, str(exc))
+        if duplicates and self.link is not None:
+            log.info(
+                "engine %d: %d request(s) sent again that it holds: kept the ones it has",
+                self.state.dp_rank,
+                duplicates,
+            )
         self.control.apply(inputs.signals, None if self.link is None else self.link.send)
 
     def _reply(self, result: StepResult) -> None:
@@ -356,6 +450,9 @@ class EngineServer:
             result.finished = self._unsilenced(result.finished)
         if result.partial and len(self._silenced) > 1:  # probes never stream
             result.partial = [p for p in result.partial if p[0] not in self._silenced]
+        if self.rejoin.awaiting is not None:  # registered again, not yet answered: they wait
+            result.finished = self.rejoin.hold_back(result.finished)
+            result.partial = self.rejoin.unlisted(result.partial)
         if result.partial:
             self.link.send([Headers.PARTIAL_REPLY, result.partial])
         if result.finished:
