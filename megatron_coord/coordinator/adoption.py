@@ -96,10 +96,10 @@ class Adoption:
             "streamed": streamed,
         }
         self._send(identity, encode([int(Headers.REGISTER_ACK), ack]))
-        if previous is not None and previous != identity:
-            state.registry.forget_dead(previous)
-            if previous in state.registry.engines:  # it left us before we noticed: what it
-                self._engine_gone(previous, f"it registered again as {identity!r}")  # lost
+        # Its previous identity stays remembered as dead (what it sent before leaving may
+        # still arrive), unless it still counts as alive: it left us before we noticed.
+        if previous is not None and previous != identity and previous in state.registry.engines:
+            self._engine_gone(previous, f"it registered again as {identity!r}")
 
     def _adopt(self, request_id: int, identity: bytes, previous: bytes | None) -> bool:
         """Move a request the returning replica holds to its new identity, if it still waits
@@ -113,6 +113,7 @@ class Adoption:
             return False  # moved to another engine
         requests.move(request_id, engine, identity)
         requests.orphans.pop(request_id, None)
+        requests.reserved.pop(request_id, None)
         if state.tracks_load:
             state.routing_policy.on_resubmit(engine, identity, request_id)
         return True

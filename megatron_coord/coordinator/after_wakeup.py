@@ -1,9 +1,9 @@
 """What the coordinator does after each wake-up that no message asks for: its timers.
 
 Closed connections (the socket monitor), engines silent too long, request deadlines, requests
-that waited for an engine in vain, clients a send found gone, and the graceful shutdown's
-drain and STOP round. ``poll_timeout_ms`` says how long the loop may block until the next of
-these deadlines, so timers cost nothing while nothing is due.
+that waited for an engine in vain (or for their own long enough), clients a send found gone,
+and the graceful shutdown's drain and STOP round. ``poll_timeout_ms`` says how long the loop
+may block until the next of these deadlines, so timers cost nothing while nothing is due.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class AfterWakeup:
             state.registry.next_deadline(),
             state.shutdown.next_deadline(),
             min(state.requests.orphans.values(), default=None),
+            min(state.requests.reserved.values(), default=None),
         ]
         upcoming = [d for d in deadlines if d is not None]
         if not upcoming:
@@ -89,6 +90,8 @@ class AfterWakeup:
             state.requests.deadlines.compact(engine_of)
         if state.requests.orphans:
             self._failover.expire_orphans(now)
+        if state.requests.reserved:
+            self._failover.release_reserved(now)
         if self.outbox.gone_clients:
             for identity in self.outbox.take_gone_clients():
                 self._client_gone(identity)

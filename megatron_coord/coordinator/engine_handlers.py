@@ -451,23 +451,7 @@ class EngineHandlers:
             rounds.all_acked(header)
 
     def _adopt_orphans(self) -> None:
-        """An engine joined: the requests waiting for one go to it (or the policy's pick), but
-        streams that only their own replica can continue. One whose send fails has its engine
-        declared dead (failover.py): the rest wait on if no engine is left."""
+        """An engine joined: the requests waiting for one go to it (or the policy's pick),
+        but those that wait for their own engine (failover.py)."""
         self._flush_submits()  # requests held in this wake-up get their SUBMIT frame
-        state = self.state
-        requests = state.requests
-        orphans, requests.orphans = requests.orphans, {}
-        failover = self._failover
-        sent = 0
-        for request_id, deadline in orphans.items():
-            engine = requests.engine_of.get(request_id)
-            if engine is None:
-                continue  # ended meanwhile
-            if not state.routing_policy.engines or failover.waits_for_its_engine(request_id):
-                requests.orphans[request_id] = deadline
-                continue
-            failover.resubmit(request_id, engine, requests.submitted[request_id])
-            sent += 1
-        if sent:
-            logger.warning("sent %d request(s) that waited for an engine", sent)
+        self._failover.send_orphans()

@@ -16,9 +16,12 @@ seconds alike. These waiting requests are the orphans; an engine joining adopts 
 Silence may end: a replica that only paused (GC, swapping, SIGSTOP) comes back and registers
 again with what it holds (adoption.py), so a death by silence (``may_return``) loses nothing
 that can wait: a stream of which tokens already reached its client, which no other engine can
-continue, waits ``failover_wait`` for its own replica instead of failing at once. Each request
-fails over at most ``MAX_FAILOVERS`` times, so a replica that keeps coming and going never
-bounces a request forever. Each death is logged once, with counts.
+continue, waits ``failover_wait`` for its own replica instead of failing at once, and an orphan
+of such an engine waits ``RESERVED_TIMEOUTS`` engine timeouts for that engine alone before any
+engine that joins may take it, so the first replica back gets back what it holds and new work,
+not every other one's backlog too. Each request fails over at most ``MAX_FAILOVERS`` times, so
+a replica that keeps coming and going never bounces a request forever. Each death is logged
+once, with counts.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from .wire import encode
 logger = logging.getLogger("megatron_coord.coordinator")
 
 MAX_FAILOVERS = 3  # engines a request may lose before it fails
+RESERVED_TIMEOUTS = 2  # engine timeouts an orphan of a silent engine waits for it alone
 RESUBMITTED = "resubmitted"
 WAITING = "waiting for an engine"
 FAILED = "failed"
@@ -138,6 +142,10 @@ class Failover:
         if not state.routing_policy.engines:  # none registered, or none healthy
             if state.failover_wait > 0:  # every replica looked lost at once: wait for one
                 requests.orphans[request_id] = state.now + state.failover_wait
+                if may_return:  # for its own engine first
+                    requests.reserved[request_id] = (
+                        state.now + RESERVED_TIMEOUTS * state.engine_timeout
+                    )
                 return WAITING
             self._fail(request_id, ErrorCode.NO_ENGINE, _no_engine_left(reason), log=False)
             return FAILED
@@ -167,9 +175,44 @@ class Failover:
             self.outbox.send_quietly(dead, encode([int(Headers.ABORT), request_id]))
 
     def waits_for_its_engine(self, request_id: int) -> bool:
-        """Whether an orphan is a stream that only its own (silent) engine can continue."""
-        stream = self.state.requests.streams.get(request_id)
-        return stream is not None and bool(stream.tokens)
+        """Whether an orphan waits for its own (silent) engine alone: a stream only it can
+        continue, or one still reserved for it."""
+        requests = self.state.requests
+        stream = requests.streams.get(request_id)
+        if stream is not None and stream.tokens:
+            return True
+        return requests.reserved.get(request_id, 0.0) > self.state.now
+
+    def send_orphans(self) -> None:
+        """Engines can take requests: the orphans go to the routing policy's picks, but those
+        that wait for their own engine. One whose send fails has its engine declared dead: the
+        rest wait on if no engine is left."""
+        state = self.state
+        requests = state.requests
+        orphans, requests.orphans = requests.orphans, {}
+        sent = 0
+        for request_id, deadline in orphans.items():
+            engine = requests.engine_of.get(request_id)
+            if engine is None:
+                continue  # ended meanwhile
+            if not state.routing_policy.engines or self.waits_for_its_engine(request_id):
+                requests.orphans[request_id] = deadline
+                continue
+            requests.reserved.pop(request_id, None)
+            self.resubmit(request_id, engine, requests.submitted[request_id])
+            sent += 1
+        if sent:
+            logger.warning("sent %d request(s) that waited for an engine", sent)
+
+    def release_reserved(self, now: float) -> None:
+        """Orphans that waited for their own silent engine long enough: any engine may take
+        them now (those registered at once)."""
+        reserved = self.state.requests.reserved
+        expired = [rid for rid, until in reserved.items() if until <= now]
+        for request_id in expired:
+            del reserved[request_id]
+        if expired and self.state.routing_policy.engines:
+            self.send_orphans()
 
     def expire_orphans(self, now: float) -> None:
         """Fail the requests that waited for an engine in vain (one log line per kind)."""
@@ -178,16 +221,16 @@ class Failover:
         expired = [rid for rid, deadline in requests.orphans.items() if deadline <= now]
         failed: Counter[str] = Counter()
         for request_id in expired:
+            stream = requests.streams.get(request_id)
             if requests.engine_of.get(request_id) is UNROUTED:
                 code = ErrorCode.NO_ENGINE
                 why = f"no engine registered within {state.wait_for_engine:g} s; retry later"
-            elif self.waits_for_its_engine(request_id):
+            elif stream is not None and stream.tokens:  # it waited for its own engine
                 code = ErrorCode.ENGINE_FAILED
                 why = (
-                    f"the engine serving this request fell silent after "
-                    f"{len(requests.streams[request_id].tokens)} token(s) were streamed to you "
-                    f"and did not come back within {state.failover_wait:g} s; a partial "
-                    "generation cannot be resumed"
+                    f"the engine serving this request fell silent after {len(stream.tokens)} "
+                    f"token(s) were streamed to you and did not come back within "
+                    f"{state.failover_wait:g} s; a partial generation cannot be resumed"
                 )
             else:
                 code = ErrorCode.NO_ENGINE

@@ -68,6 +68,9 @@ class RequestTable:
         # Requests whose engine was lost (fail-over), and how many times: a final result may
         # then come from an engine other than the one now holding it (the first one wins).
         self.failovers: dict[int, int] = {}
+        # Orphans of an engine that fell silent (it may only have paused): id -> until when
+        # they wait for that engine alone (failover.py).
+        self.reserved: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self.engine_of)
@@ -99,6 +102,7 @@ class RequestTable:
         self.submitted.pop(request_id, None)
         self.orphans.pop(request_id, None)
         self.failovers.pop(request_id, None)
+        self.reserved.pop(request_id, None)
         self._count_down(engine)
         return client, client_request_id, engine
 
@@ -145,4 +149,5 @@ class RequestTable:
             "deadlines": len(self.deadlines),
             "orphans": len(self.orphans),
             "failovers": len(self.failovers),
+            "reserved": len(self.reserved),
         }

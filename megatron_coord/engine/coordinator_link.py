@@ -84,8 +84,8 @@ class CoordinatorLink:
         # Rank 0 owns a launch's coordinator process: if it dies before STOP, the replica must
         # not wait forever on a socket nobody will ever write to.
         self.coordinator_alive = coordinator_alive
-        # Joined an outside coordinator: the replica heartbeats from the start, asks for
-        # answers, and gives up (or registers again) after coordinator_timeout_s of silence.
+        # Joined an outside coordinator: the replica asks for answers to its heartbeats, and
+        # gives up (or registers again) after coordinator_timeout_s of silence.
         self.outside = coordinator_timeout_s is not None
         self.coordinator_timeout_s = coordinator_timeout_s
         self.auth_keys = auth_keys
@@ -206,13 +206,15 @@ class CoordinatorLink:
     def _await_join(self) -> None:
         """Not yet answered: report the join once the coordinator spoke, or give up (exit)
         once ``join_timeout_s`` passed without a word."""
+        if self.lost:
+            return
         if self.answered:
             self.joined = True
             self.last_heard = time.monotonic()
             if self.on_joined is not None:
                 self.on_joined()
             return
-        if time.monotonic() > self._join_deadline and not self.lost:
+        if time.monotonic() > self._join_deadline:
             self.lost_reason = (
                 f"could not reach the coordinator at {self.address} within "
                 f"{self.join_timeout_s:g} s (is it running there, and does it accept our key?)"
@@ -237,6 +239,7 @@ class CoordinatorLink:
         self.lost_reason = f"the coordinator at {self.address} refused this replica: {why}"
         log.error("rank %d: %s", self.state.rank, self.lost_reason)
         self.lost = self.refused = True
+        self.answered = False  # it never joined
         self._request_shutdown()
 
     def not_known(self) -> None:

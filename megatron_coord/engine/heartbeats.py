@@ -3,13 +3,12 @@
 The coordinator shows the reports in STATS, routes by them (least_loaded, prefix_aware: the KV
 blocks stored and evicted since the last report) and takes their silence for death, so it sets
 their cadence: ``interval_s`` is the replica's own until REGISTER_ACK gives the one to keep
-(``adopt``; liveness_contract.py). Between
-steps the serving loop sends one every ``interval_s``, once the coordinator has spoken (before
-every engine registered a launch's coordinator would only queue, or drop, them); a joined
-replica and a draining one from the start, since the coordinator's answers are how they tell
-a lost coordinator from a quiet one (coordinator_link.py, control.py). While a step runs
-longer than the interval, the step-heartbeat thread sends the same report, without block
-events (step_heartbeat.py).
+(``adopt``; liveness_contract.py). Between steps the serving loop sends one every
+``interval_s`` once the coordinator has spoken (its REGISTER_ACK; a refused replica never
+beats), and a draining one from the start, since the coordinator's answers are how it tells a
+lost coordinator from a quiet one (coordinator_link.py, control.py). While a step runs longer
+than the interval, the step-heartbeat thread sends the same report, without block events
+(step_heartbeat.py).
 """
 
 from __future__ import annotations
@@ -113,7 +112,7 @@ class Heartbeats:
         """Beat every ``interval_s`` from now on, also during steps (the coordinator's word)."""
         self.interval_s = interval_s
         if self.during_steps is not None:
-            self.during_steps.interval_s = interval_s
+            self.during_steps.set_interval(interval_s)
         self._next_at = min(self._next_at, time.monotonic() + interval_s)
 
     def _due(self) -> bool:
@@ -122,7 +121,8 @@ class Heartbeats:
         return (
             self.interval_s is not None
             and link is not None
-            and (link.heard or link.outside or self.control.draining)
+            and not link.lost
+            and (link.heard or self.control.draining)
         )
 
     def due_in_ms(self) -> int | None:
@@ -147,7 +147,7 @@ class Heartbeats:
         """From the step-heartbeat thread, while a step runs (the loop leaves the socket
         alone then): the same HEARTBEAT, once the coordinator has spoken, never blocking."""
         link = self.link
-        if link.socket is None or not (link.heard or link.outside):
+        if link.socket is None or not link.heard or link.lost:
             return
         report = self.report(block_events=False)
         report["step_running_s"] = round(running_s, 3)

@@ -30,7 +30,7 @@ DEFAULT_MAX_STEP_S = 600.0
 class StepHeartbeat:
     """Calls ``beat(seconds the step has run)`` every ``interval_s`` during long steps.
 
-    ``interval_s`` may change (the coordinator's cadence); ``note_beat`` tells of a heartbeat
+    ``set_interval`` changes it (the coordinator's cadence); ``note_beat`` tells of a heartbeat
     the loop sent."""
 
     def __init__(self, beat: Callable[[float], None], interval_s: float, max_step_s: float) -> None:
@@ -42,7 +42,8 @@ class StepHeartbeat:
         self._lock = threading.Lock()
         self._started: float | None = None
         self._last_beat = time.monotonic()  # a float store: safe from either thread
-        self._closed = threading.Event()
+        self._closed = False
+        self._wake = threading.Event()  # ends the thread's wait early (new interval, close)
         self._thread = threading.Thread(target=self._run, name="step-heartbeat", daemon=True)
         self._thread.start()
 
@@ -60,8 +61,17 @@ class StepHeartbeat:
         """The serving loop sent a heartbeat."""
         self._last_beat = time.monotonic()
 
+    def set_interval(self, interval_s: float) -> None:
+        """Beat every ``interval_s`` from now on (the thread's current wait ends at once)."""
+        self.interval_s = interval_s
+        self._wake.set()
+
     def _run(self) -> None:
-        while not self._closed.wait(self.interval_s / 2):
+        while True:
+            self._wake.wait(self.interval_s / 2)
+            self._wake.clear()
+            if self._closed:
+                return
             with self._lock:
                 if self._started is None:
                     continue
@@ -72,5 +82,6 @@ class StepHeartbeat:
                     self._last_beat = now
 
     def close(self) -> None:
-        self._closed.set()
+        self._closed = True
+        self._wake.set()
         self._thread.join(timeout=5.0)
