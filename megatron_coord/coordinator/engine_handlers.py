@@ -7,9 +7,7 @@ heartbeat cadence, and what it still holds of ours when it registers again). An 
 joins adopts the requests waiting for one. An engine's death is failover.py's.
 
 Every request gets exactly one final answer: the first final result wins, wherever it came
-from (a request failed over may finish on the engine it left first, declared dead while it
-lived), unless the client already saw tokens of it from another engine; the engine still
-holding it is told to ABORT, and later results are dropped (one log line per message, with
+from (first_result.py), and later results are dropped (one log line per message, with
 counts). An engine of ours declared dead that speaks again is asked to register again (an
 older one of ours comes back with its HEARTBEAT).
 
@@ -38,6 +36,7 @@ from .dialects import (
 from .endings import RequestEndings
 from .engines import BadRegistration, Engine, parse_registration
 from .failover import Failover
+from .first_result import abort_losers, wins_from_elsewhere
 from .outbox import Outbox
 from .state import CoordinatorState
 from .wire import (
@@ -298,7 +297,7 @@ class EngineHandlers:
                 continue
             holder = engine_of.get(request_id)
             if holder != identity:
-                if not self._wins_from_elsewhere(request_id, record):
+                if not wins_from_elsewhere(state.requests, request_id, record):
                     dropped += 1
                     continue
                 late[request_id] = holder
@@ -312,7 +311,7 @@ class EngineHandlers:
                 dropped,
             )
         if late:
-            self._abort_losers(late)
+            abort_losers(state.registry, self._send_quietly, late)
         if not routed:
             return
         failed = state.text.detokenize_records(
@@ -341,24 +340,6 @@ class EngineHandlers:
                 send(client, encode([reply, client_request_id, wrapped_record(flat)]))
             else:
                 send(client, encode([reply, client_request_id, record]))
-
-    def _wins_from_elsewhere(self, request_id: int, record: dict) -> bool:
-        """Whether a final record from an engine that no longer holds its request is still
-        its first final result: the request is in flight and failed over, nothing of it
-        reached the client from another engine, and the record is no abort (of ours)."""
-        requests = self.state.requests
-        if request_id not in requests.failovers or requests.relayed(request_id):
-            return False
-        return record["requests"][0].get("status") != "ABORTED"
-
-    def _abort_losers(self, late: dict[int, bytes]) -> None:
-        """The first results of ``late`` came from elsewhere: stop them where they still run
-        (engines of ours; their late records are dropped)."""
-        registry = self.state.registry
-        abort = int(Headers.ABORT)
-        for request_id, holder in late.items():
-            if registry.speaks_ours(holder):
-                self._send_quietly(holder, encode([abort, request_id]))
 
     def on_partial_reply(self, engine: Engine, payload: bytes) -> None:
         """PARTIAL_REPLY ``[103, [[request_id, new_tokens], ...]]``: relay the new text (only

@@ -19,8 +19,8 @@ reports (heartbeats.py, step_heartbeat.py) and failed steps (step_guard.py).
 A replica declared dead while it lived, or one that lost its coordinator, loses nothing: it
 registers again listing what it holds, holds back those requests' outputs until the answer
 (REGISTER_ACK), drops what the coordinator says moved or ended and carries on with the rest
-(replica_rejoin.py). A request resubmitted to it that it already holds is not an error: it
-keeps the one it has.
+(rejoining.py). A request resubmitted to it that it already holds is not an error: it keeps
+the one it has.
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ import zmq
 
 from ..parallel_state import ParallelState
 from ..protocol import ErrorCode, Headers, ProtocolError, decode
-from ..replica_rejoin import Answer, Rejoin
 from ..sampling_params import SamplingParams
 from .control import FORWARDED_SIGNALS, ReplicaControl
 from .coordinator_link import DEFAULT_JOIN_TIMEOUT_S, CoordinatorLink, engine_identity
 from .engine import InferenceEngine, StepResult
 from .heartbeats import Heartbeats, StepCounters
+from .rejoining import Rejoining
 from .sampling import choose_seed
 from .step_guard import DEFAULT_MAX_STEP_FAILURES, DEFAULT_PROBE_INTERVAL_S, StepGuard
 from .step_heartbeat import DEFAULT_MAX_STEP_S
@@ -92,11 +92,6 @@ class EngineServer:
         # Requests whose outcome is never sent: our own probes, and those the coordinator
         # said to drop when we registered again.
         self._silenced: set[int] = {PROBE_REQUEST_ID}
-        # Registering again keeps what it holds (replica_rejoin.py). A SUBMIT of an id being
-        # dropped in the same step waits for the next one (the abort comes first).
-        self.rejoin = Rejoin()
-        self._dropping: set[int] = set()
-        self._deferred: list[NewRequest] = []
         # Block events go out in heartbeats, so only the TP-coordinator keeps them.
         engine.blocks.record_events = state.is_tp_coordinator
         # The TP-coordinator's socket: registration, joining, losing the coordinator and
@@ -132,6 +127,12 @@ class EngineServer:
             max_step_s,
             heartbeat_reply=coordinator_timeout_s is not None,
         )
+        # Registering again with what it holds, REGISTER_ACK (rejoining.py).
+        self.rejoining: Rejoining | None = None
+        if self.link is not None:
+            self.rejoining = Rejoining(
+                engine, self.link, self.heartbeats, self.control, self._silenced
+            )
 
     # ----------------------------------------------------------------- state
     # What the launch and tests read; the parts own it.
@@ -247,9 +248,7 @@ class EngineServer:
         """TP-coordinator: this step's inputs from the socket, and the link's and the
         process's checks between steps (heartbeats, silence, drain, shutdown, probes)."""
         inputs = StepInputs()
-        if self._deferred:  # their ids' aborts were applied in the last step
-            inputs.requests, self._deferred = self._deferred, []
-        self._dropping.clear()
+        self.rejoining.begin_step(inputs)
         link = self.link
         control = self.control
         events = dict(link.poller.poll(self.poll_timeout_ms()))
@@ -269,7 +268,7 @@ class EngineServer:
         if link.outside and not control.stop_received:
             link.watch()
         if link.reconnect_pending and not (control.shutdown_requested or control.stop_received):
-            self._register_again(inputs)
+            self.rejoining.register_again(inputs)
         if control.draining:
             control.check_drain(link.last_heard)
         link.watch_process(exit_expected=control.stop_received or control.draining)
@@ -278,64 +277,6 @@ class EngineServer:
         elif not self.guard.healthy:
             self._maybe_probe(inputs)
         return inputs
-
-    def _register_again(self, inputs: StepInputs) -> None:
-        """Keep every request, undo a pause or a suspension (the coordinator that answers
-        sends the state it wants), and register afresh under a new identity, listing what
-        it holds: their outputs wait for the answer (``_on_register_ack``)."""
-        holding = set(self.engine.request_ids())
-        holding.update(r.request_id for r in inputs.requests)
-        holding.update(r.request_id for r in self._deferred)
-        holding -= self._silenced
-        inputs.signals += self.control.undo_halt()
-        self.heartbeats.soon()
-        self.link.register_again(self.rejoin.fields(holding, self.link.identity))
-
-    def _on_register_ack(self, message: list[Any], inputs: StepInputs) -> None:
-        """REGISTER_ACK: the cadence to heartbeat at, or a refusal; after a re-registration,
-        which held requests to drop (silently) and which to carry on with: their held-back
-        outputs go now, and each adopted stream's tokens from what its client has."""
-        if len(message) != 2 or not isinstance(message[1], dict):
-            log.warning("engine %d: malformed REGISTER_ACK", self.state.dp_rank)
-            return
-        ack = message[1]
-        if "refused" in ack:
-            self.link.refuse(str(ack["refused"]))
-            return
-        interval = ack.get("heartbeat_interval")
-        if isinstance(interval, (int, float)) and interval > 0:
-            self.heartbeats.adopt(float(interval))
-        answer = self.rejoin.answered(ack)
-        if answer is not None:
-            self._carry_on(answer, inputs)
-
-    def _carry_on(self, answer: Answer, inputs: StepInputs) -> None:
-        """Act on the coordinator's answer to a re-registration (see ``_on_register_ack``)."""
-        engine = self.engine
-        for request_id in answer.drop:
-            if engine.holds(request_id):
-                inputs.signals += [ABORT_SIGNAL, request_id]
-                self._silenced.add(request_id)  # its aborted record is never sent
-                self._dropping.add(request_id)
-        fill = []
-        for request_id, relayed in answer.streamed.items():
-            running = engine.active.get(request_id)
-            if running is not None and type(relayed) is int and running.streamed > relayed >= 0:
-                fill.append([request_id, running.generated[relayed : running.streamed]])
-        if fill:
-            self.link.send([Headers.PARTIAL_REPLY, fill])
-        records = [o for o in answer.outputs if isinstance(o, dict)]
-        for error in (o for o in answer.outputs if not isinstance(o, dict)):
-            self.link.send(error)
-        if records:
-            self.link.send([Headers.ENGINE_REPLY, records])
-        log.warning(
-            "engine %d: registered again: %d request(s) kept, %d dropped (ended or moved "
-            "elsewhere)",
-            self.state.dp_rank,
-            len(answer.kept),
-            len(answer.drop),
-        )
 
     def _maybe_probe(self, inputs: StepInputs) -> None:
         """Unhealthy and idle: every probe interval, a one-token request of our own (never
@@ -362,7 +303,7 @@ class EngineServer:
         if header == Headers.SUBMIT_REQUEST:
             self._parse_request(message, inputs)
         elif header == Headers.REGISTER_ACK:
-            self._on_register_ack(message, inputs)
+            self.rejoining.on_register_ack(message, inputs)
         elif header == Headers.ABORT and len(message) == 2 and type(message[1]) is int:
             inputs.signals += [ABORT_SIGNAL, message[1]]
         elif header == Headers.HEARTBEAT:
@@ -396,9 +337,7 @@ class EngineServer:
             self._send_error(request_id, ErrorCode.INVALID_REQUEST, problem)
             return
         new.seed = choose_seed(params.seed, prompt, self.deterministic_mode)
-        if request_id in self._dropping:
-            self._deferred.append(new)
-        else:
+        if not self.rejoining.deferred(new):
             inputs.requests.append(new)
 
     def _unsilenced(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -418,10 +357,8 @@ class EngineServer:
                 self._silenced.discard(request_id)
             return
         error = [Headers.ERROR, request_id, code.value, message]
-        if self.rejoin.holds_back(request_id):
-            self.rejoin.keep(request_id, error)
-            return
-        self.link.send(error)
+        if not self.rejoining.held_back(error):
+            self.link.send(error)
 
     def _apply(self, inputs: StepInputs) -> None:
         """Apply one step's inputs; identical on every rank of the group. A request whose id
@@ -450,9 +387,7 @@ class EngineServer:
             result.finished = self._unsilenced(result.finished)
         if result.partial and len(self._silenced) > 1:  # probes never stream
             result.partial = [p for p in result.partial if p[0] not in self._silenced]
-        if self.rejoin.awaiting is not None:  # registered again, not yet answered: they wait
-            result.finished = self.rejoin.hold_back(result.finished)
-            result.partial = self.rejoin.unlisted(result.partial)
+        self.rejoining.hold_back(result)  # registered again, not yet answered: they wait
         if result.partial:
             self.link.send([Headers.PARTIAL_REPLY, result.partial])
         if result.finished:
