@@ -16,9 +16,9 @@ that process dies. A replica that joined an outside coordinator (launch --coordi
   declared this replica dead while it lived: a launch's replicas too): it registers again.
 
 Each registration connects a fresh socket under a fresh identity. What becomes of the requests
-the replica holds is the serving loop's business (``EngineServer``, replica_rejoin.py: they are
-listed in the new REGISTER and kept unless the coordinator says otherwise), not this module's:
-it only says when to register again (``reconnect_pending``) and does it.
+the replica holds is the serving loop's business (rejoining.py: they are listed in the new
+REGISTER and kept unless the coordinator says otherwise), not this module's: it only says when
+to register again (``reconnect_pending``) and does it.
 """
 
 from __future__ import annotations
