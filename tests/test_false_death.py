@@ -266,3 +266,27 @@ def test_a_resubmission_whose_send_fails_in_a_shutdown_is_shutting_down():
     assert message[:3] == [100, "r", "shutting_down"], message
     coord.join()  # nothing left in flight: the shutdown ends
     late.close()
+
+
+def test_a_request_fails_over_at_most_three_times():
+    """Calm under flapping: a request whose engines keep dying is not bounced forever."""
+    coord, client = elastic_coordinator(failover_wait=30.0)
+    engines = [_engine(coord.address, b"engine-0", 0)]
+    wait_stats(client, lambda s: len(s["engines"]) == 1, "engine joined")
+    client.send(3, "r", [65], {"num_tokens_to_generate": 1})
+    for n in range(1, 5):
+        holder = engines[-1]
+        assert holder.recv()[0] == 3  # it holds the request now
+        engines.append(_engine(coord.address, b"engine-%d" % n, n))
+        wait_stats(
+            client, lambda s, n=n: s["engines_lost"] == n - 1 and len(s["engines"]) == 2, "joined"
+        )
+        holder.close()  # the request moves to the newcomer (failover n), or fails at the 4th
+    error = client.recv()
+    assert error[:3] == [100, "r", "engine_failed"] and "lost 4 times" in error[3], error
+    stats = wait_stats(client, lambda s: s["engines_lost"] == 4, "four engines lost")
+    assert stats["requests_resubmitted"] == 3 and stats["requests_in_flight"] == 0
+    assert not engines[-1].poll(200)  # the fourth newcomer never got it
+    engines[-1].close()
+    wait_stats(client, lambda s: not s["engines"], "engine left")
+    stop(coord, client)
