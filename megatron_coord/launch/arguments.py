@@ -108,13 +108,14 @@ def add_replica_arguments(parser: Any) -> None:
         default=DEFAULT_ENGINE_TIMEOUT_S,
         help="seconds without a message after which the coordinator this launch spawns declares "
         f"a replica dead (default {DEFAULT_ENGINE_TIMEOUT_S:g}); replicas heartbeat during long "
-        "steps too, so this need not exceed the step time",
+        "steps too, at least every quarter of it, so this need not exceed the step time",
     )
     parser.add_argument(
         "--failover-wait",
         type=float,
         default=DEFAULT_FAILOVER_WAIT_S,
-        help="seconds the requests of a dead replica wait for another when none is left "
+        help="seconds the requests of a dead replica wait for another when none is left, or "
+        "(streams under way) for it to come back "
         f"(default {DEFAULT_FAILOVER_WAIT_S:g}; 0: fail them at once)",
     )
     parser.add_argument(
