@@ -61,7 +61,7 @@ class Adoption:
         holds = info.get("holds")
         holds = [r for r in holds if type(r) is int] if isinstance(holds, list) else []
         ours = info.get("coordinator_id") == state.coordinator_id
-        previous = _identity(info.get("previous_identity"))
+        previous = _identity(info.get("previous_identity")) if ours else None
         drop: list[int] = []
         streamed: list[list[int]] = []
         for request_id in holds:
