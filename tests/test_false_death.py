@@ -82,6 +82,8 @@ class Collector:
             tokens = answer[2]["requests"][0]["generated_tokens"]
             assert tokens == echo(_prompt(request_id), TOKENS), (request_id, tokens)
             assert streamed == tokens[: len(streamed)], (request_id, streamed)  # no repeats
+            if request_id in self.partials:  # and none missed: all but the last (the record's)
+                assert len(streamed) == TOKENS - 1, (request_id, streamed)
             outcomes["result"] = outcomes.get("result", 0) + 1
         return outcomes
 
