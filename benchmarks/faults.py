@@ -19,7 +19,16 @@ the coordinator itself is SIGKILLed under load and restarted on the same port: w
 noticed, reconnected and the replicas registered again, and requests lost (must be 0, the
 client resubmits) and failed.
 
+Freeze and thaw (between the replica faults and the overload): under load, a quarter of it
+streamed, one replica's serving rank is SIGSTOPped for twice the engine timeout (a long GC
+pause, swapping, a stalled file system) and SIGCONTed, then both at once (every replica looks
+lost: their requests wait ``--failover-wait``). Each is declared dead, comes back and gets
+back what it held: reported are when it was declared dead and came back, and requests lost
+and failed (both must be 0) and streams whose tokens did not add up to their final record
+(must be 0).
+
     python benchmarks/faults.py [--duration 40] [--baseline 10] [--kill-every 6]
+        [--phases faults,freeze,overload,restart]
 """
 
 from __future__ import annotations
@@ -55,15 +64,20 @@ PROMPTS = ["The quick brown fox", "Data parallel inference", "Hello world", "One
 class Load:
     """Closed-loop load: ``concurrency`` workers, each submitting the next request at once."""
 
-    def __init__(self, client: InferenceClient, concurrency: int, tokens: int) -> None:
+    def __init__(
+        self, client: InferenceClient, concurrency: int, tokens: int, stream_every: int = 0
+    ) -> None:
         self.client = client
         self.concurrency = concurrency
         self.params = SamplingParams(num_tokens_to_generate=tokens, top_k=1)
+        self.stream_every = stream_every  # every n-th request streams (0: none)
         self.outstanding: dict[int, float] = {}
         self.answered_at: dict[int, float] = {}
         self.completed = 0
         self.errors: Counter[str] = Counter()
         self.submitted = 0
+        self.streams = 0
+        self.stream_mismatches = 0  # streams whose parts did not add up to their record
         self.running = True
 
     async def worker(self, index: int) -> None:
@@ -72,7 +86,7 @@ class Load:
             self.submitted += 1
             self.outstanding[request_id] = time.monotonic()
             try:
-                await self.client.add_request(PROMPTS[request_id % len(PROMPTS)], self.params)
+                await self._one(request_id, PROMPTS[request_id % len(PROMPTS)])
                 self.completed += 1
             except RequestError as exc:
                 self.errors[exc.code] += 1
@@ -81,17 +95,37 @@ class Load:
             del self.outstanding[request_id]
             self.answered_at[request_id] = time.monotonic()
 
+    async def _one(self, request_id: int, prompt: str) -> None:
+        if not self.stream_every or request_id % self.stream_every:
+            await self.client.add_request(prompt, self.params)
+            return
+        self.streams += 1
+        streamed: list[int] = []
+        async for part in self.client.add_request_streaming(prompt, self.params):
+            if "requests" in part:  # the final record: every token streamed once, in order
+                if streamed != part["requests"][0]["generated_tokens"]:
+                    self.stream_mismatches += 1
+            else:
+                streamed += part["tokens"]
+
+    def start(self) -> None:
+        self._base = self.completed
+        self._workers = [asyncio.create_task(self.worker(i)) for i in range(self.concurrency)]
+        self._started = time.monotonic()
+
+    async def finish(self) -> dict[str, float]:
+        """Stop, drain; requests/s over the window since ``start``."""
+        done = self.completed - self._base
+        elapsed = time.monotonic() - self._started
+        self.running = False
+        await asyncio.wait(self._workers, timeout=120)
+        return {"seconds": round(elapsed, 2), "completed": done, "rps": round(done / elapsed, 1)}
+
     async def run(self, seconds: float) -> dict[str, float]:
         """Run for ``seconds`` plus the drain; requests/s over the measured window."""
-        start_completed = self.completed
-        workers = [asyncio.create_task(self.worker(i)) for i in range(self.concurrency)]
-        started = time.monotonic()
+        self.start()
         await asyncio.sleep(seconds)
-        done = self.completed - start_completed
-        elapsed = time.monotonic() - started
-        self.running = False
-        await asyncio.wait(workers, timeout=120)
-        return {"seconds": round(elapsed, 2), "completed": done, "rps": round(done / elapsed, 1)}
+        return await self.finish()
 
 
 async def _wait_engines(stats: CoordinatorStats, count: int, timeout: float) -> float:
@@ -192,6 +226,86 @@ async def _session(args: argparse.Namespace, address: str, jobs: list, model: st
         stats.close()
 
 
+async def _freeze(
+    load: Load, stats: CoordinatorStats, pids: list[int], seconds: float
+) -> dict[str, float]:
+    """SIGSTOP the serving ranks ``pids`` for ``seconds``, then SIGCONT: when the coordinator
+    declared them dead, when they were back (registered again with what they held), when the
+    last request in flight at the freeze was answered."""
+    view = await stats.query(5.0)
+    lost, rejoined = view["engines_lost"] + len(pids), view["engines_rejoined"] + len(pids)
+    in_flight = set(load.outstanding)
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)
+    frozen = time.monotonic()
+    detect = None
+    try:
+        while time.monotonic() - frozen < seconds:
+            if detect is None:
+                view = await stats.query(5.0)
+                if view is not None and view["engines_lost"] >= lost:
+                    detect = round(time.monotonic() - frozen, 3)
+            await asyncio.sleep(0.05)
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGCONT)
+    thawed = time.monotonic()
+    while True:
+        view = await stats.query(5.0)
+        if view is not None and view["engines_rejoined"] >= rejoined and len(view["engines"]) == 2:
+            break
+        await asyncio.sleep(0.05)
+    back = time.monotonic() - thawed
+    while in_flight & set(load.outstanding):
+        await asyncio.sleep(0.01)
+    last = max((load.answered_at.get(r, frozen) for r in in_flight), default=frozen) - frozen
+    return {
+        "replicas_frozen": len(pids),
+        "frozen_s": round(thawed - frozen, 2),
+        "declared_dead_after_s": detect,
+        "back_after_thaw_s": round(back, 3),
+        "in_flight_at_freeze": len(in_flight),
+        "last_affected_answer_s": round(last, 3),
+    }
+
+
+async def _freeze_thaw(args: argparse.Namespace, address: str) -> dict:
+    """Under load (a quarter streamed), one replica frozen for twice the engine timeout, then
+    both: a false death must lose nothing (0 lost, 0 failed, every stream adds up)."""
+    stats = CoordinatorStats(address)
+    await _wait_engines(stats, 2, 300)
+    client = InferenceClient(address)
+    await client.start()
+    try:
+        before = await stats.query(5.0)
+        load = Load(client, args.concurrency, args.tokens, stream_every=4)
+        load.start()
+        freezes = []
+        for count in (1, 2):
+            await asyncio.sleep(2.0)
+            view = await stats.query(5.0)
+            pids = [engine["info"]["pid"] for engine in view["engines"][:count]]
+            freezes.append(await _freeze(load, stats, pids, 2 * ENGINE_TIMEOUT_S))
+        await asyncio.sleep(2.0)
+        window = await load.finish()
+        after = await stats.query(5.0)
+        counters = ("engines_lost", "engines_rejoined", "requests_adopted", "requests_resubmitted")
+        return {
+            "load": window,
+            "freezes": freezes,
+            "requests_submitted": load.submitted,
+            "requests_lost": load.submitted - load.completed - sum(load.errors.values()),
+            "requests_failed": dict(load.errors),
+            "streams": load.streams,
+            "stream_mismatches": load.stream_mismatches,
+            "coordinator": {key: after[key] - before[key] for key in counters}
+            | {"late_results_dropped": after["late_results_dropped"]},
+        }
+    finally:
+        client.stop()
+        stats.close()
+
+
 async def _restart_coordinator(
     args: argparse.Namespace, box: list[StandaloneCoordinator], model: str, port: int
 ) -> dict:
@@ -236,12 +350,21 @@ async def _restart_coordinator(
 
 
 def _coordinator(model: str, port: int, log_level: str) -> StandaloneCoordinator:
-    args = ("--port", str(port), "--log-level", log_level)
+    args = (
+        "--port",
+        str(port),
+        "--log-level",
+        log_level,
+        "--engine-timeout",
+        str(ENGINE_TIMEOUT_S),
+    )
     return StandaloneCoordinator(model, *args, "--max-outstanding", str(MAX_OUTSTANDING))
 
 
 REPLICA_ARGS = ("--max-batch-size", "8")
 MAX_OUTSTANDING = 256  # the coordinator's limit in this benchmark (overload phase)
+ENGINE_TIMEOUT_S = 3.0  # the coordinator's (its default); a freeze lasts twice that
+PHASES = ("faults", "freeze", "overload", "restart")
 
 
 def _rss_mib(pid: int) -> float:
@@ -306,17 +429,31 @@ def main() -> None:
         "--restart-phase", type=float, default=20.0, help="coordinator kill-and-restart, seconds"
     )
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "faults.json"))
+    parser.add_argument(
+        "--phases", default=",".join(PHASES), help=f"which to run, in order (of {','.join(PHASES)})"
+    )
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if phases - set(PHASES):
+        parser.error(f"unknown phases: {sorted(phases - set(PHASES))}")
     model = default_checkpoint_dir()
     port = free_port()
     box = [_coordinator(model, port, args.coordinator_log_level)]
     coordinator = box[0]
     jobs = [ReplicaJob(coordinator.address, model, *REPLICA_ARGS) for _ in range(2)]
+    result: dict = {}
     try:
-        result = asyncio.run(_session(args, coordinator.address, jobs, model))
+        if "faults" in phases:
+            result.update(asyncio.run(_session(args, coordinator.address, jobs, model)))
+        if "freeze" in phases:
+            result["freeze_thaw"] = asyncio.run(_freeze_thaw(args, coordinator.address))
         pid = coordinator.process.pid
-        result["overload"] = overload(coordinator.address, pid, args.burst, args.tokens)
-        result["coordinator_restart"] = asyncio.run(_restart_coordinator(args, box, model, port))
+        if "overload" in phases:
+            result["overload"] = overload(coordinator.address, pid, args.burst, args.tokens)
+        if "restart" in phases:
+            result["coordinator_restart"] = asyncio.run(
+                _restart_coordinator(args, box, model, port)
+            )
         coordinator = box[0]
         probe = StatsProbe(coordinator.address)
         probe.socket.send(b"\x91\x0a")  # STOP: every live replica and the coordinator exit
@@ -334,7 +471,8 @@ def main() -> None:
         "concurrency": args.concurrency,
         "tokens_per_request": args.tokens,
         "kill_every_s": args.kill_every,
-        "engine_timeout_s": 3.0,
+        "engine_timeout_s": ENGINE_TIMEOUT_S,
+        "phases": args.phases,
         "max_outstanding": MAX_OUTSTANDING,
         "host": f"{os.cpu_count()}-core CPU, gloo, shared machine",
     }

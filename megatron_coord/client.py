@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from .client_requests import END, RequestError, RequestsInFlight, stream_tail
 from .coordinator_stats import is_serving
+from .liveness_contract import client_settings, confirmed_cadence
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
 from .sampling_params import SamplingParams
 
@@ -50,8 +51,9 @@ def _unencodable(prompt: str | list[int], params: dict[str, Any]) -> str:
 class InferenceClient:
     """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring).
 
-    It outlives its coordinator: it pings when the connection is quiet (``heartbeat_interval``)
-    and after ``coordinator_timeout`` seconds without a word (or at once when a restarted
+    It outlives its coordinator: it pings when the connection is quiet (``ping_interval``: its
+    ``heartbeat_interval``, or faster if CONNECT_ACK asks, see liveness_contract.py) and after
+    ``coordinator_timeout`` seconds without a word (or at once when a restarted
     coordinator does not know it) it opens a new connection, handshakes again and, with
     ``resubmit`` (the default), sends again every request in flight of which nothing reached the
     caller yet; a stream that already yielded a part fails with ``ConnectionError`` (a partial
@@ -78,6 +80,7 @@ class InferenceClient:
         self.connect_timeout = connect_timeout
         self.max_message_bytes = max_message_bytes
         self.heartbeat_interval = heartbeat_interval  # None: never ping, never reconnect
+        self.ping_interval = heartbeat_interval  # the cadence the coordinator confirmed
         self.coordinator_timeout = coordinator_timeout
         self.reconnect_timeout = reconnect_timeout
         self.resubmit = resubmit
@@ -123,7 +126,7 @@ class InferenceClient:
             if message[0] != Headers.CONNECT_ACK:
                 self._close()
                 raise ConnectionError(f"expected CONNECT_ACK from {self.address}, got {message!r}")
-            self._on_connect_ack()
+            self._on_connect_ack(message)
         else:
             self._reconnect_deadline = time.monotonic() + self.connect_timeout
         self.listener_task = asyncio.get_running_loop().create_task(self._recv_task(sock))
@@ -143,11 +146,14 @@ class InferenceClient:
 
             apply_client(sock, self.auth_keys)
         sock.connect(self.address)
-        sock.send(_encode([int(Headers.CONNECT), {"protocol": PROTOCOL_VERSION}]))
+        settings = client_settings(self.heartbeat_interval, self.coordinator_timeout)
+        sock.send(_encode([int(Headers.CONNECT), {"protocol": PROTOCOL_VERSION, **settings}]))
         self.socket = sock
         return sock
 
-    def _on_connect_ack(self) -> None:
+    def _on_connect_ack(self, message: list[Any]) -> None:
+        confirmed = confirmed_cadence(message, self.heartbeat_interval)  # may ask pings faster
+        self.ping_interval = confirmed or self.ping_interval
         if self.lost_reason is not None:
             logger.warning("client: the coordinator at %s is back", self.address)
             self.reconnects += 1
@@ -337,7 +343,7 @@ class InferenceClient:
                     waiter.set_result(message[1])
                     break
         elif header == Headers.CONNECT_ACK:
-            self._on_connect_ack()  # what was resent after a loss is already queued behind
+            self._on_connect_ack(message)  # what was resent after a loss is queued behind
         elif header == Headers.PAUSE_ACK:
             self.paused.set()
         elif header == Headers.STOP_ACK:
@@ -348,10 +354,10 @@ class InferenceClient:
     async def _watchdog(self) -> None:
         """Ping a quiet coordinator; declare it lost after ``coordinator_timeout`` of silence,
         and fail what waits for it past ``reconnect_timeout``."""
-        interval = self.heartbeat_interval
         ping = _encode([int(Headers.HEARTBEAT)])
         woke = time.monotonic()
         while True:
+            interval = self.ping_interval  # the coordinator may confirm a faster one
             await asyncio.sleep(interval / 2)
             now = time.monotonic()
             late = now - woke > interval  # this loop was blocked: silence proves nothing

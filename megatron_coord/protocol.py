@@ -41,7 +41,10 @@ class Headers(enum.IntEnum):
     ERROR = 100
     # engine -> coord: [REGISTER, {"data_parallel_rank": int, "protocol": int, ...}]; joined
     # replicas add "pid", "host" and "heartbeat_reply": true (shown in STATS engines[].info);
-    # our engines add "kv_block_size" and "prefix_caching" (prefix_hash.py names their blocks)
+    # our engines add "kv_block_size" and "prefix_caching" (prefix_hash.py names their blocks),
+    # and "heartbeat_interval" (seconds or None) with "heartbeat_interval_fixed" (the user set
+    # it), which REGISTER_ACK answers; registering again, "coordinator_id" (of the coordinator
+    # whose requests it holds), "holds" (their ids) and "previous_identity" (hex)
     REGISTER = 101
     # engine -> coord: [HEARTBEAT, {"queued": int, "active": int, "free_kv_tokens": int,
     # "processed_tokens": int (cumulative prompt tokens prefilled + tokens generated), ...}];
@@ -51,6 +54,9 @@ class Headers(enum.IntEnum):
     # coord -> engine: [HEARTBEAT, {}] answers each HEARTBEAT of an engine that asked for it
     # ("heartbeat_reply": true), so the engine can tell a lost coordinator from a quiet one.
     # client -> coord: [HEARTBEAT] (clients of ours); coord -> client: [HEARTBEAT, {}] at once.
+    # A client of ours that pings says so in CONNECT: [CONNECT, {"protocol": n,
+    # "heartbeat_interval": s, "coordinator_timeout": s}], answered [CONNECT_ACK,
+    # {"heartbeat_interval": s}], the cadence to ping at (liveness_contract.py).
     HEARTBEAT = 102
     # engine -> coord: [PARTIAL_REPLY, [[request_id, [new token ids](, extras)], ...]]
     # coord -> client: [PARTIAL_REPLY, client_request_id, [new token ids], new_text(, extras)]
@@ -61,7 +67,9 @@ class Headers(enum.IntEnum):
     # client -> coord: [STATS]; coord -> client: [STATS, {"engines": [{"data_parallel_rank",
     # "alive", "outstanding_requests", "outstanding_tokens", "load": last HEARTBEAT dict,
     # "identity": hex, "info": REGISTER dict}, ...], "requests_in_flight": int, "clients": int,
-    # "engines_lost": int, "requests_resubmitted": int, "shutting_down": bool,
+    # "engines_lost": int, "requests_resubmitted": int, "engines_rejoined": int (declared dead
+    # or lost, came back), "requests_adopted": int (kept by a returning replica),
+    # "late_results_dropped": int (results of requests answered or moved), "shutting_down": bool,
     # "maps": {per-request or per-peer map: size}}] (health checks, metrics, tests)
     STATS = 105
     # --- weight updates (update_spec.py checks the spec and the engines' results) ---
@@ -86,6 +94,13 @@ class Headers(enum.IntEnum):
     # SET_GENERATION_EPOCH (its header 44) for our engines: tokens generated after it are of
     # version str(epoch) (a version bump with no weight change, mode "keep")
     SET_GENERATION_EPOCH_OURS = 109
+    # coord -> engine, answering a REGISTER that carried "heartbeat_interval" (liveness_contract.py)
+    # before anything else is sent to it: [REGISTER_ACK, {"coordinator_id": str,
+    # "engine_timeout": s, "heartbeat_interval": s | None (the cadence to beat at), "drop":
+    # [ids] (held requests to abort without a word: moved elsewhere or ended), "streamed":
+    # [[id, n], ...] (tokens of each adopted stream its client already has)}], or
+    # [REGISTER_ACK, {"refused": message, "engine_timeout": s}] (not registered).
+    REGISTER_ACK = 110
 
 
 CONTROL_SIGNALS = frozenset(

@@ -156,3 +156,26 @@ def test_stop_ends_open_streams(deploy):
             await reader
 
     run(go())
+
+
+def test_connect_ack_confirms_a_ping_cadence_its_timeout_can_keep(deploy):
+    """The client judges the coordinator: CONNECT says how (its ping interval and
+    coordinator_timeout), CONNECT_ACK gives the cadence to keep (liveness_contract.py)."""
+    d = deploy(1)
+
+    async def go():
+        client = InferenceClient(d.address, heartbeat_interval=2.5, coordinator_timeout=3.0)
+        default = InferenceClient(d.address)
+        await client.start()
+        await default.start()
+        try:
+            record = await client.add_request("hi", {"num_tokens_to_generate": 1})
+            return client.ping_interval, default.ping_interval, record
+        finally:
+            client.stop()
+            default.stop()
+
+    interval, default_interval, record = run(go())
+    assert interval == 1.0  # a third of its 3 s timeout, not its own 2.5 s
+    assert default_interval == 1.0  # the defaults keep the contract as they are
+    assert record["requests"][0]["generated_text"] == "h"

@@ -172,6 +172,62 @@ def test_kill9_replica_mid_load(checkpoint):
         coordinator.kill()
 
 
+def test_a_default_replica_keeps_a_short_engine_timeout_a_forced_slow_one_is_refused(
+    checkpoint, tmp_path
+):
+    """Issue 22: a coordinator with --engine-timeout 0.5 (half a replica's default heartbeat
+    interval) and a replica with its defaults whose steps last three times that: REGISTER_ACK
+    gives the replica the cadence to keep, so it is never lost and every request is answered.
+    A replica whose --heartbeat-interval 1 is forced cannot keep that timeout: it is refused
+    and exits with a configuration error naming both settings."""
+    coordinator = StandaloneCoordinator(checkpoint, "--engine-timeout", "0.5")
+    slow_steps = {
+        "MEGATRON_COORD_STEP_HOOK": "megatron_coord.testing.step_faults:from_env",
+        "MEGATRON_COORD_FAULT_SLEEP_S": "1.5",
+    }
+    jobs: list[ReplicaJob] = []
+    probe = client = None
+    try:
+        probe = StatsProbe(coordinator.address)
+        jobs.append(ReplicaJob(coordinator.address, checkpoint, env=slow_steps))
+        log = str(tmp_path / "forced.log")
+        forced = ReplicaJob(coordinator.address, checkpoint, "--heartbeat-interval", "1",
+                            log_path=log)  # fmt: skip
+        jobs.append(forced)
+        stats = probe.wait_for(lambda s: len(s["engines"]) == 1, 180, "the replica registered")
+        assert stats["engines"][0]["info"]["heartbeat_interval"] == 1.0  # its default...
+        assert stats["engines"][0]["info"]["heartbeat_interval_fixed"] is False  # ...not forced
+        client = RawClient(coordinator.address)
+        for i in range(4):  # two steps of 1.5 s each: three engine timeouts apiece
+            client.send([3, i, _prompt(i), {"num_tokens_to_generate": 2, "top_k": 1}])
+            client.answers[i] = []
+        while client.unanswered():
+            client.collect(120.0)
+        assert all(len(r) == 1 and r[0][0] == 4 for r in client.answers.values()), client.answers
+        stats = probe.stats()
+        assert stats["engines_lost"] == 0 and stats["requests_resubmitted"] == 0
+        assert forced.wait(120) != 0  # torchrun reports the worker's exit code 2
+        text = forced.log()
+        assert "refused this replica" in text and "exitcode" in text and ": 2" in text
+        assert "--heartbeat-interval" in text and "--engine-timeout" in text
+        assert "joined" not in text
+        assert len(probe.stats()["engines"]) == 1
+        client.send([10])  # STOP ends the replica and the coordinator
+        message = client.recv(60.0)
+        while message is not None and message != [11]:
+            message = client.recv(60.0)
+        assert message == [11]
+        assert coordinator.wait(60) == 0
+        assert jobs[0].wait(60) == 0
+    finally:
+        for closable in (client, probe):
+            if closable is not None:
+                closable.close()
+        for job in jobs:
+            job.kill()
+        coordinator.kill()
+
+
 def test_joined_replica_that_loses_the_coordinator_says_so_and_exits(checkpoint, tmp_path):
     coordinator = StandaloneCoordinator(checkpoint)
     log = str(tmp_path / "replica.log")

@@ -1,9 +1,9 @@
 """What the coordinator does after each wake-up that no message asks for: its timers.
 
 Closed connections (the socket monitor), engines silent too long, request deadlines, requests
-that waited for an engine in vain, clients a send found gone, and the graceful shutdown's
-drain and STOP round. ``poll_timeout_ms`` says how long the loop may block until the next of
-these deadlines, so timers cost nothing while nothing is due.
+that waited for an engine in vain (or for their own long enough), clients a send found gone,
+and the graceful shutdown's drain and STOP round. ``poll_timeout_ms`` says how long the loop
+may block until the next of these deadlines, so timers cost nothing while nothing is due.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ class AfterWakeup:
             state.registry.next_deadline(),
             state.shutdown.next_deadline(),
             min(state.requests.orphans.values(), default=None),
+            min(state.requests.reserved.values(), default=None),
         ]
         upcoming = [d for d in deadlines if d is not None]
         if not upcoming:
@@ -60,28 +61,37 @@ class AfterWakeup:
         """Everything not driven by a message: closed connections, silence, deadlines."""
         state = self.state
         now = state.now
+        # Silence first: an engine both silent and cut off in one wake-up may only have paused.
+        for identity in state.registry.silent(now):
+            self._failover.engine_gone(
+                identity,
+                f"no message from the engine for {state.engine_timeout:g} s",
+                may_return=True,
+            )
         if monitor_ready or state.monitor.pending:
             for identity in state.monitor.disconnected():
                 if identity in state.registry.engines:
                     self._failover.engine_gone(identity, "the engine's connection closed")
                 elif identity in state.clients:
                     self._client_gone(identity)
-        for identity in state.registry.silent(now):
-            self._failover.engine_gone(
-                identity, f"no message from the engine for {state.engine_timeout:g} s"
-            )
         if state.limits.request_timeout is not None:
             engine_of = state.requests.engine_of
-            for request_id in state.requests.deadlines.expired(now, engine_of):
+            expired = state.requests.deadlines.expired(now, engine_of)
+            for request_id in expired:
                 self._abort(
                     request_id,
                     ErrorCode.TIMEOUT,
                     f"no result within the request timeout ({state.limits.request_timeout:g} s); "
                     "aborted",
+                    log=False,
                 )
+            if expired:
+                logger.warning("%d request(s) timed out: aborted", len(expired))
             state.requests.deadlines.compact(engine_of)
         if state.requests.orphans:
             self._failover.expire_orphans(now)
+        if state.requests.reserved:
+            self._failover.release_reserved(now)
         if self.outbox.gone_clients:
             for identity in self.outbox.take_gone_clients():
                 self._client_gone(identity)
@@ -100,8 +110,16 @@ class AfterWakeup:
                 shutdown.grace_s,
             )
         if shutdown.deadline is not None and (not state.requests or now >= shutdown.deadline):
-            for request_id in list(state.requests.engine_of):
-                self._abort(request_id, ErrorCode.SHUTTING_DOWN, "the coordinator is shutting down")
+            left = list(state.requests.engine_of)
+            for request_id in left:
+                self._abort(
+                    request_id,
+                    ErrorCode.SHUTTING_DOWN,
+                    "the coordinator is shutting down",
+                    log=False,
+                )
+            if left:
+                logger.warning("shutting down: %d request(s) unfinished after the grace", len(left))
             if shutdown.start_stop_round():
                 self._stop_engines()
             elif shutdown.finished(now):

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from ..liveness_contract import client_cadence
 from ..protocol import CONTROL_SIGNALS, ErrorCode, Headers, ProtocolError
 from ..sampling_params import validate_sampling_params
 from .control_rounds import ControlRounds
@@ -110,8 +111,11 @@ class ClientHandlers:
 
     def on_connect(self, identity: bytes, payload: bytes) -> None:
         """CONNECT: ``[1]`` (Megatron 0.16's client), ``[1, {"protocol": n}]`` (ours) or
-        ``[0]`` (Megatron 0.19's), each answered with its own CONNECT_ACK."""
+        ``[0]`` (Megatron 0.19's), each answered with its own CONNECT_ACK. A client of ours
+        that pings says its settings, and its CONNECT_ACK says the cadence to ping at
+        (liveness_contract.py)."""
         state = self.state
+        ack = HEADER_ONLY[Headers.CONNECT_ACK]
         message = decode_as(any_decoder, payload)
         if message == [int(Wire019.CONNECT)]:
             dialect = Dialect.MEGATRON_019
@@ -126,6 +130,8 @@ class ClientHandlers:
             and type(message[1].get("protocol")) is int
         ):
             dialect = Dialect.OURS
+            if "coordinator_timeout" in message[1]:
+                ack = self._connect_ack(message[1])
         else:
             state.clients.setdefault(identity, Dialect.MEGATRON_016)  # never risk a header >= 100
             raise ProtocolError(ErrorCode.MALFORMED, 'CONNECT takes no fields or {"protocol": n}')
@@ -137,7 +143,18 @@ class ClientHandlers:
         if dialect is Dialect.MEGATRON_019:
             self._send(identity, _CONNECT_ACK_019)
         else:
-            self._send(identity, HEADER_ONLY[Headers.CONNECT_ACK])
+            self._send(identity, ack)
+
+    @staticmethod
+    def _connect_ack(settings: dict[str, Any]) -> bytes:
+        """CONNECT_ACK for a client of ours that said how it judges the coordinator."""
+        try:
+            interval = client_cadence(
+                settings["coordinator_timeout"], settings.get("heartbeat_interval")
+            )
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.MALFORMED, f"bad CONNECT: {exc}") from None
+        return encode([int(Headers.CONNECT_ACK), {"heartbeat_interval": interval}])
 
     def client_gone(self, identity: bytes) -> None:
         """A client's connection closed: abort its requests on their engines, forget them."""
@@ -426,6 +443,9 @@ class ClientHandlers:
             "clients": len(state.clients),
             "engines_lost": state.registry.engines_lost,
             "requests_resubmitted": state.requests_resubmitted,
+            "engines_rejoined": state.engines_rejoined,
+            "requests_adopted": state.requests_adopted,
+            "late_results_dropped": state.late_results_dropped,
             "shutting_down": state.shutdown.deadline is not None,
             "maps": self.map_sizes(),  # every per-request map: all 0 when nothing is in flight
         }

@@ -14,7 +14,9 @@ it is composed of and hands each only what it needs:
 * ``RequestEndings`` (endings.py): free / fail / abort; ``ControlRounds`` (control_rounds.py):
   relaying control signals and ending their rounds; ``Failover`` (failover.py): engine death;
 * the handlers of client messages (client_handlers.py) and of engine messages
-  (engine_handlers.py), each a table from header to handler;
+  (engine_handlers.py), each a table from header to handler; the latter answer registrations
+  with REGISTER_ACK and adopt back what a returning replica holds (adoption.py), and let the
+  first final result of a failed-over request win (first_result.py);
 * ``AfterWakeup`` (after_wakeup.py): closed connections, silence, deadlines, shutdown.
 
 Contracts others rely on:

@@ -41,14 +41,20 @@ class RequestEndings:
             state.routing_policy.on_finish(engine, request_id, generated)
         return client, client_request_id
 
-    def fail(self, request_id: int, code: ErrorCode, text: str) -> None:
-        """End a request with an ERROR to its client and free its state."""
+    def fail(self, request_id: int, code: ErrorCode, text: str, log: bool = True) -> bool:
+        """End a request with an ERROR to its client and free its state; whether it was still
+        in flight. ``log=False``: the caller logs one line for many (an event, with counts)."""
         ended = self.free(request_id)
-        if ended is not None:
+        if ended is None:
+            return False
+        if log:
             logger.warning("request %d failed: %s", request_id, text)
-            self._send_error(ended[0], ended[1], code, text)
+        self._send_error(ended[0], ended[1], code, text)
+        return True
 
-    def abort(self, request_id: int, code: ErrorCode | None = None, text: str = "") -> None:
+    def abort(
+        self, request_id: int, code: ErrorCode | None = None, text: str = "", log: bool = True
+    ) -> None:
         """ABORT a request on its engine and end it: with an ERROR ``code`` to its client, or
         (None: the client is gone) silently."""
         state = self.state
@@ -58,4 +64,4 @@ class RequestEndings:
         if code is None:
             self.free(request_id)
         else:
-            self.fail(request_id, code, text)
+            self.fail(request_id, code, text, log)

@@ -1,9 +1,15 @@
 """What the coordinator does with each message from an engine: the table from header to handler.
 
 Engines register with one frame (engines.py) and may join at any time; they reply with records,
-stream partial results, report errors, heartbeat and acknowledge PAUSE / STOP. An engine that
-joins adopts the requests waiting for one. An engine's death is failover.py's; a late reply
-from an engine declared dead is dropped, and a HEARTBEAT from it registers it again.
+stream partial results, report errors, heartbeat and acknowledge PAUSE / STOP. An engine of
+ours that keeps the liveness contract is answered REGISTER_ACK first (adoption.py: its
+heartbeat cadence, and what it still holds of ours when it registers again). An engine that
+joins adopts the requests waiting for one. An engine's death is failover.py's.
+
+Every request gets exactly one final answer: the first final result wins, wherever it came
+from (first_result.py), and later results are dropped (one log line per message, with
+counts). An engine of ours declared dead that speaks again is asked to register again (an
+older one of ours comes back with its HEARTBEAT).
 
 Megatron-core 0.19's engines (``megatron_engines="0.19"``) have a table of their own: replies
 ``[21, [merged request, ...]]``, reshaped to our records on the way in (dialects.py), and
@@ -16,7 +22,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from ..liveness_contract import LivenessMismatch, engine_cadence
 from ..protocol import ErrorCode, Headers, ProtocolError
+from .adoption import Adoption
 from .control_rounds import ControlRounds
 from .dialects import (
     ONLY_019_HEADERS,
@@ -29,6 +37,7 @@ from .dialects import (
 from .endings import RequestEndings
 from .engines import BadRegistration, Engine, parse_registration
 from .failover import Failover
+from .first_result import abort_losers, wins_from_elsewhere
 from .outbox import Outbox
 from .state import CoordinatorState
 from .wire import (
@@ -77,6 +86,8 @@ class EngineHandlers:
         self._failover = failover
         self._on_connect = on_connect
         self._flush_submits = flush_submits
+        self._send_quietly = outbox.send_quietly
+        self._adoption = Adoption(state, outbox.send, failover.engine_gone)
         self.table = {
             int(Headers.ENGINE_REPLY): self.on_reply,
             int(Headers.PARTIAL_REPLY): self.on_partial_reply,
@@ -110,17 +121,8 @@ class EngineHandlers:
             self._on_connect(identity, payload)
         elif payload == b"" or header == Headers.REGISTER:
             self.try_register(identity, payload)  # an engine joining (or coming back)
-        elif header == Headers.HEARTBEAT and self.state.registry.was_declared_dead(identity):
-            # An engine of ours that was declared dead (silent too long) but lives: take it back.
-            _, info = decode_as(heartbeat_decoder, payload)
-            rank = info.get("data_parallel_rank")
-            rank = rank if type(rank) is int and rank >= 0 else None
-            logger.warning("engine %r, declared dead, is alive: registering it again", identity)
-            if not self._add(identity, rank, Dialect.OURS, info):
-                return
-            engine = self.state.registry.engines[identity]
-            engine.load = info
-            self._heartbeat(engine)
+        elif (dead := self.state.registry.dead(identity)) is not None:
+            self._from_the_dead(dead, header, payload)
         elif header in ONLY_019_HEADERS:  # a 0.19 peer: an ERROR would crash it
             logger.warning(
                 "0.19 message (header %d) from %r, which never sent CONNECT; dropped",
@@ -133,31 +135,92 @@ class EngineHandlers:
                 raise describe(payload)
             raise ProtocolError(ErrorCode.NOT_CONNECTED, "send CONNECT before anything else")
 
+    def _from_the_dead(self, engine: Engine, header: int, payload: bytes) -> None:
+        """A message from an engine of ours declared dead: it lives (it was only silent). Its
+        results may still be the first; it is asked to register again with what it holds,
+        and an older engine of ours (no liveness contract) comes back with its HEARTBEAT."""
+        identity = engine.identity
+        registry = self.state.registry
+        if header == Headers.HEARTBEAT and not engine.rejoins:
+            _, load = decode_as(heartbeat_decoder, payload)
+            logger.warning("engine %r, declared dead, is alive: registering it again", identity)
+            registry.forget_dead(identity)
+            if self._add(identity, engine.data_parallel_rank, Dialect.OURS, engine.info):
+                back = registry.engines[identity]
+                back.load = load
+                self._heartbeat(back)
+            return
+        if header == Headers.ENGINE_REPLY:
+            self.on_reply(engine, payload)
+        elif header == Headers.ERROR:
+            self.on_error(engine, payload)
+        if registry.first_ask_back(identity):
+            logger.warning(
+                "engine %r (dp rank %s), declared dead, is alive: asking it to register again",
+                identity,
+                engine.data_parallel_rank,
+            )
+        self._send_error(
+            identity,
+            None,
+            ErrorCode.NOT_CONNECTED,
+            "this engine was declared dead (silent too long); register again",
+        )
+
     # ------------------------------------------------------------------ registration
 
     def try_register(self, identity: bytes, payload: bytes) -> bool:
-        """Register ``identity`` if ``payload`` is a registration; False if it is not one."""
+        """Register ``identity`` if ``payload`` is a registration; False if it is not one.
+        An engine of ours that says its heartbeat interval is held to the liveness contract:
+        answered REGISTER_ACK, or refused if its interval is forced too slow."""
+        state = self.state
         try:
-            registration = parse_registration(identity, payload, self.state.megatron_engines)
-        except BadRegistration as exc:
+            registration = parse_registration(identity, payload, state.megatron_engines)
+            if registration is None:
+                return False
+            rank, dialect, info = registration
+            cadence = None
+            if dialect is Dialect.OURS and "heartbeat_interval" in info:
+                cadence = engine_cadence(
+                    state.engine_timeout,
+                    info["heartbeat_interval"],
+                    info.get("heartbeat_interval_fixed") is True,
+                )
+        except LivenessMismatch as exc:
+            self._adoption.refuse(identity, str(exc))
+            return True
+        except (BadRegistration, ValueError) as exc:
             logger.warning("bad registration from %r: %s", identity, exc)
             self._send_error(identity, None, ErrorCode.MALFORMED, f"bad REGISTER: {exc}")
             return True
-        if registration is None:
-            return False
-        rank, dialect, info = registration
-        self._add(identity, rank, dialect, info if dialect is Dialect.OURS else None)
+        self._add(identity, rank, dialect, info if dialect is Dialect.OURS else None, cadence)
         return True
 
-    def _add(self, identity: bytes, rank: int | None, dialect: Dialect, info: dict | None) -> bool:
-        """Register an engine; False if refused (registered already, or no place for it)."""
+    def _add(
+        self,
+        identity: bytes,
+        rank: int | None,
+        dialect: Dialect,
+        info: dict | None,
+        cadence: float | None = None,
+    ) -> bool:
+        """Register an engine; False if refused (registered already, or no place for it).
+        Serving already, it joins: routed to, told its REGISTER_ACK (before anything else),
+        brought into the state the clients put the others in."""
         state = self.state
         if self._full(identity, dialect is Dialect.OURS):
             return False
         if not state.registry.add(identity, rank, dialect, info):
             return False
+        state.registry.forget_dead(identity)
         state.monitor.learn(identity, state.stranger_fd)  # to notice when its connection closes
-        if state.routing_policy is not None:  # serving already: a join
+        serving = state.routing_policy is not None
+        if serving:
+            state.registry.order.append(identity)
+            state.routing_policy.add_engine(identity)
+        if state.registry.engines[identity].rejoins:
+            self._adoption.acknowledge(identity, info, cadence)
+        if serving:
             self._join(identity)
         return True
 
@@ -183,12 +246,13 @@ class EngineHandlers:
         return True
 
     def _join(self, identity: bytes) -> None:
-        """An engine registered while serving: route to it from now on, in the state the
-        clients put the others in (paused, suspended, stopping)."""
+        """An engine registered while serving (and is routed to): bring it into the state the
+        clients put the others in (paused, suspended, stopping); give it the orphans."""
         state = self.state
-        state.registry.order.append(identity)
-        state.routing_policy.add_engine(identity)
-        if state.registry.engines[identity].dialect is Dialect.MEGATRON_019:
+        engine = state.registry.engines.get(identity)
+        if engine is None:
+            return  # its previous identity's requests failed over to it, and it was unreachable
+        if engine.dialect is Dialect.MEGATRON_019:
             catch_up = state.control.catch_up_019()
         else:
             catch_up = state.control.catch_up()
@@ -218,26 +282,37 @@ class EngineHandlers:
         self._failover.engine_gone(engine.identity, "the engine disconnected (DISCONNECT)")
 
     def _route_records(self, engine: Engine, records: list[dict], from_019: bool) -> None:
-        """Send each finished record to its client, in the client's protocol."""
+        """Send each finished record to its client, in the client's protocol (the first final
+        result of a request wins: see the module docstring)."""
         state = self.state
         engine_of = state.requests.engine_of
+        identity = engine.identity
         routed = []
+        late: dict[int, bytes] = {}  # won from elsewhere -> the engine still holding it
+        dropped = 0
         for record in records:
             try:
                 request_id = record["requests"][0]["request_id"]
             except (KeyError, IndexError, TypeError):
-                logger.warning(
-                    "engine %r: a record without requests[0].request_id", engine.identity
-                )
+                logger.warning("engine %r: a record without requests[0].request_id", identity)
                 continue
-            if engine_of.get(request_id) != engine.identity:
-                logger.warning(
-                    "engine %r replied for request %r, which it does not hold; dropped",
-                    engine.identity,
-                    request_id,
-                )
-                continue
+            holder = engine_of.get(request_id)
+            if holder != identity:
+                if not wins_from_elsewhere(state.requests, request_id, record):
+                    dropped += 1
+                    continue
+                late[request_id] = holder
             routed.append((request_id, record))
+        if dropped:
+            state.late_results_dropped += dropped
+            logger.info(
+                "engine %r: dropped %d result(s) of requests it no longer holds (answered, "
+                "ended or moved elsewhere)",
+                identity,
+                dropped,
+            )
+        if late:
+            abort_losers(state.registry, self._send_quietly, late)
         if not routed:
             return
         failed = state.text.detokenize_records(
@@ -273,16 +348,18 @@ class EngineHandlers:
 
     def on_partial_reply(self, engine: Engine, payload: bytes) -> None:
         """PARTIAL_REPLY ``[103, [[request_id, new_tokens(, extras)], ...]]``: relay the new
-        text (and the extras: the new tokens' log-probs / top-N, when asked for)."""
+        text and the extras (the new tokens' log-probs / top-N when asked for, their version
+        spans), only from the engine holding the request: no stream repeats a token."""
         state = self.state
         _, items = decode_as(partial_decoder, payload)
         header = int(Headers.PARTIAL_REPLY)
         table = state.requests
+        dropped = 0
         for item in items:
             request_id, tokens, extras = item.request_id, item.tokens, item.extras
             stream = table.streams.get(request_id)
             if stream is None or table.engine_of.get(request_id) != engine.identity:
-                logger.warning("partial reply for request %r not streaming here", request_id)
+                dropped += 1
                 continue
             client = table.client_of[request_id]
             if state.tracks_load:
@@ -301,6 +378,12 @@ class EngineHandlers:
                 if extras:
                     message.append(extras)
                 self._send(client, encode(message))
+        if dropped:
+            logger.info(
+                "engine %r: dropped %d partial result(s) of requests not streaming from it",
+                engine.identity,
+                dropped,
+            )
 
     def on_error(self, engine: Engine, payload: bytes) -> None:
         """ERROR ``[100, request_id, code, message]``: the engine failed one request."""
@@ -362,12 +445,7 @@ class EngineHandlers:
             rounds.all_acked(header)
 
     def _adopt_orphans(self) -> None:
-        """An engine joined: the requests waiting for one go to it (or the policy's pick)."""
+        """An engine joined: the requests waiting for one go to it (or the policy's pick),
+        but those that wait for their own engine (failover.py)."""
         self._flush_submits()  # requests held in this wake-up get their SUBMIT frame
-        requests = self.state.requests
-        orphans, requests.orphans = requests.orphans, {}
-        logger.warning("sending %d request(s) that waited for an engine", len(orphans))
-        for request_id in orphans:
-            self._failover.resubmit(
-                request_id, requests.engine_of[request_id], requests.submitted[request_id]
-            )
+        self._failover.send_orphans()

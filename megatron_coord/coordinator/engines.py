@@ -6,8 +6,10 @@ parsed for ``deterministic_mode``; 0.16 and 0.19 register alike, so the coordina
 ``[REGISTER, {"data_parallel_rank": int, "protocol": int}]`` (ours). ``order`` is the seed's ``identities_of_data_parallel_ranks``: the engines that
 get requests. Engines of ours heartbeat; one silent for ``engine_timeout`` seconds is declared
 dead by the coordinator, which then fails its requests over (failover.py). The registry
-remembers the identities it declared dead (bounded), as only those may come back with a bare
-HEARTBEAT.
+remembers the engines it declared dead (bounded): their late results may still be the first
+(engine_handlers.py), and one that speaks the liveness contract (``rejoins``: its REGISTER
+said its heartbeat interval) is asked to register again with what it holds, while an older
+engine of ours may come back with a bare HEARTBEAT.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Engine:
         "load",
         "info",
         "state_019",
+        "rejoins",
     )
 
     def __init__(
@@ -52,6 +55,9 @@ class Engine:
         self.arrival = arrival
         self.info = info  # its REGISTER fields (ours only)
         self.load: dict[str, Any] | None = None  # last HEARTBEAT report
+        # It keeps the liveness contract (REGISTER_ACK): declared dead, it registers again
+        # with what it holds (replica_rejoin.py) instead of coming back by HEARTBEAT.
+        self.rejoins = info is not None and "heartbeat_interval" in info
 
 
 class BadRegistration(ValueError):
@@ -88,7 +94,8 @@ class EngineRegistry:
         self.deterministic_mode = deterministic_mode
         self._silence = SilenceClock(engine_timeout)
         self._last_seen: dict[bytes, float] = {}  # heartbeating engines -> last message time
-        self._dead: dict[bytes, None] = {}  # declared dead, newest last (bounded)
+        self._dead: dict[bytes, Engine] = {}  # declared dead, newest last (bounded)
+        self._asked_back: set[bytes] = set()  # dead engines told to register again
         self.speaks_019: set[bytes] = set()  # engines of Megatron-core 0.19 (their SUBMIT differs)
         self.engines_lost = 0
 
@@ -127,9 +134,9 @@ class EngineRegistry:
             return None
         self.engines_lost += 1
         self.speaks_019.discard(identity)
-        self._dead[identity] = None
+        self._dead[identity] = engine
         if len(self._dead) > _MAX_DEAD_REMEMBERED:
-            del self._dead[next(iter(self._dead))]
+            self.forget_dead(next(iter(self._dead)))
         self._last_seen.pop(identity, None)
         if identity in self.order:
             self.order.remove(identity)
@@ -140,9 +147,22 @@ class EngineRegistry:
         engine = self.engines.get(identity)
         return engine is not None and engine.ours
 
-    def was_declared_dead(self, identity: bytes) -> bool:
-        """Whether ``identity`` is an engine declared dead (forgotten by this call)."""
-        return self._dead.pop(identity, 0) is None
+    def dead(self, identity: bytes) -> Engine | None:
+        """The engine of ours that ``identity`` was, if it was declared dead."""
+        engine = self._dead.get(identity)
+        return engine if engine is not None and engine.ours else None
+
+    def forget_dead(self, identity: bytes) -> None:
+        """``identity`` came back (or is too old to remember)."""
+        self._dead.pop(identity, None)
+        self._asked_back.discard(identity)
+
+    def first_ask_back(self, identity: bytes) -> bool:
+        """Whether a dead engine is asked to register again for the first time (logged once)."""
+        if identity in self._asked_back:
+            return False
+        self._asked_back.add(identity)
+        return True
 
     # ---- heartbeats
 

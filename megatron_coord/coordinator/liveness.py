@@ -8,8 +8,12 @@ Two independent signals, because engines speak two protocols:
   hot path never pays for it. This is the only way to notice the death of an engine that speaks
   Megatron-core 0.16's protocol (no heartbeats), and it notices a killed process at once (the
   kernel closes its sockets). ZMTP heartbeats on the ROUTER turn a silent peer (a machine that
-  vanished without closing its TCP connection) into the same event.
-* ``SilenceClock``: engines of our protocol send HEARTBEAT load reports about every second; an
+  vanished without closing its TCP connection) into the same event, after twice the engine
+  timeout: an engine of ours that only stopped (a long pause) is declared dead by its silence
+  first, which may end (it may come back and keep what it holds: failover.py), while a closed
+  connection is a process that is gone.
+* ``SilenceClock``: engines of our protocol send HEARTBEAT load reports at the cadence the
+  coordinator gave them at registration (liveness_contract.py); an
   engine from which nothing at all arrived for ``timeout`` seconds is declared dead even though
   its connection looks open (a hung process, a stuck step).
 
@@ -27,8 +31,10 @@ import zmq
 logger = logging.getLogger("megatron_coord.coordinator.liveness")
 
 # Default seconds of silence after which an engine of our protocol is declared dead. Engines
-# report every second, so three missed reports are needed before anyone is failed over.
+# beat at a quarter of it (liveness_contract.py): four missed reports before a fail-over.
 DEFAULT_ENGINE_TIMEOUT_S = 3.0
+# A connection whose ZMTP pings go unanswered this many engine timeouts is closed.
+ZMTP_TIMEOUTS = 2
 _EVENT = struct.Struct("=HI")  # libzmq monitor event frame: uint16 event, uint32 value (fd)
 
 
@@ -43,10 +49,11 @@ class PeerMonitor:
     """
 
     def __init__(self, router: zmq.Socket, heartbeat_timeout_s: float) -> None:
-        # ZMTP PINGs: a peer that stops answering them is disconnected (EVENT_DISCONNECTED).
+        # ZMTP PINGs: a peer that stops answering them is disconnected (EVENT_DISCONNECTED),
+        # later than an engine's silence is noticed (see the module docstring).
         ivl = max(100, int(heartbeat_timeout_s * 1000) // 3)
         router.setsockopt(zmq.HEARTBEAT_IVL, ivl)
-        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(heartbeat_timeout_s * 1000))
+        router.setsockopt(zmq.HEARTBEAT_TIMEOUT, int(ZMTP_TIMEOUTS * heartbeat_timeout_s * 1000))
         self.socket = router.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self._fd_to_identity: dict[int, bytes] = {}
         # Public: the coordinator's hot loop reads it to tell known peers from new ones.

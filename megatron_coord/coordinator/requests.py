@@ -62,9 +62,15 @@ class RequestTable:
         self.submitted: dict[int, bytes] = {}  # the SUBMIT frame sent: resent if its engine dies
         self.per_engine: dict[bytes, int] = {}  # engine -> requests outstanding on it
         self.deadlines = DeadlineQueue()
-        # Requests that wait for an engine (none was left, or none had registered yet):
-        # id -> deadline.
+        # Requests that wait for an engine (none was left, or none had registered yet, or
+        # their stream can only go on where it started): id -> deadline.
         self.orphans: dict[int, float] = {}
+        # Requests whose engine was lost (fail-over), and how many times: a final result may
+        # then come from an engine other than the one now holding it (the first one wins).
+        self.failovers: dict[int, int] = {}
+        # Orphans of an engine that fell silent (it may only have paused): id -> until when
+        # they wait for that engine alone (failover.py).
+        self.reserved: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self.engine_of)
@@ -95,17 +101,24 @@ class RequestTable:
         self.streams.pop(request_id, None)
         self.submitted.pop(request_id, None)
         self.orphans.pop(request_id, None)
+        self.failovers.pop(request_id, None)
+        self.reserved.pop(request_id, None)
         self._count_down(engine)
         return client, client_request_id, engine
 
     def move(self, request_id: int, dead: bytes, engine: bytes) -> None:
-        """``request_id`` left ``dead`` for ``engine`` (fail-over)."""
+        """``request_id`` left ``dead`` for ``engine`` (fail-over, or adopted back)."""
         self.engine_of[request_id] = engine
         self._count_down(dead)
         self.per_engine[engine] = self.per_engine.get(engine, 0) + 1
 
     def held_by(self, engine: bytes) -> list[int]:
         return [rid for rid, e in self.engine_of.items() if e == engine]
+
+    def relayed(self, request_id: int) -> int | None:
+        """Tokens of a streaming request already relayed to its client (None: not a stream)."""
+        stream = self.streams.get(request_id)
+        return None if stream is None else len(stream.tokens)
 
     def of_client(self, client: bytes) -> list[int]:
         return [rid for (c, _), rid in self.inflight.items() if c == client]
@@ -135,4 +148,6 @@ class RequestTable:
             "engine_requests": len(self.per_engine),
             "deadlines": len(self.deadlines),
             "orphans": len(self.orphans),
+            "failovers": len(self.failovers),
+            "reserved": len(self.reserved),
         }

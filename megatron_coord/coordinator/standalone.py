@@ -63,14 +63,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=DEFAULT_ENGINE_TIMEOUT_S,
         help="seconds without a message after which a heartbeating engine is dead (default 3). "
         "Replicas of ours heartbeat during long model steps too, so this need not exceed the "
-        "step time; their interval is the replicas' --heartbeat-interval",
+        "step time; each is told at registration to beat at least every quarter of it (one "
+        "whose --heartbeat-interval is set slower is refused). A replica declared dead that "
+        "lives registers again and gets back what it holds",
     )
     parser.add_argument(
         "--failover-wait",
         type=float,
         default=DEFAULT_FAILOVER_WAIT_S,
-        help="seconds the requests of a dead replica wait for another when none is left, "
-        f"before they fail with no_engine (default {DEFAULT_FAILOVER_WAIT_S:g}; 0: at once)",
+        help="seconds the requests of a dead replica wait for another when none is left (or, "
+        "streams already under way, for that replica to come back), before they fail "
+        f"(default {DEFAULT_FAILOVER_WAIT_S:g}; 0: at once)",
     )
     parser.add_argument(
         "--wait-for-engine",

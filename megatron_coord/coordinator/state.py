@@ -8,6 +8,7 @@ read or change. The loop writes ``now`` once per wake-up and reads ``running`` p
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -44,6 +45,12 @@ class CoordinatorState:
     running: bool = False  # False ends the loop (every engine acked STOP, or shut down)
     stranger_fd: int | None = None  # connection of the frame being handled, if its peer is new
     requests_resubmitted: int = 0
+    # Which coordinator this is: a replica registering again holds request ids of this one
+    # only if it names this (REGISTER_ACK; a restarted coordinator has another).
+    coordinator_id: str = field(default_factory=lambda: os.urandom(8).hex())
+    engines_rejoined: int = 0  # replicas declared dead (or that lost us) that came back
+    requests_adopted: int = 0  # requests a returning replica still held and kept
+    late_results_dropped: int = 0  # results of requests already answered, or moved elsewhere
     # None until the first engines registered (then a join is routed to at once).
     routing_policy: RoutingPolicy | None = None
     routes_by_tokens: bool = False  # the policy chooses from token ids (ROUTE_LATER)

@@ -10,7 +10,8 @@
   coordinator over ZMQ, every rank steps the engine on the same batch; beside it
   ``coordinator_link`` (the socket, registration, losing and rejoining the coordinator),
   ``control`` (control signals, shutdown, drain), ``heartbeats`` (HEARTBEAT load reports),
-  ``step_heartbeat`` (heartbeats during long steps) and ``step_guard`` (failed steps);
+  ``step_heartbeat`` (heartbeats during long steps), ``step_guard`` (failed steps) and
+  ``rejoining`` (registering again with what it holds; REGISTER_ACK);
 - ``tp_broadcast``: each step's requests and signals packed (``megatron_coord._C``) and
   broadcast to the tensor-parallel group;
 - ``weight_updates``: a replica's weight updates (``WeightUpdater``: checkpoint, distributed

@@ -5,19 +5,20 @@ A launch's replicas register once with the coordinator rank 0 spawned, and their
 that process dies. A replica that joined an outside coordinator (launch --coordinator-address;
 ``coordinator_timeout_s`` set) cannot see the process, so it watches the link instead:
 
-* **Join.** A REGISTER is not acknowledged: the replica has joined once the coordinator answers
-  (its first HEARTBEAT, usually); with no answer within ``join_timeout_s`` of a (re-)
-  registration the link is lost.
+* **Join.** The replica has joined once the coordinator answers (REGISTER_ACK: the heartbeat
+  cadence to keep, see liveness_contract.py; a refusal ends the replica with a configuration
+  error); with no answer within ``join_timeout_s`` of a (re-)registration the link is lost.
 * **Loss.** No message and no answer to its heartbeats for ``coordinator_timeout_s``, or a
   message that cannot leave for as long (SNDTIMEO): the coordinator is lost. The replica exits
   (non-zero), or with ``reconnect`` registers again, every ``coordinator_timeout_s``, so a
   restarted coordinator gets it back.
 * **Not known.** Answered ``not_connected`` (the coordinator restarted at the same address, or
-  declared this replica dead): it registers again.
+  declared this replica dead while it lived: a launch's replicas too): it registers again.
 
 Each registration connects a fresh socket under a fresh identity. What becomes of the requests
-of the coordinator left behind is the serving loop's business (``EngineServer``), not this
-module's: it only says when to register again (``reconnect_pending``) and does it.
+the replica holds is the serving loop's business (rejoining.py: they are listed in the new
+REGISTER and kept unless the coordinator says otherwise), not this module's: it only says when
+to register again (``reconnect_pending``) and does it.
 """
 
 from __future__ import annotations
@@ -69,9 +70,14 @@ class CoordinatorLink:
         join_timeout_s: float = DEFAULT_JOIN_TIMEOUT_S,
         on_joined: Callable[[], None] | None = None,
         describe: Callable[[], dict[str, Any]] | None = None,
+        heartbeat_interval_s: float | None = None,
+        heartbeat_interval_fixed: bool = False,
     ) -> None:
         self.state = state
         self.describe = describe  # more for REGISTER (the replica's weights), at each one
+        # What REGISTER says of this replica's heartbeats (the coordinator answers the cadence).
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.heartbeat_interval_fixed = heartbeat_interval_fixed
         self.blocks = blocks  # its block size and caching go into REGISTER
         self.address = address
         self.identity = identity
@@ -80,8 +86,8 @@ class CoordinatorLink:
         # Rank 0 owns a launch's coordinator process: if it dies before STOP, the replica must
         # not wait forever on a socket nobody will ever write to.
         self.coordinator_alive = coordinator_alive
-        # Joined an outside coordinator: the replica heartbeats from the start, asks for
-        # answers, and gives up (or registers again) after coordinator_timeout_s of silence.
+        # Joined an outside coordinator: the replica asks for answers to its heartbeats, and
+        # gives up (or registers again) after coordinator_timeout_s of silence.
         self.outside = coordinator_timeout_s is not None
         self.coordinator_timeout_s = coordinator_timeout_s
         self.auth_keys = auth_keys
@@ -89,6 +95,7 @@ class CoordinatorLink:
         self.reconnect_pending = False  # lost or not known: register again between steps
         self.lost = False
         self.lost_reason: str | None = None  # why, when lost
+        self.refused = False  # the coordinator refused this replica (its settings): lost too
         # Heard: any message since the first registration (a launch's replicas heartbeat only
         # then). Answered: a message other than not_connected since the last one (joined).
         self.heard = False
@@ -100,8 +107,8 @@ class CoordinatorLink:
         self._also_polled: list[Any] = []  # polled with the socket, on every socket
         self.connect()
 
-    def connect(self) -> None:
-        """A fresh socket and poller under ``identity``, then REGISTER."""
+    def connect(self, fields: dict[str, Any] | None = None) -> None:
+        """A fresh socket and poller under ``identity``, then REGISTER (with ``fields``)."""
         self.context = zmq.Context()
         sock = self.context.socket(zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, self.identity)
@@ -125,7 +132,7 @@ class CoordinatorLink:
             self.poller.register(other, zmq.POLLIN)
         # A (new) coordinator knows nothing of our cache: the next report lists all of it.
         self.blocks.request_snapshot()
-        self.send([Headers.REGISTER, self.registration()])
+        self.send([Headers.REGISTER, {**self.registration(), **(fields or {})}])
 
     def registration(self) -> dict[str, Any]:
         """What REGISTER tells the coordinator about this replica."""
@@ -139,6 +146,10 @@ class CoordinatorLink:
             # caches them at all.
             "kv_block_size": self.blocks.block_size,
             "prefix_caching": self.blocks.caching,
+            # Its own heartbeat interval (None: it never beats), and whether its user set it:
+            # REGISTER_ACK says the cadence to keep, or refuses it (liveness_contract.py).
+            "heartbeat_interval": self.heartbeat_interval_s,
+            "heartbeat_interval_fixed": self.heartbeat_interval_fixed,
         }
         if self.outside:  # joined: say who we are
             info.update(pid=os.getpid(), host=socket.gethostname())
@@ -172,8 +183,8 @@ class CoordinatorLink:
             return
         if self.reconnect:
             log.warning(
-                "rank %d: lost the coordinator at %s: %s; aborting this replica's requests and "
-                "waiting to register again",
+                "rank %d: lost the coordinator at %s: %s; keeping this replica's requests and "
+                "waiting to register again (the coordinator says which to drop)",
                 self.state.rank,
                 self.address,
                 why,
@@ -199,13 +210,15 @@ class CoordinatorLink:
     def _await_join(self) -> None:
         """Not yet answered: report the join once the coordinator spoke, or give up (exit)
         once ``join_timeout_s`` passed without a word."""
+        if self.lost:
+            return
         if self.answered:
             self.joined = True
             self.last_heard = time.monotonic()
             if self.on_joined is not None:
                 self.on_joined()
             return
-        if time.monotonic() > self._join_deadline and not self.lost:
+        if time.monotonic() > self._join_deadline:
             self.lost_reason = (
                 f"could not reach the coordinator at {self.address} within "
                 f"{self.join_timeout_s:g} s (is it running there, and does it accept our key?)"
@@ -224,11 +237,20 @@ class CoordinatorLink:
             self.lost = True
         self._request_shutdown()
 
+    def refuse(self, why: str) -> None:
+        """The coordinator refused this replica's registration (REGISTER_ACK): it cannot keep
+        the liveness contract as configured. The replica ends (a configuration error)."""
+        self.lost_reason = f"the coordinator at {self.address} refused this replica: {why}"
+        log.error("rank %d: %s", self.state.rank, self.lost_reason)
+        self.lost = self.refused = True
+        self.answered = False  # it never joined
+        self._request_shutdown()
+
     def not_known(self) -> None:
         """The coordinator answers us as a stranger: it restarted at the same address, or it
-        declared this replica dead. Register afresh (joined replicas only; at most once a
-        second)."""
-        if self.coordinator_timeout_s is None or self.reconnect_pending:
+        declared this replica dead (a launch's own coordinator too, once it had heard us).
+        Register afresh (at most once a second)."""
+        if self.reconnect_pending or not (self.outside or self.heard):
             return
         if time.monotonic() - self._registered_at < 1.0:
             return
@@ -239,15 +261,16 @@ class CoordinatorLink:
         )
         self.reconnect_pending = True
 
-    def register_again(self) -> None:
-        """A fresh socket under a fresh identity, and REGISTER: not joined until answered."""
+    def register_again(self, fields: dict[str, Any]) -> None:
+        """A fresh socket under a fresh identity, and REGISTER with ``fields`` (what the
+        replica holds): not joined until answered."""
         self.reconnect_pending = False
         self.joined = self.answered = False
         self.socket.close(0)
         self.context.term()
         self.last_heard = time.monotonic()
         self.identity = joined_identity(self.state.dp_rank)
-        self.connect()
+        self.connect(fields)
 
     def close(self) -> None:
         if self.socket is not None:

@@ -240,6 +240,14 @@ class InferenceEngine:
     def num_requests(self) -> int:
         return len(self.waiting) + len(self.active)
 
+    def holds(self, request_id: int) -> bool:
+        """Whether a request of this id is waiting or running here."""
+        return request_id in self._known
+
+    def request_ids(self) -> list[int]:
+        """The ids of every request waiting or running here."""
+        return [r.request_id for r in self.waiting] + list(self.active)
+
     def _admit(self) -> list[RunningRequest]:
         """Admit in arrival order while a slot and the KV blocks are there: a request that
         cannot get its blocks waits (and those behind it), until running ones leave."""

@@ -1,13 +1,14 @@
 """A replica's HEARTBEATs: the load report they carry, and when the TP-coordinator sends them.
 
 The coordinator shows the reports in STATS, routes by them (least_loaded, prefix_aware: the KV
-blocks stored and evicted since the last report) and takes their silence for death. Between
-steps the serving loop sends one every ``interval_s``, once the coordinator has spoken (before
-every engine registered a launch's coordinator would only queue, or drop, them); a joined
-replica and a draining one from the start, since the coordinator's answers are how they tell
-a lost coordinator from a quiet one (coordinator_link.py, control.py). While a step runs
-longer than the interval, the step-heartbeat thread sends the same report, without block
-events (step_heartbeat.py).
+blocks stored and evicted since the last report) and takes their silence for death, so it sets
+their cadence: ``interval_s`` is the replica's own until REGISTER_ACK gives the one to keep
+(``adopt``; liveness_contract.py). Between steps the serving loop sends one every
+``interval_s`` once the coordinator has spoken (its REGISTER_ACK; a refused replica never
+beats), and a draining one from the start, since the coordinator's answers are how it tells a
+lost coordinator from a quiet one (coordinator_link.py, control.py). While a step runs longer
+than the interval, the step-heartbeat thread sends the same report, without block events
+(step_heartbeat.py).
 """
 
 from __future__ import annotations
@@ -115,23 +116,46 @@ class Heartbeats:
         """Send the next report at the next chance (health changed, registered again)."""
         self._next_at = 0.0
 
+    def adopt(self, interval_s: float) -> None:
+        """Beat every ``interval_s`` from now on, also during steps (the coordinator's word)."""
+        self.interval_s = interval_s
+        if self.during_steps is not None:
+            self.during_steps.set_interval(interval_s)
+        self._next_at = min(self._next_at, time.monotonic() + interval_s)
+
+    def _due(self) -> bool:
+        """Whether heartbeats go out at all now (see the module docstring)."""
+        link = self.link
+        return (
+            self.interval_s is not None
+            and link is not None
+            and not link.lost
+            and (link.heard or self.control.draining)
+        )
+
+    def due_in_ms(self) -> int | None:
+        """Milliseconds until the next report is due (None: none will be), so an idle loop
+        wakes for it."""
+        if not self._due():
+            return None
+        return max(0, int((self._next_at - time.monotonic()) * 1000) + 1)
+
     def between_steps(self) -> None:
         """TP-coordinator, once per loop iteration: a HEARTBEAT when one is due."""
-        if self.interval_s is None:
-            return
-        link = self.link
-        if not (link.heard or link.outside or self.control.draining):
+        if not self._due():
             return
         now = time.monotonic()
         if now >= self._next_at:
             self._next_at = now + self.interval_s
-            link.send([Headers.HEARTBEAT, self.report()])
+            self.link.send([Headers.HEARTBEAT, self.report()])
+            if self.during_steps is not None:
+                self.during_steps.note_beat()
 
     def _beat_during_step(self, running_s: float) -> None:
         """From the step-heartbeat thread, while a step runs (the loop leaves the socket
         alone then): the same HEARTBEAT, once the coordinator has spoken, never blocking."""
         link = self.link
-        if link.socket is None or not (link.heard or link.outside):
+        if link.socket is None or not link.heard or link.lost:
             return
         report = self.report(block_events=False)
         report["step_running_s"] = round(running_s, 3)

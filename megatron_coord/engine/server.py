@@ -17,6 +17,12 @@ The loop's parts live beside it: the socket, registration and losing the coordin
 reports (heartbeats.py, step_heartbeat.py), failed steps (step_guard.py) and weight updates
 (weight_updates.py: an UPDATE_WEIGHTS, or a 0.19 generation epoch, reaches every rank as a
 payload signal and is applied between two steps; heartbeats go on meanwhile).
+
+A replica declared dead while it lived, or one that lost its coordinator, loses nothing: it
+registers again listing what it holds, holds back those requests' outputs until the answer
+(REGISTER_ACK), drops what the coordinator says moved or ended and carries on with the rest
+(rejoining.py). A request resubmitted to it that it already holds is not an error: it keeps
+the one it has.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from .control import FORWARDED_SIGNALS, ReplicaControl
 from .coordinator_link import DEFAULT_JOIN_TIMEOUT_S, CoordinatorLink, engine_identity
 from .engine import InferenceEngine, StepResult
 from .heartbeats import Heartbeats, StepCounters
+from .rejoining import Rejoining
 from .sampling import choose_seed
 from .step_guard import DEFAULT_MAX_STEP_FAILURES, DEFAULT_PROBE_INTERVAL_S, StepGuard
 from .step_heartbeat import DEFAULT_MAX_STEP_S
@@ -77,6 +84,7 @@ class EngineServer:
         probe_interval_s: float = DEFAULT_PROBE_INTERVAL_S,
         drain_s: float | None = None,
         on_drain: Callable[[], None] | None = None,
+        heartbeat_interval_fixed: bool = False,
     ) -> None:
         self.engine = engine
         self.state = state
@@ -95,8 +103,8 @@ class EngineServer:
         self.updater = WeightUpdater(engine, state, self.guard.group)
         self.control.payload_handlers[int(Headers.UPDATE_WEIGHTS)] = self._on_update
         self.control.payload_handlers[int(Headers.SET_GENERATION_EPOCH_OURS)] = self._on_epoch
-        # Requests whose outcome is never sent: our own probes, and those of a coordinator we
-        # registered away from.
+        # Requests whose outcome is never sent: our own probes, and those the coordinator
+        # said to drop when we registered again.
         self._silenced: set[int] = {PROBE_REQUEST_ID}
         # Block events go out in heartbeats, so only the TP-coordinator keeps them.
         engine.blocks.record_events = state.is_tp_coordinator
@@ -119,6 +127,8 @@ class EngineServer:
                 join_timeout_s=join_timeout_s,
                 on_joined=on_joined,
                 describe=self._describe_weights,
+                heartbeat_interval_s=heartbeat_interval_s,
+                heartbeat_interval_fixed=heartbeat_interval_fixed,
             )
         # HEARTBEAT load reports, also during long steps (heartbeats.py).
         self.heartbeats = Heartbeats(
@@ -132,6 +142,12 @@ class EngineServer:
             max_step_s,
             heartbeat_reply=coordinator_timeout_s is not None,
         )
+        # Registering again with what it holds, REGISTER_ACK (rejoining.py).
+        self.rejoining: Rejoining | None = None
+        if self.link is not None:
+            self.rejoining = Rejoining(
+                engine, self.link, self.heartbeats, self.control, self._silenced
+            )
 
     # ----------------------------------------------------------------- state
     # What the launch and tests read; the parts own it.
@@ -160,6 +176,12 @@ class EngineServer:
     @property
     def lost_reason(self) -> str | None:
         return None if self.link is None else self.link.lost_reason
+
+    @property
+    def refused(self) -> bool:
+        """The coordinator refused this replica's settings (the launch exits with a
+        configuration error)."""
+        return self.link is not None and self.link.refused
 
     @property
     def steps(self) -> int:
@@ -195,8 +217,12 @@ class EngineServer:
         return self.engine.has_work and not self.control.halted
 
     def poll_timeout_ms(self) -> int:
-        """0 (drain without blocking) while there is work, else block up to the idle timeout."""
-        return 0 if (self.runnable or self.control.shutdown_requested) else self.idle_timeout_ms
+        """0 (drain without blocking) while there is work, else block up to the idle timeout
+        or the next heartbeat, whichever comes first."""
+        if self.runnable or self.control.shutdown_requested:
+            return 0
+        due = self.heartbeats.due_in_ms()
+        return self.idle_timeout_ms if due is None else max(1, min(self.idle_timeout_ms, due))
 
     def run(self) -> None:
         """Serve until STOP_ACK (after STOP) or a shutdown request; collective over the group."""
@@ -239,6 +265,7 @@ class EngineServer:
         """TP-coordinator: this step's inputs from the socket, and the link's and the
         process's checks between steps (heartbeats, silence, drain, shutdown, probes)."""
         inputs = StepInputs()
+        self.rejoining.begin_step(inputs)
         link = self.link
         control = self.control
         events = dict(link.poller.poll(self.poll_timeout_ms()))
@@ -257,8 +284,8 @@ class EngineServer:
         self.heartbeats.between_steps()
         if link.outside and not control.stop_received:
             link.watch()
-            if link.reconnect_pending and not control.shutdown_requested:
-                self._register_again(inputs)
+        if link.reconnect_pending and not (control.shutdown_requested or control.stop_received):
+            self.rejoining.register_again(inputs)
         if control.draining:
             control.check_drain(link.last_heard)
         link.watch_process(exit_expected=control.stop_received or control.draining)
@@ -267,19 +294,6 @@ class EngineServer:
         elif not self.guard.healthy:
             self._maybe_probe(inputs)
         return inputs
-
-    def _register_again(self, inputs: StepInputs) -> None:
-        """Drop every request (the old coordinator's) and undo a pause or a suspension (the
-        new coordinator knows of neither), then register afresh under a new identity."""
-        engine = self.engine
-        for request_id in [r.request_id for r in engine.waiting] + list(engine.active):
-            inputs.signals += [ABORT_SIGNAL, request_id]
-            # The new coordinator numbers its requests afresh: an outcome of an old one must
-            # never reach it, where the same id may be a request of its own.
-            self._silenced.add(request_id)
-        inputs.signals += self.control.undo_halt()
-        self.heartbeats.soon()
-        self.link.register_again()
 
     def _maybe_probe(self, inputs: StepInputs) -> None:
         """Unhealthy and idle: every probe interval, a one-token request of our own (never
@@ -305,6 +319,8 @@ class EngineServer:
         self.link.answered = True
         if header == Headers.SUBMIT_REQUEST:
             self._parse_request(message, inputs)
+        elif header == Headers.REGISTER_ACK:
+            self.rejoining.on_register_ack(message, inputs)
         elif header == Headers.ABORT and len(message) == 2 and type(message[1]) is int:
             inputs.signals += [ABORT_SIGNAL, message[1]]
         elif header == Headers.HEARTBEAT:
@@ -357,7 +373,8 @@ class EngineServer:
             self._send_error(request_id, ErrorCode.INVALID_REQUEST, problem)
             return
         new.seed = choose_seed(params.seed, prompt, self.deterministic_mode)
-        inputs.requests.append(new)
+        if not self.rejoining.deferred(new):
+            inputs.requests.append(new)
 
     def _unsilenced(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """``records`` without those of silenced requests (a final record ends the silence)."""
@@ -375,16 +392,30 @@ class EngineServer:
             if request_id != PROBE_REQUEST_ID:
                 self._silenced.discard(request_id)
             return
-        self.link.send([Headers.ERROR, request_id, code.value, message])
+        error = [Headers.ERROR, request_id, code.value, message]
+        if not self.rejoining.held_back(error):
+            self.link.send(error)
 
     def _apply(self, inputs: StepInputs) -> None:
-        """Apply one step's inputs; identical on every rank of the group."""
+        """Apply one step's inputs; identical on every rank of the group. A request whose id
+        is here already (resubmitted after a false death) keeps the one it has."""
+        engine = self.engine
+        duplicates = 0
         for new in inputs.requests:
+            if engine.holds(new.request_id):
+                duplicates += 1
+                continue
             try:
-                self.engine.add_request(new)
+                engine.add_request(new)
             except ValueError as exc:
                 if self.link is not None:
                     self._send_error(new.request_id, ErrorCode.INVALID_REQUEST, str(exc))
+        if duplicates and self.link is not None:
+            log.info(
+                "engine %d: %d request(s) sent again that it holds: kept the ones it has",
+                self.state.dp_rank,
+                duplicates,
+            )
         self.control.apply(inputs.signals, None if self.link is None else self.link.send)
 
     def _reply(self, result: StepResult) -> None:
@@ -392,6 +423,7 @@ class EngineServer:
             result.finished = self._unsilenced(result.finished)
         if result.partial and len(self._silenced) > 1:  # probes never stream
             result.partial = [p for p in result.partial if p[0] not in self._silenced]
+        self.rejoining.hold_back(result)  # registered again, not yet answered: they wait
         if result.partial:
             self.link.send([Headers.PARTIAL_REPLY, result.partial])
         if result.finished:

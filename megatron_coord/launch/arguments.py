@@ -16,6 +16,7 @@ from ..engine.engine import INITIAL_VERSION
 from ..engine.kv_blocks import DEFAULT_BLOCK_SIZE
 from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
+from ..liveness_contract import DEFAULT_HEARTBEAT_INTERVAL_S, ENGINE_BEATS_PER_TIMEOUT
 from .replica import DRAIN_MARGIN_S, ReplicaOptions
 
 
@@ -125,20 +126,24 @@ def add_replica_arguments(parser: Any) -> None:
         default=DEFAULT_ENGINE_TIMEOUT_S,
         help="seconds without a message after which the coordinator this launch spawns declares "
         f"a replica dead (default {DEFAULT_ENGINE_TIMEOUT_S:g}); replicas heartbeat during long "
-        "steps too, so this need not exceed the step time",
+        "steps too, at least every quarter of it, so this need not exceed the step time",
     )
     parser.add_argument(
         "--failover-wait",
         type=float,
         default=DEFAULT_FAILOVER_WAIT_S,
-        help="seconds the requests of a dead replica wait for another when none is left "
+        help="seconds the requests of a dead replica wait for another when none is left, or "
+        "(streams under way) for it to come back "
         f"(default {DEFAULT_FAILOVER_WAIT_S:g}; 0: fail them at once)",
     )
     parser.add_argument(
         "--heartbeat-interval",
         type=float,
-        default=1.0,
-        help="seconds between a replica's heartbeats, also while a step runs (default 1)",
+        default=None,
+        help="seconds between a replica's heartbeats, also while a step runs. Default: "
+        f"{DEFAULT_HEARTBEAT_INTERVAL_S:g}, or faster if the coordinator's engine timeout "
+        f"asks for it (1/{ENGINE_BEATS_PER_TIMEOUT} of it). Set, it is kept: a coordinator "
+        "whose engine timeout needs faster heartbeats refuses the replica (exit 2), naming both",
     )
     parser.add_argument(
         "--max-step-time",
@@ -196,7 +201,12 @@ def options_from_args(args: Any, port: int | None = None) -> ReplicaOptions:
             "engine_timeout": args.engine_timeout,
             "failover_wait": args.failover_wait,
         },
-        heartbeat_interval_s=args.heartbeat_interval,
+        heartbeat_interval_s=(
+            DEFAULT_HEARTBEAT_INTERVAL_S
+            if args.heartbeat_interval is None
+            else args.heartbeat_interval
+        ),
+        heartbeat_interval_fixed=args.heartbeat_interval is not None,
         max_step_s=args.max_step_time,
         max_step_failures=args.max_step_failures,
         shutdown_grace_s=args.shutdown_grace,

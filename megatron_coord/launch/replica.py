@@ -40,6 +40,7 @@ from ..engine.step_guard import DEFAULT_MAX_STEP_FAILURES
 from ..engine.step_heartbeat import DEFAULT_MAX_STEP_S
 from ..exit_codes import ConfigurationError, PeerLostError
 from ..lifetime import die_with_parent
+from ..liveness_contract import DEFAULT_HEARTBEAT_INTERVAL_S
 from ..parallel_state import ParallelState
 from .coordinator_process import reachable_address, spawn_coordinator, stop_process
 
@@ -65,7 +66,9 @@ class ReplicaOptions:
     dtype: torch.dtype = torch.float32
     coordinator_host: str = "127.0.0.1"
     idle_timeout_s: float = 1.0
-    heartbeat_interval_s: float | None = 1.0
+    # The coordinator's REGISTER_ACK may ask for faster heartbeats, unless the user fixed it.
+    heartbeat_interval_s: float | None = DEFAULT_HEARTBEAT_INTERVAL_S
+    heartbeat_interval_fixed: bool = False
     max_step_s: float = DEFAULT_MAX_STEP_S  # a step longer than this is a hang
     max_step_failures: int = DEFAULT_MAX_STEP_FAILURES  # failed steps in a row: unhealthy
     # SIGTERM/SIGINT: seconds in-flight requests get to finish before they fail (the drain).
@@ -142,6 +145,7 @@ class Replica:
             idle_timeout_s=options.idle_timeout_s,
             coordinator_alive=self.coordinator.is_alive if self.coordinator is not None else None,
             heartbeat_interval_s=options.heartbeat_interval_s,
+            heartbeat_interval_fixed=options.heartbeat_interval_fixed,
             max_step_s=options.max_step_s,
             max_step_failures=options.max_step_failures,
             **self._drain_options(),
@@ -216,6 +220,8 @@ class Replica:
             self.server.run()
         finally:
             self.shutdown()
+        if self.server.refused:  # its settings cannot work with that coordinator's
+            raise ConfigurationError(self.server.lost_reason)
         if self.server.coordinator_lost:
             # A non-zero exit makes torchrun end the other replicas too.
             raise PeerLostError(self.server.lost_reason or "the coordinator was lost")

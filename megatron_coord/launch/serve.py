@@ -91,9 +91,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--coordinator-reconnect",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="with --coordinator-address: when the coordinator is lost, abort this job's "
-        "requests and keep trying to register again (a restarted coordinator at the same "
-        "address gets the replicas back) instead of exiting",
+        help="with --coordinator-address: when the coordinator is lost, keep trying to register "
+        "again, listing the requests held (the same coordinator keeps those it still waits "
+        "for; a restarted one at the same address gets the replicas back, without them) "
+        "instead of exiting",
     )
     parser.add_argument(
         "--http-port",

@@ -21,10 +21,13 @@ generated token before their final record. ``ByteTokenizer`` (UTF-8 bytes as tok
 picklable tokenizer for coordinators spawned in tests and benchmarks.
 
 ``SteppedFakeEngine`` (``--step-time A,B``) is the same engine with a step-time model, for
-routing benchmarks: continuous batching of at most ``--max-batch-size`` requests, one token per
-request per step, a step that really sleeps ``A + B * batch_tokens`` seconds (batch tokens: prompt
-tokens prefilled in the step + one per decoding request), aborts that free the slot, and
-HEARTBEAT load reports (``processed_tokens`` as the real engine server sends them).
+routing benchmarks and fault tests: continuous batching of at most ``--max-batch-size``
+requests, one token per request per step, a step that really sleeps ``A + B * batch_tokens``
+seconds (batch tokens: prompt tokens prefilled in the step + one per decoding request), aborts
+that free the slot, and HEARTBEAT load reports (``processed_tokens`` as the real engine server
+sends them). Like a real replica it keeps the liveness contract (REGISTER says its interval,
+REGISTER_ACK sets the cadence), keeps a request sent again that it holds, and, declared dead
+while it lived (SIGSTOP it), registers again with what it holds (replica_rejoin.py).
 
 Run: ``python -m megatron_coord.testing.fake_engine tcp://127.0.0.1:PORT --rank 0 [--megatron]
 [--step-time A,B --max-batch-size N --heartbeat S]``.
@@ -33,6 +36,7 @@ Run: ``python -m megatron_coord.testing.fake_engine tcp://127.0.0.1:PORT --rank 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -42,6 +46,7 @@ import msgspec
 import zmq
 
 from ..protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
+from ..replica_rejoin import Answer, Rejoin
 from .fake_model import FakePrefixCache, generate_until_stop, log_prob_fields
 from .fake_model import echo as _generate
 
@@ -116,6 +121,7 @@ class FakeEngine:
         data_parallel_rank: int,
         megatron_style: bool = False,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        identity: bytes | None = None,
     ) -> None:
         self.rank = data_parallel_rank
         self.megatron_style = megatron_style
@@ -126,7 +132,10 @@ class FakeEngine:
         self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.setsockopt(zmq.RCVHWM, 0)
         if megatron_style:
-            self.socket.setsockopt(zmq.IDENTITY, f"mp-coord-{data_parallel_rank}".encode())
+            identity = f"mp-coord-{data_parallel_rank}".encode()
+        if identity is not None:
+            self.socket.setsockopt(zmq.IDENTITY, identity)
+        self.identity = identity
         self.socket.connect(address)
         self.paused = False
         self.stopping = False
@@ -253,6 +262,10 @@ class SteppedFakeEngine(FakeEngine):
         heartbeat_interval_s: float = 1.0,
         **kwargs: Any,
     ) -> None:
+        if not kwargs.get("megatron_style"):  # its own, so it is still itself after a pause
+            kwargs.setdefault(
+                "identity", b"fake-%d-%s" % (data_parallel_rank, os.urandom(4).hex().encode())
+            )
         super().__init__(address, data_parallel_rank, **kwargs)
         if max_batch_size < 1 or min(step_time) < 0 or heartbeat_interval_s <= 0:
             raise ValueError("bad step-time model")
@@ -264,17 +277,73 @@ class SteppedFakeEngine(FakeEngine):
         self.processed_tokens = 0
         self.steps = 0
         self._next_heartbeat = 0.0
+        self.rejoin = Rejoin()
+        self._registered_at = 0.0
+        self._not_known = False  # answered not_connected: declared dead while it lived
+
+    def register(self, fields: dict[str, Any] | None = None) -> None:
+        """REGISTER with its heartbeat interval (the coordinator answers the cadence)."""
+        if self.megatron_style:
+            super().register()
+            return
+        info = {"data_parallel_rank": self.rank, "protocol": PROTOCOL_VERSION}
+        info.update(heartbeat_interval=self.heartbeat_interval_s, heartbeat_interval_fixed=False)
+        self.socket.send(_encode([int(Headers.REGISTER), {**info, **(fields or {})}]))
+        self._registered_at = time.monotonic()
 
     def answer(self, submits: list[list[Any]]) -> None:
-        """Queue the submits (answered as steps complete them)."""
+        """Queue the submits (answered as steps complete them); one it holds is kept."""
+        held = {s.request_id for s in self.waiting + self.active}
         for request_id, prompt, sampling in submits:
+            if request_id in held:
+                continue
             tokens = list(prompt.encode("utf-8")) if isinstance(prompt, str) else prompt
             self.waiting.append(_Sequence(request_id, tokens, sampling))
 
     def handle(self, message: list[Any], submits: list[list[Any]]) -> bool:
-        if message[0] == Headers.ABORT:
+        header = message[0]
+        if header == Headers.ABORT:
             self.abort(message[1])
+        elif header == Headers.REGISTER_ACK:
+            self._on_register_ack(message[1])
+        elif header == Headers.ERROR and message[2] == "not_connected":
+            self._not_known = True  # registers again once this drain's submits are queued
         return super().handle(message, submits)
+
+    def _register_again(self) -> None:
+        """Declared dead while it lived: register again (on the same socket), listing what it
+        holds; their outputs wait for the answer. At most once a second."""
+        self._not_known = False
+        if time.monotonic() - self._registered_at < 1.0:
+            return
+        holding = [s.request_id for s in self.waiting + self.active]
+        self.register(self.rejoin.fields(holding, self.identity))
+
+    def _on_register_ack(self, ack: dict[str, Any]) -> None:
+        """The cadence to beat at; after a re-registration, what to drop and what to keep."""
+        if ack.get("heartbeat_interval"):
+            self.heartbeat_interval_s = ack["heartbeat_interval"]
+            self._next_heartbeat = min(
+                self._next_heartbeat, time.monotonic() + ack["heartbeat_interval"]
+            )
+        answer = self.rejoin.answered(ack)
+        if answer is not None:
+            self._carry_on(answer)
+
+    def _carry_on(self, answer: Answer) -> None:
+        """Drop silently what moved or ended; each kept stream goes on from what its client
+        has; the held-back records go now."""
+        self.waiting = [s for s in self.waiting if s.request_id not in answer.drop]
+        self.active = [s for s in self.active if s.request_id not in answer.drop]
+        fill = [
+            [s.request_id, _generate(s.prompt, s.streamed)[answer.streamed[s.request_id] :]]
+            for s in self.active
+            if answer.streamed.get(s.request_id, s.streamed) < s.streamed
+        ]
+        if fill:
+            self.socket.send(_encode([int(Headers.PARTIAL_REPLY), fill]))
+        if answer.outputs:
+            self._send_records(answer.outputs)
 
     def abort(self, request_id: int) -> None:
         """Drop a waiting or running request (frees its slot); reply its ABORTED record."""
@@ -296,8 +365,10 @@ class SteppedFakeEngine(FakeEngine):
         return record
 
     def _send_records(self, records: list[dict[str, Any]]) -> None:
-        self.socket.send(_encode([int(Headers.ENGINE_REPLY), records]))
-        self.served += len(records)
+        records = self.rejoin.hold_back(records)  # registered again, not yet answered: wait
+        if records:
+            self.socket.send(_encode([int(Headers.ENGINE_REPLY), records]))
+            self.served += len(records)
 
     def step(self) -> None:
         """Admit, sleep for the step-time model, emit one token per request, reply."""
@@ -325,6 +396,7 @@ class SteppedFakeEngine(FakeEngine):
                 partial.append([sequence.request_id, tokens])
                 sequence.streamed, sequence.since = sequence.generated, 0
         self.active = running
+        partial = self.rejoin.unlisted(partial)
         if partial:
             self.socket.send(_encode([int(Headers.PARTIAL_REPLY), partial]))
         if finished:
@@ -359,6 +431,8 @@ class SteppedFakeEngine(FakeEngine):
                     if not self.handle(_decode(raw), submits):
                         running = False
             self.answer(submits)
+            if self._not_known:
+                self._register_again()
             if running and not self.paused:
                 self.step()
             self._heartbeat()

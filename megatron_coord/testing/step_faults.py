@@ -1,4 +1,4 @@
-"""Step fault injection for tests: make chosen model steps raise on chosen TP ranks.
+"""Step fault injection for tests: make chosen model steps raise on chosen TP ranks, or slow.
 
 Install in a launch with ``MEGATRON_COORD_STEP_HOOK=megatron_coord.testing.step_faults:from_env``
 (engine/step_guard.py calls it once per rank) and configure it with:
@@ -8,7 +8,9 @@ Install in a launch with ``MEGATRON_COORD_STEP_HOOK=megatron_coord.testing.step_
   starts with this token id (independent of timing: a test picks which requests fail);
 * ``MEGATRON_COORD_FAULT_TP_RANKS``: the TP ranks that raise (default: every rank);
 * ``MEGATRON_COORD_FAULT_KIND``: ``error`` (RuntimeError, the default) or ``oom``
-  (torch.OutOfMemoryError, as a CUDA allocation failure raises it).
+  (torch.OutOfMemoryError, as a CUDA allocation failure raises it);
+* ``MEGATRON_COORD_FAULT_SLEEP_S``: every model step first sleeps this long (a slow engine: the
+  GIL is released, as in a long kernel), failing or not.
 
 The fault is raised right after sampling: the model's forward (and its collectives) returned,
 tokens were appended and sampler RNGs advanced, so the step guard must undo all of it; a failure
@@ -18,6 +20,7 @@ it recovers from at any TP size.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -30,13 +33,18 @@ class StepFaults:
     """Raises after sampling during the chosen steps (``steps``) or for the chosen prompts."""
 
     def __init__(
-        self, steps: set[int] = frozenset(), token: int | None = None, kind: str = "error"
+        self,
+        steps: set[int] = frozenset(),
+        token: int | None = None,
+        kind: str = "error",
+        sleep_s: float = 0.0,
     ) -> None:
         if kind not in ("error", "oom"):
             raise ValueError(f"unknown fault kind {kind!r}")
         self.steps = set(steps)
         self.token = token
         self.kind = kind
+        self.sleep_s = sleep_s
         self.step = 0  # model steps this engine began
         self.raised = 0
 
@@ -46,6 +54,8 @@ class StepFaults:
 
         def counted_compute() -> Any:
             self.step += 1
+            if self.sleep_s:
+                time.sleep(self.sleep_s)
             return compute()
 
         def faulty_take(batch: list[RunningRequest], logits: torch.Tensor) -> None:
@@ -84,4 +94,5 @@ def from_env(engine: InferenceEngine, state: ParallelState) -> None:
         _ints("MEGATRON_COORD_FAULT_STEPS"),
         int(token) if token else None,
         os.environ.get("MEGATRON_COORD_FAULT_KIND", "error"),
+        float(os.environ.get("MEGATRON_COORD_FAULT_SLEEP_S", "0")),
     ).install(engine)
