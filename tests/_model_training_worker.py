@@ -70,15 +70,17 @@ def grpo_rollouts(model, count: int = 4):
 
 
 def grpo_step(model, rows: slice, dp_group=None) -> dict[str, torch.Tensor]:
-    """The weights after one GRPO step (Adam) on ``rows`` of ``grpo_rollouts``; advantages
-    are the whole group's, as a caller computes them before sharing rows out."""
+    """The weights after one GRPO step (SGD) on ``rows`` of ``grpo_rollouts``; advantages
+    are the whole group's, as a caller computes them before sharing rows out. SGD, not Adam:
+    the step is then linear in the averaged gradient, so float noise in the all-reduce stays
+    noise (Adam's first step is about lr * sign(g), and flips where a gradient is ~0)."""
     from megatron_coord.rl.grpo import GRPOConfig, group_advantages, pack_rollouts, policy_step
 
     rollouts = grpo_rollouts(model)
     rewards = torch.tensor([r.reward for r in rollouts])
     advantages = group_advantages(rewards, torch.zeros(len(rollouts)))
     params = training.set_trainable(model, "all")
-    optimizer = torch.optim.Adam(params, lr=1e-2)
+    optimizer = torch.optim.SGD(params, lr=0.1)
     batch = pack_rollouts(rollouts[rows], advantages[rows])
     policy_step(model, optimizer, params, batch, GRPOConfig(max_grad_norm=0.5), dp_group)
     return {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -67,13 +67,18 @@ def cmdline(pid: int) -> str:
 class ServeLaunch:
     """A ``torchrun launch/serve.py`` job; ``address`` is read from its first line of output."""
 
-    def __init__(self, tmp_path, checkpoint, nproc: int, tp: int, *extra: str) -> None:
+    def __init__(
+        self, tmp_path, checkpoint, nproc: int, tp: int, *extra: str, env: dict | None = None
+    ) -> None:
         self.marker = uuid.uuid4().hex
         cmd = torchrun(
             nproc, "serve.py", "--model", checkpoint, "--tensor-parallel-size", str(tp), *extra
         )
         self.proc = subprocess.Popen(
-            cmd, env=launch_env(self.marker, tmp_path), stdout=subprocess.PIPE, text=True
+            cmd,
+            env={**launch_env(self.marker, tmp_path), **(env or {})},
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.address = None
         for line in self.proc.stdout:  # blocks until rank 0 prints the address

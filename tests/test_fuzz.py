@@ -161,7 +161,8 @@ def test_ten_thousand_bad_frames_among_valid_traffic():
         good.send(3, "last", "end", {"num_tokens_to_generate": 3})
         reply = good.recv()
         assert reply[:2] == [4, "last"] and reply[2]["requests"][0]["generated_text"] == "end"
-        assert query_stats(good)["maps"]["request_engine"] == 0
+        # Junk that happened to be a valid request may still be on an engine: it drains.
+        wait_stats(good, lambda s: s["maps"]["request_engine"] == 0, "junk's requests drained")
         stop(coord, good)
         for engine in engines:
             assert engine.wait(30) == 0

@@ -12,6 +12,14 @@ from _procs import ServeLaunch
 pytestmark = pytest.mark.torchrun
 
 LONG = {"top_k": 1, "num_tokens_to_generate": 110, "streaming_interval": 1}
+# Every model step takes at least this long, so the long request still has most of its tokens
+# to go when the shorts arrive, however late a loaded host lets the client send them (at full
+# speed the tiny model could finish ~100 tokens in that lag, and least_loaded would then rightly
+# send a short to its replica).
+SLOW_STEPS = {
+    "MEGATRON_COORD_STEP_HOOK": "megatron_coord.testing.step_faults:from_env",
+    "MEGATRON_COORD_FAULT_SLEEP_S": "0.02",
+}
 SHORT = {"top_k": 1, "num_tokens_to_generate": 4}
 
 
@@ -41,7 +49,12 @@ async def _session(address: str) -> dict:
 
 def test_least_loaded_launch_routes_streams_and_aborts(tmp_path, checkpoint):  # noqa: F811
     server = ServeLaunch(
-        tmp_path, checkpoint, 2, 1, "--routing", "least_loaded", "--max-batch-size", "1"
+        tmp_path,
+        checkpoint,
+        2,
+        1,
+        *("--routing", "least_loaded", "--max-batch-size", "1"),
+        env=SLOW_STEPS,
     )
     try:
         found = asyncio.run(asyncio.wait_for(_session(server.address), 120))
@@ -54,7 +67,8 @@ def test_least_loaded_launch_routes_streams_and_aborts(tmp_path, checkpoint):  #
     assert aborted["status"] == "ABORTED"
     assert len(aborted["generated_tokens"]) < LONG["num_tokens_to_generate"]
     long_rank = aborted["data_parallel_rank"]
-    # 4 x 7 tokens < the ~100 tokens the long request still had: all go to the other replica.
+    # 4 x 7 tokens < the ~100 tokens the long request still had (>= 2 s of 20 ms steps): all go
+    # to the other replica.
     short_ranks = [r["requests"][0]["data_parallel_rank"] for r in found["shorts"]]
     assert short_ranks == [1 - long_rank] * 4
     assert all(len(r["requests"][0]["generated_tokens"]) == 4 for r in found["shorts"])

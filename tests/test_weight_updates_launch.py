@@ -124,6 +124,9 @@ def test_tp2_replica_updates_while_serving(tmp_path, checkpoint):
     args = ["--model", checkpoint, "--tensor-parallel-size", "2", "--weights-version", "v1"]
     args += ["--coordinator-address", f"tcp://127.0.0.1:{coordinator.port}"]
     args += ["--heartbeat-interval", "0.2", "--max-seq-len", "100"]
+    # This stand-in is one thread: while it computes reference tokens it answers nothing, for
+    # over 10 s (the default) on a loaded host, and the replica would rightly register again.
+    args += ["--coordinator-timeout", "120"]
     env = launch_env(uuid.uuid4().hex, tmp_path)
     launch = subprocess.Popen(
         torchrun(2, "serve.py", *args), env=env, stdout=subprocess.DEVNULL, text=True
