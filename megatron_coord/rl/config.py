@@ -83,10 +83,13 @@ def from_arguments(args: argparse.Namespace) -> LoopConfig:
     return config
 
 
-def default_model_and_tokenizer(state: ParallelState) -> tuple[Any, Any]:
-    """The embedded default model, sharded for ``state``'s TP rank, and its tokenizer."""
+def default_model_and_tokenizer(
+    state: ParallelState, checkpoint: str | None = None
+) -> tuple[Any, Any]:
+    """The model at ``checkpoint`` (default: the embedded default model), sharded for
+    ``state``'s TP rank, and its tokenizer."""
     from ..models import default_checkpoint_dir, load_model
     from ..tokenizer import load_tokenizer
 
-    path = default_checkpoint_dir()
+    path = checkpoint or default_checkpoint_dir()
     return load_model(path, state), load_tokenizer(path)
