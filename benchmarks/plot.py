@@ -594,8 +594,13 @@ def plot_rl_rollout(results: str) -> list[str]:
     )
     axes[0].legend(fontsize=8)
     axes[0].set_title(
-        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and weights: "
-        f"{rollout['speedup']:.2f}x",
+        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and weights: ours "
+        f"{rollout['speedup']:.2f}x transformers"
+        + (
+            f", {rollout['speedup_vs_with_log_probs']:.2f}x with log-probs"
+            if "speedup_vs_with_log_probs" in rollout
+            else ""
+        ),
         fontsize=9,
     )
     phases = cycle["median_phase_s"]

@@ -16,8 +16,9 @@ rank), the shape of launch/train_grpo.py. Every rank:
      them over every replica;
    - transformers: the same prompts in the same process, ``LlamaForCausalLM.generate`` over
      the same weights (models/hf_export.py), left-padded, temperature 1 sampling without
-     top-k/top-p, no scores asked for (what TRL's GRPO trainer does without vLLM; computing
-     the log-probs would cost it a forward more), serving suspended meanwhile;
+     top-k/top-p (what TRL's GRPO trainer does without vLLM), serving suspended meanwhile;
+     timed twice: the tokens alone, and the tokens plus their log-probs by one more forward,
+     as TRL computes them (what our ``generate`` returns at once);
    tokens/s = every rank's generated tokens / the batch's wall time, median of the repeats.
 
 Rank 0 prints JSON, writes benchmarks/results/rl_rollout.json and draws rl_rollout.png
@@ -72,9 +73,13 @@ def _summary(batches: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def _hf_generate(hf: Any, prompts: list[list[int]], new_tokens: int, pad_id: int) -> int:
+def _hf_generate(
+    hf: Any, prompts: list[list[int]], new_tokens: int, pad_id: int, log_probs: bool = False
+) -> int:
     """One left-padded ``generate`` of ``prompts``; returns the tokens generated (up to and
-    including each row's end-of-text)."""
+    including each row's end-of-text). ``log_probs``: then one forward over the sequences for
+    the generated tokens' log-probs, as TRL computes them (``logits_to_keep``, a log-softmax
+    gathered at each token): what our ``generate`` returns along with the tokens."""
     import torch
 
     width = max(len(p) for p in prompts)
@@ -95,6 +100,13 @@ def _hf_generate(hf: Any, prompts: list[list[int]], new_tokens: int, pad_id: int
             pad_token_id=pad_id,
         )
     generated = out[:, width:]
+    if log_probs:
+        full = torch.cat([mask, torch.ones_like(generated)], dim=1)
+        with torch.inference_mode():
+            logits = hf(input_ids=out, attention_mask=full, logits_to_keep=new_tokens + 1).logits
+        logits = logits[:, :-1].float()
+        picked = logits.gather(-1, generated[:, :, None])[..., 0] - logits.logsumexp(-1)
+        assert picked.shape == generated.shape
     count = 0
     for row in generated.tolist():
         count += row.index(pad_id) + 1 if pad_id in row else len(row)
@@ -142,14 +154,19 @@ def worker(args: argparse.Namespace) -> None:
         def theirs() -> int:
             return _hf_generate(hf, batch, config.max_new_tokens, pad)
 
+        def theirs_with_log_probs() -> int:
+            return _hf_generate(hf, batch, config.max_new_tokens, pad, log_probs=True)
+
         theirs()  # warm
         hf_batches = _timed_batches(theirs, args.repeats)
+        hf_lp_batches = _timed_batches(theirs_with_log_probs, args.repeats)
         llm.resume()
     if state.rank == 0:
-        ours_s, hf_s = _summary(our_batches), _summary(hf_batches)
+        ours_s, hf_s, hf_lp = _summary(our_batches), _summary(hf_batches), _summary(hf_lp_batches)
         phases = {p: statistics.median(e[p] for e in log[1:] or log) for p in PHASES}
         cycle = phases["suspend_s"] + phases["train_s"] + phases["update_s"] + phases["resume_s"]
         speedup = ours_s["median_tokens_per_s"] / hf_s["median_tokens_per_s"]
+        speedup_lp = ours_s["median_tokens_per_s"] / hf_lp["median_tokens_per_s"]
         out = {
             "benchmark": "rl_rollout",
             "config": {
@@ -164,7 +181,13 @@ def worker(args: argparse.Namespace) -> None:
                 "model": "embedded default model (4 layers, hidden 256, vocab 50257), float32",
             },
             "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-            "rollout": {"ours": ours_s, "transformers": hf_s, "speedup": speedup},
+            "rollout": {
+                "ours": ours_s,
+                "transformers": hf_s,
+                "transformers_with_log_probs": hf_lp,
+                "speedup": speedup,
+                "speedup_vs_with_log_probs": speedup_lp,
+            },
             "cycle": {
                 "median_phase_s": phases,
                 "suspend_train_update_resume_s": cycle,
