@@ -15,6 +15,7 @@ _PUBLIC = {
     "InferenceClient": "client",
     "Headers": "protocol",
     "SamplingParams": "sampling_params",
+    "TrainingInference": "training_inference",
 }
 
 __all__ = sorted(_PUBLIC)
