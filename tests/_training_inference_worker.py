@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -136,12 +137,13 @@ def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
     return report
 
 
-def failing(llm: TrainingInference, rank: int) -> None:
+def failing(llm: TrainingInference, rank: int, out: str) -> None:
     """Rank 1 raises inside its training step; rank 0 waits in a training collective."""
     llm.generate([[1, 2, 3]], GREEDY)
     llm.suspend()
-    print(f"rank {rank} training", flush=True)
     if rank == 1:
+        with open(os.path.join(out, "raised_at"), "w") as f:
+            f.write(repr(time.time()))
         raise RuntimeError("a bug in the training step")
     dist.all_reduce(torch.ones(1))  # never completes: rank 1 is gone
 
@@ -161,7 +163,7 @@ def main() -> None:
             coordinator = llm.coordinator.pid if llm.coordinator is not None else None
             json.dump({"pid": os.getpid(), "coordinator": coordinator}, f)
         if mode == "raise":
-            failing(llm, rank)
+            failing(llm, rank, out)
             return
         report = loop(llm, model, rank, tp)
         coordinator = llm.coordinator
