@@ -16,6 +16,7 @@ _PUBLIC = {
     "Headers": "protocol",
     "SamplingParams": "sampling_params",
     "TrainingInference": "training_inference",
+    "WeightUpdateError": "client_updates",
 }
 
 __all__ = sorted(_PUBLIC)
