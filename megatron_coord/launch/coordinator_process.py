@@ -27,12 +27,15 @@ def _coordinator_main(
     ready_event: Any,
     parent_pid: int,
     data_parallel_size: int,
-    tokenizer_path: str,
+    tokenizer_path: Any,
     port: int | None,
     deterministic_mode: bool,
     options: dict[str, Any],
 ) -> None:
     """Target of the spawned coordinator process: load the tokenizer and serve.
+
+    ``tokenizer_path`` is a checkpoint directory, or a (picklable) tokenizer object itself:
+    a training script's own (megatron_coord.training_inference).
 
     Rank 0's death sends it SIGHUP, which ``GracefulShutdown`` takes as "fail what is in
     flight and exit now" (until its handlers are installed: the default action, death)."""
@@ -42,14 +45,18 @@ def _coordinator_main(
     # serves, SIGTERM/SIGINT drain (GracefulShutdown).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     from ..coordinator.coordinator import DataParallelInferenceCoordinator
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import as_megatron_tokenizer, load_tokenizer
 
+    if isinstance(tokenizer_path, str):
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = as_megatron_tokenizer(tokenizer_path)
     try:
         DataParallelInferenceCoordinator.entrypoint(
             pipe_connection,
             ready_event,
             data_parallel_size,
-            load_tokenizer(tokenizer_path),
+            tokenizer,
             port,
             deterministic_mode,
             **options,
@@ -62,12 +69,13 @@ def _coordinator_main(
 
 def spawn_coordinator(
     data_parallel_size: int,
-    tokenizer_path: str,
+    tokenizer_path: Any,
     port: int | None = None,
     deterministic_mode: bool = False,
     options: dict[str, Any] | None = None,
 ) -> tuple[multiprocessing.process.BaseProcess, str, Any]:
     """Start the coordinator process; return (process, address, ready_event).
+    ``tokenizer_path``: a checkpoint directory or a picklable tokenizer object.
 
     Call it from the main thread: the child dies with the thread that started it."""
     warn_unless_main_thread("the coordinator process")
