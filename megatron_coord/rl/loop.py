@@ -40,7 +40,7 @@ from ..models import training
 from ..parallel_state import ParallelState
 from .config import LoopConfig, default_model_and_tokenizer
 from .grpo import Rollout, train_on_rollouts
-from .toy_task import NumeralsTask
+from .toy_task import PROMPTS, NumeralsTask
 
 
 def version_name(step: int) -> str:
@@ -240,8 +240,13 @@ def train(
     started = time.perf_counter()
     state = parallel_state.initialize(tensor_parallel_size)
     model, tokenizer = default_model_and_tokenizer(state, checkpoint)
-    rows = config.prompts_per_step * config.group_size  # any one replica may get them all
+    # Any one replica may get every rollout of a step; KV for just those, not for the
+    # model's whole context (suspend frees it and resume builds it again, every step).
+    rows = config.prompts_per_step * config.group_size
+    longest = max(len(tokenizer.tokenize(p)) for p in PROMPTS) + config.max_new_tokens
     options.setdefault("max_batch_size", rows)
+    options.setdefault("max_seq_len", longest)
+    options.setdefault("kv_cache_tokens", rows * longest)
     with TrainingInference(
         model, tokenizer, tensor_parallel_size, weights_version=version_name(0), **options
     ) as llm:
