@@ -577,16 +577,18 @@ def plot_rl_rollout(results: str) -> list[str]:
         return []
     cfg, rollout, cycle = data["config"], data["rollout"], data["cycle"]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    labels = [
-        "TrainingInference.generate\n(ours, through the coordinator)",
-        "transformers\nmodel.generate",
-    ]
+    kinds = {
+        "ours": "TrainingInference\n.generate (ours)",
+        "transformers": "transformers\nmodel.generate",
+        "transformers_with_log_probs": "transformers generate\n+ log-prob forward",
+    }
+    kinds = {k: v for k, v in kinds.items() if k in rollout}
     grouped_bars(
         axes[0],
-        labels,
+        list(kinds.values()),
         {
-            "median": [rollout[k]["median_tokens_per_s"] for k in ("ours", "transformers")],
-            "best": [rollout[k]["best_tokens_per_s"] for k in ("ours", "transformers")],
+            "median": [rollout[k]["median_tokens_per_s"] for k in kinds],
+            "best": [rollout[k]["best_tokens_per_s"] for k in kinds],
         },
         "generated tokens/s (all ranks)",
         {"median": "#4c72b0", "best": "#55a868"},
@@ -594,10 +596,10 @@ def plot_rl_rollout(results: str) -> list[str]:
     )
     axes[0].legend(fontsize=8)
     axes[0].set_title(
-        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and weights: ours "
+        f"equal batch ({cfg['rows_per_rank']} rows a rank) and weights: ours "
         f"{rollout['speedup']:.2f}x transformers"
         + (
-            f", {rollout['speedup_vs_with_log_probs']:.2f}x with log-probs"
+            f"\n({rollout['speedup_vs_with_log_probs']:.2f}x transformers with the log-probs)"
             if "speedup_vs_with_log_probs" in rollout
             else ""
         ),
@@ -607,7 +609,7 @@ def plot_rl_rollout(results: str) -> list[str]:
     _phase_bars(axes[1], ["one step (median)"], [phases])
     axes[1].set_title(
         f"rollout {phases['rollout_s']:.2f} s; suspend + train + update + resume "
-        f"{cycle['suspend_train_update_resume_s']:.2f} s (of it suspend + update + resume "
+        f"{cycle['suspend_train_update_resume_s']:.2f} s\n(of it suspend + update + resume "
         f"{cycle['overhead_s']:.3f} s)",
         fontsize=9,
     )

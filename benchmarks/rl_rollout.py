@@ -180,7 +180,13 @@ def worker(args: argparse.Namespace) -> None:
                 "rows_per_rank": len(batch),
                 "model": "embedded default model (4 layers, hidden 256, vocab 50257), float32",
             },
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                # the host is shared: its load says how far to trust the seconds
+                "load_avg_1m_at_start": args.load_at_start,
+                "load_avg_1m_at_end": os.getloadavg()[0],
+            },
             "rollout": {
                 "ours": ours_s,
                 "transformers": hf_s,
@@ -219,6 +225,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rollout batches timed each way")
     parser.add_argument("--quick", action="store_true", help="--steps 2 --repeats 2")
     parser.add_argument("--output", default=os.path.join(RESULTS, "rl_rollout.json"))
+    parser.add_argument("--load-at-start", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
         args.steps, args.repeats = 2, 2
@@ -229,7 +236,7 @@ def main() -> None:
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc),
         "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
         os.path.abspath(__file__), "--steps", str(args.steps), "--repeats", str(args.repeats),
-        "--output", os.path.abspath(args.output),
+        "--output", os.path.abspath(args.output), "--load-at-start", str(os.getloadavg()[0]),
     ]  # fmt: skip
     sys.exit(subprocess.call(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}))
 
