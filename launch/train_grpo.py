@@ -10,12 +10,16 @@ import sys
 
 from megatron_coord.rl import config, loop
 
+DEFAULT_STEPS = 15
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description="GRPO on the toy task, rollouts through the coordinator (run by torchrun)"
     )
-    config.add_arguments(parser)
+    # 15 steps: the reward passes 0.8 after 6 to 8 in one process (rl/config.py), 7 to 9 at
+    # DP 2 (measured), so some to spare; the loop's 20 would spend the rest at 1.0.
+    config.add_arguments(parser, config.LoopConfig(steps=DEFAULT_STEPS))
     parser.add_argument("--tensor-parallel-size", type=int, default=1)
     parser.add_argument("--checkpoint", help="a Hugging Face Llama (default: the default model)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
