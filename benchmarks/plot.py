@@ -571,38 +571,41 @@ def _phase_bars(ax: Axes, steps: Sequence[Any], entries: Sequence[dict[str, Any]
 
 
 def plot_rl_rollout(results: str) -> list[str]:
-    """Rollout tokens/s ours vs transformers' generate, and one step's phases (rl_rollout.py)."""
+    """Rollout tokens/s ours vs transformers' generate at the untrained and the trained
+    weights, and one step's phases (benchmarks/rl_rollout.py)."""
     data = load(results, "rl_rollout.json")
     if data is None:
         return []
     cfg, rollout, cycle = data["config"], data["rollout"], data["cycle"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    points = [p for p in ("initial", "trained") if p in rollout]
     kinds = {
-        "ours": "TrainingInference\n.generate (ours)",
-        "transformers": "transformers\nmodel.generate",
-        "transformers_with_log_probs": "transformers generate\n+ log-prob forward",
+        "ours": "TrainingInference.generate (ours)",
+        "transformers": "transformers model.generate",
+        "transformers_with_log_probs": "transformers generate + log-prob forward",
     }
-    kinds = {k: v for k, v in kinds.items() if k in rollout}
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
     grouped_bars(
         axes[0],
-        list(kinds.values()),
+        [
+            f"{p} weights ({rollout[p]['weight_version']})\nours {rollout[p]['speedup']:.2f}x, "
+            f"{rollout[p]['speedup_vs_with_log_probs']:.2f}x with log-probs"
+            for p in points
+        ],
         {
-            "median": [rollout[k]["median_tokens_per_s"] for k in kinds],
-            "best": [rollout[k]["best_tokens_per_s"] for k in kinds],
+            label: [rollout[p][k]["median_tokens_per_s"] for p in points]
+            for k, label in kinds.items()
         },
-        "generated tokens/s (all ranks)",
-        {"median": "#4c72b0", "best": "#55a868"},
+        "generated tokens/s, all ranks (median)",
+        {
+            kinds["ours"]: "#4c72b0",
+            kinds["transformers"]: "#8c8c8c",
+            kinds["transformers_with_log_probs"]: "#dd8452",
+        },
         fmt="{:,.0f}",
     )
     axes[0].legend(fontsize=8)
     axes[0].set_title(
-        f"equal batch ({cfg['rows_per_rank']} rows a rank) and weights: ours "
-        f"{rollout['speedup']:.2f}x transformers"
-        + (
-            f"\n({rollout['speedup_vs_with_log_probs']:.2f}x transformers with the log-probs)"
-            if "speedup_vs_with_log_probs" in rollout
-            else ""
-        ),
+        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and equal weights",
         fontsize=9,
     )
     phases = cycle["median_phase_s"]
@@ -613,10 +616,13 @@ def plot_rl_rollout(results: str) -> list[str]:
         f"{cycle['overhead_s']:.3f} s)",
         fontsize=9,
     )
+    load_note = data.get("machine", {}).get("load_avg_1m_at_start")
     fig.suptitle(
         f"RL rollouts in the training processes: {cfg['replicas']} replicas x TP "
         f"{cfg['tensor_parallel_size']}, {cfg['max_new_tokens']} tokens per rollout "
-        f"({machine_note(data)})",
+        f"({machine_note(data)}"
+        + (f", load average {load_note:.1f} at start" if load_note is not None else "")
+        + ")",
         fontsize=11,
     )
     return [save(fig, results, "rl_rollout.png")]

@@ -5,24 +5,27 @@ suspend/train/update/resume cycle against the step it serves.
     python benchmarks/rl_rollout.py [--quick] [--nproc 2]
 
 Re-launches itself with torchrun (DP = --nproc replicas at TP 1, gloo, one torch thread a
-rank), the shape of launch/train_grpo.py. Every rank:
+rank), the shape of launch/train_grpo.py. Every rank times ``--repeats`` rollout batches three
+ways twice, at the untrained weights (near-uniform over the 50257 tokens: the sampler's worst
+case) and again after ``--steps`` steps of the GRPO loop (rl/loop.py; a peaked policy, as an
+RL policy is), all ranks at once between two barriers, so a batch's wall time is the slowest
+rank's:
 
-1. runs ``--steps`` steps of the GRPO loop (rl/loop.py) on the default model: each step's
-   phases (rollout, suspend, train, update, resume) in seconds, rank 0's;
-2. then, at the weights those steps left, times ``--repeats`` rollout batches both ways, all
-   ranks at once between two barriers, so a batch's wall time is the slowest rank's:
-   - ours: each rank's share of a step (``prompts_per_step / nproc`` prompts x
-     ``group_size``) through ``llm.generate``, log-probs returned, the coordinator spreading
-     them over every replica;
-   - transformers: the same prompts in the same process, ``LlamaForCausalLM.generate`` over
-     the same weights (models/hf_export.py), left-padded, temperature 1 sampling without
-     top-k/top-p (what TRL's GRPO trainer does without vLLM), serving suspended meanwhile;
-     timed twice: the tokens alone, and the tokens plus their log-probs by one more forward,
-     as TRL computes them (what our ``generate`` returns at once);
-   tokens/s = every rank's generated tokens / the batch's wall time, median of the repeats.
+- ours: each rank's share of a step (``prompts_per_step / nproc`` prompts x ``group_size``)
+  through ``llm.generate``, log-probs returned, the coordinator spreading every rank's
+  requests over every replica;
+- transformers: the same prompts in the same process, ``LlamaForCausalLM.generate`` over the
+  same weights (models/hf_export.py), left-padded, temperature 1 sampling without top-k/top-p
+  (what TRL's GRPO trainer does without vLLM), serving suspended meanwhile;
+- transformers with log-probs: the same plus one forward over the sequences for the sampled
+  tokens' log-probs, as TRL computes them: what our ``generate`` returns at once.
+
+tokens/s = every rank's generated tokens / the batch's wall time, median of the repeats. The
+loop's steps give each phase's seconds (rollout, suspend, train, update, resume; rank 0's,
+median over the steps after the first): the cycle's cost against the step it serves.
 
 Rank 0 prints JSON, writes benchmarks/results/rl_rollout.json and draws rl_rollout.png
-(benchmarks/plot.py). ``--quick``: 2 loop steps, 2 repeats.
+(benchmarks/plot.py). ``--quick``: 2 loop steps, 1 repeat.
 """
 
 from __future__ import annotations
@@ -113,16 +116,55 @@ def _hf_generate(
     return count
 
 
+class _Rollouts:
+    """Times one rollout batch (this rank's share of a step) three ways, at the weights the
+    model holds when ``measure`` is called."""
+
+    def __init__(self, llm: Any, model: Any, config: Any, batch: list[list[int]]) -> None:
+        self.llm, self.model, self.config, self.batch = llm, model, config, batch
+
+    def measure(self, repeats: int) -> dict[str, Any]:
+        from transformers import LlamaForCausalLM
+
+        from megatron_coord.models import default_checkpoint_dir
+        from megatron_coord.models.hf_export import to_hf_model
+
+        llm, batch, sampling = self.llm, self.batch, self.config.sampling_params()
+        new_tokens, pad = self.config.max_new_tokens, self.model.config.eos_token_id
+
+        def ours() -> int:
+            return sum(len(r["generated_tokens"]) for r in llm.generate(batch, sampling))
+
+        ours()  # warm
+        out = {
+            "weight_version": llm.weight_version,
+            "ours": _summary(_timed_batches(ours, repeats)),
+        }
+        llm.suspend()  # serving parked while transformers runs in the same processes
+        hf = LlamaForCausalLM.from_pretrained(default_checkpoint_dir()).eval()
+        hf = to_hf_model(self.model, hf)  # the weights the engine serves now
+        _hf_generate(hf, batch, new_tokens, pad)  # warm
+        for name, log_probs in (("transformers", False), ("transformers_with_log_probs", True)):
+            batches = _timed_batches(
+                lambda lp=log_probs: _hf_generate(hf, batch, new_tokens, pad, lp), repeats
+            )
+            out[name] = _summary(batches)
+        llm.resume()
+        ours_rate = out["ours"]["median_tokens_per_s"]
+        out["speedup"] = ours_rate / out["transformers"]["median_tokens_per_s"]
+        out["speedup_vs_with_log_probs"] = (
+            ours_rate / out["transformers_with_log_probs"]["median_tokens_per_s"]
+        )
+        return out
+
+
 def worker(args: argparse.Namespace) -> None:
     import random
 
     import torch
     import torch.distributed as dist
-    from transformers import LlamaForCausalLM
 
     from megatron_coord import TrainingInference, parallel_state  # type: ignore[attr-defined]
-    from megatron_coord.models import default_checkpoint_dir
-    from megatron_coord.models.hf_export import to_hf_model
     from megatron_coord.rl import loop
     from megatron_coord.rl.config import LoopConfig, default_model_and_tokenizer
     from megatron_coord.rl.toy_task import NumeralsTask
@@ -131,42 +173,22 @@ def worker(args: argparse.Namespace) -> None:
     state = parallel_state.initialize(1)
     model, tokenizer = default_model_and_tokenizer(state)
     config = LoopConfig(steps=args.steps)
-    rows = config.prompts_per_step * config.group_size
+    task = NumeralsTask(tokenizer, model.config.vocab_size)
+    prompts = loop.share(task.sample_prompts(config.prompts_per_step, random.Random(1)), state)
+    batch = [task.prompt_tokens[p] for p in prompts for _ in range(config.group_size)]
+    options = loop.serving_options(config, tokenizer)
     with TrainingInference(
-        model, tokenizer, 1, weights_version=loop.version_name(0), max_batch_size=rows
+        model, tokenizer, 1, weights_version=loop.version_name(0), **options
     ) as llm:
+        rollouts = _Rollouts(llm, model, config, batch)
+        # the untrained model: near-uniform over 50257 tokens, the sampler's worst case
+        initial = rollouts.measure(args.repeats)
         log = loop.run(llm, model, tokenizer, state, config, progress=state.rank == 0)
-        task = NumeralsTask(tokenizer, model.config.vocab_size)
-        prompts = loop.share(task.sample_prompts(config.prompts_per_step, random.Random(1)), state)
-        batch = [task.prompt_tokens[p] for p in prompts for _ in range(config.group_size)]
-        sampling = config.sampling_params()
-
-        def ours() -> int:
-            records = llm.generate(batch, sampling)
-            return sum(len(r["generated_tokens"]) for r in records)
-
-        ours()  # warm: the first batch after an update
-        our_batches = _timed_batches(ours, args.repeats)
-        llm.suspend()
-        hf = to_hf_model(model, LlamaForCausalLM.from_pretrained(default_checkpoint_dir()).eval())
-        pad = model.config.eos_token_id
-
-        def theirs() -> int:
-            return _hf_generate(hf, batch, config.max_new_tokens, pad)
-
-        def theirs_with_log_probs() -> int:
-            return _hf_generate(hf, batch, config.max_new_tokens, pad, log_probs=True)
-
-        theirs()  # warm
-        hf_batches = _timed_batches(theirs, args.repeats)
-        hf_lp_batches = _timed_batches(theirs_with_log_probs, args.repeats)
-        llm.resume()
+        # the trained policy: peaked, as an RL policy is
+        trained = rollouts.measure(args.repeats)
     if state.rank == 0:
-        ours_s, hf_s, hf_lp = _summary(our_batches), _summary(hf_batches), _summary(hf_lp_batches)
         phases = {p: statistics.median(e[p] for e in log[1:] or log) for p in PHASES}
         cycle = phases["suspend_s"] + phases["train_s"] + phases["update_s"] + phases["resume_s"]
-        speedup = ours_s["median_tokens_per_s"] / hf_s["median_tokens_per_s"]
-        speedup_lp = ours_s["median_tokens_per_s"] / hf_lp["median_tokens_per_s"]
         out = {
             "benchmark": "rl_rollout",
             "config": {
@@ -187,13 +209,7 @@ def worker(args: argparse.Namespace) -> None:
                 "load_avg_1m_at_start": args.load_at_start,
                 "load_avg_1m_at_end": os.getloadavg()[0],
             },
-            "rollout": {
-                "ours": ours_s,
-                "transformers": hf_s,
-                "transformers_with_log_probs": hf_lp,
-                "speedup": speedup,
-                "speedup_vs_with_log_probs": speedup_lp,
-            },
+            "rollout": {"initial": initial, "trained": trained},
             "cycle": {
                 "median_phase_s": phases,
                 "suspend_train_update_resume_s": cycle,
@@ -202,7 +218,14 @@ def worker(args: argparse.Namespace) -> None:
                 "step_s": cycle + phases["rollout_s"],
             },
             "targets": [
-                {"target": "speedup", "goal": ">= 2", "value": speedup, "met": speedup >= 2}
+                {
+                    "target": f"{which} {key}",
+                    "goal": ">= 2",
+                    "value": result[key],
+                    "met": result[key] >= 2,
+                }
+                for which, result in (("initial", initial), ("trained", trained))
+                for key in ("speedup", "speedup_vs_with_log_probs")
             ],
             "loop": [
                 {k: e[k] for k in ("step", "mean_reward", "weight_version", *PHASES)} for e in log
@@ -221,14 +244,14 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--nproc", type=int, default=2, help="replicas (TP 1 each)")
-    parser.add_argument("--steps", type=int, default=6, help="GRPO loop steps timed")
+    parser.add_argument("--steps", type=int, default=10, help="GRPO loop steps timed")
     parser.add_argument("--repeats", type=int, default=5, help="rollout batches timed each way")
-    parser.add_argument("--quick", action="store_true", help="--steps 2 --repeats 2")
+    parser.add_argument("--quick", action="store_true", help="--steps 2 --repeats 1")
     parser.add_argument("--output", default=os.path.join(RESULTS, "rl_rollout.json"))
     parser.add_argument("--load-at-start", type=float, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.repeats = 2, 2
+        args.steps, args.repeats = 2, 1
     if "LOCAL_RANK" in os.environ:
         worker(args)
         return

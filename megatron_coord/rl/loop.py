@@ -222,6 +222,15 @@ def write_log(path: str, log: list[dict[str, Any]]) -> None:
         f.write("\n")
 
 
+def serving_options(config: LoopConfig, tokenizer: Any) -> dict[str, int]:
+    """``TrainingInference`` sizes for ``config``'s steps: any one replica may get every
+    rollout of a step, and KV for just those, not for the model's whole context (suspend
+    frees it and resume builds it again, every step)."""
+    rows = config.prompts_per_step * config.group_size
+    longest = max(len(tokenizer.tokenize(p)) for p in PROMPTS) + config.max_new_tokens
+    return {"max_batch_size": rows, "max_seq_len": longest, "kv_cache_tokens": rows * longest}
+
+
 def train(
     config: LoopConfig,
     tensor_parallel_size: int = 1,
@@ -240,13 +249,8 @@ def train(
     started = time.perf_counter()
     state = parallel_state.initialize(tensor_parallel_size)
     model, tokenizer = default_model_and_tokenizer(state, checkpoint)
-    # Any one replica may get every rollout of a step; KV for just those, not for the
-    # model's whole context (suspend frees it and resume builds it again, every step).
-    rows = config.prompts_per_step * config.group_size
-    longest = max(len(tokenizer.tokenize(p)) for p in PROMPTS) + config.max_new_tokens
-    options.setdefault("max_batch_size", rows)
-    options.setdefault("max_seq_len", longest)
-    options.setdefault("kv_cache_tokens", rows * longest)
+    for name, value in serving_options(config, tokenizer).items():
+        options.setdefault(name, value)
     with TrainingInference(
         model, tokenizer, tensor_parallel_size, weights_version=version_name(0), **options
     ) as llm:
