@@ -148,16 +148,59 @@ def failing(llm: TrainingInference, rank: int, out: str) -> None:
     dist.all_reduce(torch.ones(1))  # never completes: rank 1 is gone
 
 
+def remote(llm: TrainingInference, model, rank: int) -> dict:
+    """Replicas elsewhere: generate, train, send the weights (update_weights), generate."""
+    dp_group = dist.new_group(list(range(dist.get_world_size())))
+    params = training.set_trainable(model, "all")
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    report: dict = {"versions": [llm.weight_version], "steps": []}
+    mine = prompts_of(rank, 0) + [PROBE]
+    for step in range(2):
+        records = llm.generate(mine, GREEDY)
+        llm.suspend()
+        fresh = fresh_greedy(model, mine)
+        entry = {"records": []}
+        for prompt, record, expected in zip(mine, records, fresh, strict=True):
+            tokens = torch.tensor([prompt + record["generated_tokens"]])
+            with torch.no_grad():
+                own = training.token_log_probs(model, tokens, first=len(prompt))[0].tolist()
+            entry["records"].append(
+                {
+                    "generated_tokens": record["generated_tokens"],
+                    "fresh_tokens": expected,
+                    "log_probs": record["generated_log_probs"],
+                    "train_log_probs": own,
+                    "weight_version_spans": record["weight_version_spans"],
+                }
+            )
+        report["steps"].append(entry)
+        if step == 0:
+            entry["loss"] = train_step(model, optimizer, params, mine, dp_group)
+            result = llm.update_weights("sent-1")
+            entry["update"] = {k: result.get(k) for k in ("published", "version")}
+        llm.resume()
+        report["versions"].append(llm.weight_version)
+    return report
+
+
 def main() -> None:
     mode, out, checkpoint, tp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    replicas = sys.argv[5] if len(sys.argv) > 5 else None
     torch.set_num_threads(1)
     torch.manual_seed(0)
     state = initialize(tp)
     model = load_model(checkpoint, state)
     tokenizer = load_tokenizer(checkpoint)
     rank = state.rank
+    version = "0" if replicas is None else "initial"  # a serve launch's first label
     with TrainingInference(
-        model, tokenizer, tp, weights_version="0", max_batch_size=8, kv_cache_tokens=512
+        model,
+        tokenizer,
+        tp,
+        weights_version=version,
+        max_batch_size=8,
+        kv_cache_tokens=512,
+        replicas=replicas,
     ) as llm:
         with open(os.path.join(out, f"pids.rank{rank}"), "w") as f:
             coordinator = llm.coordinator.pid if llm.coordinator is not None else None
@@ -165,7 +208,7 @@ def main() -> None:
         if mode == "raise":
             failing(llm, rank, out)
             return
-        report = loop(llm, model, rank, tp)
+        report = remote(llm, model, rank) if replicas else loop(llm, model, rank, tp)
         coordinator = llm.coordinator
     report["coordinator_alive_after"] = coordinator is not None and coordinator.is_alive()
     with open(os.path.join(out, f"report.rank{rank}.json"), "w") as f:
