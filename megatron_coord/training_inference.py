@@ -276,6 +276,11 @@ class TrainingInference:
     def data_parallel_rank(self) -> int:
         return self.state.dp_rank
 
+    def stats(self) -> dict[str, Any]:
+        """The coordinator's STATS: its engines (alive, load, weight version), requests."""
+        self._check_open()
+        return self._client.do(lambda client: client.stats())
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this TrainingInference was shut down")

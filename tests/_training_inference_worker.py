@@ -34,7 +34,9 @@ from megatron_coord.tokenizer import load_tokenizer
 STEPS = 3
 NEW_TOKENS = 6
 TARGET = [11, 22, 33, 44, 55, 66]  # the completion the training step pulls towards
-PROBE = [5, 6, 7]  # in every rank's prompts at every step: what each version makes of it
+PROBE = [5, 6, 7]
+# Longer than the coordinator's engine timeout (3 s): a parked replica must keep beating.
+LONG_TRAINING_S = 4.0  # in every rank's prompts at every step: what each version makes of it
 GREEDY = SamplingParams(
     temperature=0.0,
     top_k=1,
@@ -93,6 +95,8 @@ def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
         kv_serving = llm.kv_cache_bytes
         llm.suspend()
         kv_suspended = llm.kv_cache_bytes
+        if step == 1:
+            time.sleep(LONG_TRAINING_S)  # a training phase the coordinator must sit out
         everyone = [None] * world
         dist.all_gather_object(everyone, list(zip(mine, records, strict=True)))
         items = sum(everyone[first : first + tp], [])
@@ -124,6 +128,8 @@ def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
             result = llm.update_weights(str(step + 1))
             entry["update_ok"] = result["ok"]
         llm.resume()
+        if step == 1:
+            report["alive_after_long_training"] = [e["alive"] for e in llm.stats()["engines"]]
         report["kv"].append([kv_serving, kv_suspended, llm.kv_cache_bytes])
         report["versions"].append(llm.weight_version)
     # Rank 0 alone generates; the others go straight on to the next collective call.

@@ -101,6 +101,8 @@ def test_train_generate_update_between_steps(tmp_path, checkpoint, tp):
             assert serving > 0 and suspended == 0 and resumed == serving
         assert report["update_while_suspended"] == "final" == report["final_version"]
         assert report["coordinator_alive_after"] is False
+        # Parked through a training phase longer than the engine timeout: none taken for dead.
+        assert report["alive_after_long_training"] == [True] * (2 // tp)
     # Rank 0 alone generated (a token list and a text prompt); the others went on.
     only = reports[0]["rank0_only"]
     assert len(only) == 2 and all(len(tokens) == 4 for tokens in only)
