@@ -35,6 +35,13 @@ on every rank at the same point, and train (the script's collectives) only while
 ``generate`` refuses to run while suspended. A parked TP-coordinator keeps heartbeating, so a
 long training phase does not look like a dead replica.
 
+**Replicas elsewhere.** With ``replicas="tcp://host:port"`` (a serving launch's coordinator, or
+a standalone one with joined replicas) the same loop runs unchanged: no coordinator and no
+serving here, every rank a client of that one; ``update_weights`` sends the weights over
+torch.distributed (rank 0's ``WeightSender`` through the client's ``update_weights``; every
+rank rebuilds the whole tensors from its shard, models/hf_export.py), ``suspend``/``resume``
+only keep the ranks together (colocated/remote.py).
+
 **Ending.** ``shutdown()`` (or leaving a ``with`` block) on every rank: rank 0 sends STOP, every
 serving loop ends, the coordinator process exits. Leaving the ``with`` block by an exception, or
 the interpreter exiting without shutdown, ends only this rank's part (no collective: its peers

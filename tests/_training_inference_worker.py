@@ -82,7 +82,21 @@ def train_step(model, optimizer, params, prompts, dp_group) -> float:
     return loss.item()
 
 
-def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
+def export_error(model, checkpoint: str) -> float:
+    """Max difference of ``hf_tensors`` (whole tensors rebuilt from the shards; collective
+    over the TP group) from the checkpoint's; inf if the names differ."""
+    from safetensors.torch import load_file
+
+    from megatron_coord.models.hf_export import hf_tensors
+
+    reference = load_file(os.path.join(checkpoint, "model.safetensors"))
+    ours = dict(hf_tensors(model))
+    if set(ours) != set(reference):
+        return float("inf")
+    return max((ours[k] - reference[k]).abs().max().item() for k in ours)
+
+
+def loop(llm: TrainingInference, model, rank: int, tp: int, checkpoint: str) -> dict:
     world = dist.get_world_size()
     dp_group = dist.new_group(list(range(world))) if tp == 1 and world > 1 else None
     params = training.set_trainable(model, "all")
@@ -95,6 +109,8 @@ def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
         kv_serving = llm.kv_cache_bytes
         llm.suspend()
         kv_suspended = llm.kv_cache_bytes
+        if step == 0:
+            report["hf_export_error"] = export_error(model, checkpoint)
         if step == 1:
             time.sleep(LONG_TRAINING_S)  # a training phase the coordinator must sit out
         everyone = [None] * world
@@ -214,7 +230,7 @@ def main() -> None:
         if mode == "raise":
             failing(llm, rank, out)
             return
-        report = remote(llm, model, rank) if replicas else loop(llm, model, rank, tp)
+        report = remote(llm, model, rank) if replicas else loop(llm, model, rank, tp, checkpoint)
         coordinator = llm.coordinator
     report["coordinator_alive_after"] = coordinator is not None and coordinator.is_alive()
     with open(os.path.join(out, f"report.rank{rank}.json"), "w") as f:

@@ -101,6 +101,9 @@ def test_train_generate_update_between_steps(tmp_path, checkpoint, tp):
             assert serving > 0 and suspended == 0 and resumed == serving
         assert report["update_while_suspended"] == "final" == report["final_version"]
         assert report["coordinator_alive_after"] is False
+        # What a trainer sends to replicas elsewhere: the whole checkpoint tensors, rebuilt
+        # from this rank's shards.
+        assert report["hf_export_error"] == 0.0
         # Parked through a training phase longer than the engine timeout: none taken for dead.
         assert report["alive_after_long_training"] == [True] * (2 // tp)
     # Rank 0 alone generated (a token list and a text prompt); the others went on.
