@@ -35,6 +35,13 @@ on every rank at the same point, and train (the script's collectives) only while
 ``generate`` refuses to run while suspended. A parked TP-coordinator keeps heartbeating, so a
 long training phase does not look like a dead replica.
 
+**Replicas elsewhere.** With ``replicas="tcp://host:port"`` (a serving launch's coordinator, or
+a standalone one with joined replicas) the same loop runs unchanged: no coordinator and no
+serving here, every rank a client of that one; ``update_weights`` sends the weights over
+torch.distributed (rank 0's ``WeightSender`` through the client's ``update_weights``; every
+rank rebuilds the whole tensors from its shard, models/hf_export.py), ``suspend``/``resume``
+only keep the ranks together (colocated/remote.py).
+
 **Ending.** ``shutdown()`` (or leaving a ``with`` block) on every rank: rank 0 sends STOP, every
 serving loop ends, the coordinator process exits. Leaving the ``with`` block by an exception, or
 the interpreter exiting without shutdown, ends only this rank's part (no collective: its peers
@@ -54,6 +61,7 @@ from typing import Any
 
 from .colocated.client_thread import ClientThread, GenerationError
 from .colocated.layout import destroy, gather, serving_layout, share
+from .colocated.remote import RemoteReplicas
 from .colocated.serving_thread import ServingThread
 from .engine.engine import InferenceEngine
 from .engine.kv_blocks import DEFAULT_BLOCK_SIZE
@@ -88,6 +96,8 @@ class ServingOptions:
     max_step_s: float = DEFAULT_MAX_STEP_S
     auth_keys: str | None = None
     timeout_s: float = 120.0  # start, suspend, resume and stop each take at most this
+    # replicas="tcp://...": WeightSender options (store_host, bucket_bytes, backend, ...).
+    sender_options: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_version(version: Any, mode: Any) -> None:
@@ -128,8 +138,8 @@ class TrainingInference:
         **options: Any,
     ) -> None:
         self.options = ServingOptions(**options)
-        if replicas is not None:
-            raise NotImplementedError("replicas= (a remote coordinator) is not supported yet")
+        if replicas is not None and not (isinstance(replicas, str) and "://" in replicas):
+            raise ValueError(f"replicas must be None or a coordinator address, not {replicas!r}")
         _check_version(weights_version, "keep")
         if kv_cache_tokens is not None and kv_cache_tokens < 1:
             raise ValueError("kv_cache_tokens must be >= 1")
@@ -142,11 +152,17 @@ class TrainingInference:
         self._client: ClientThread | None = None
         self._serving: ServingThread | None = None
         self.server: EngineServer | None = None
+        self.engine: InferenceEngine | None = None
+        self._remote: RemoteReplicas | None = None
+        self._version = weights_version  # remote: the last version this world published
         self._layout = serving_layout(model, tensor_parallel_size)
         self.state = self._layout.state
         atexit.register(self._abandon)
         try:
-            self._start(tokenizer, weights_version, max_batch_size, kv_cache_tokens)
+            if replicas is None:
+                self._start(tokenizer, weights_version, max_batch_size, kv_cache_tokens)
+            else:
+                self._join(replicas)
         except BaseException:
             self._abandon()
             raise
@@ -231,16 +247,33 @@ class TrainingInference:
             error = exc
         self._agree(error, "connecting a client")
 
+    def _join(self, address: str) -> None:
+        """Remote replicas: every rank a client of that coordinator; rank 0 the sender."""
+        self.coordinator_address = address
+        error = None
+        try:
+            options = self.options
+            self._remote = RemoteReplicas(
+                self.model, self.state.rank, self._layout.control, options.sender_options
+            )
+            self._client = ClientThread(
+                address, connect_timeout_s=options.timeout_s, auth_keys=options.auth_keys
+            )
+        except Exception as exc:  # noqa: BLE001 - every rank raises
+            error = exc
+        self._agree(error, "connecting to the replicas")
+
     # ----------------------------------------------------------------- state
     @property
     def weight_version(self) -> str:
-        """The version of the weights this rank's replica serves."""
-        return self.engine.weight_version
+        """The version of the weights this rank's replica serves (remote: the version this
+        world published last)."""
+        return self._version if self.engine is None else self.engine.weight_version
 
     @property
     def kv_cache_bytes(self) -> int:
-        """Bytes of KV cache this rank holds now (0 while suspended)."""
-        return self.engine.kv_bytes
+        """Bytes of KV cache this rank holds now (0 while suspended; 0 for remote replicas)."""
+        return 0 if self.engine is None else self.engine.kv_bytes
 
     @property
     def suspended(self) -> bool:
@@ -250,13 +283,21 @@ class TrainingInference:
     def data_parallel_rank(self) -> int:
         return self.state.dp_rank
 
+    def stats(self) -> dict[str, Any]:
+        """The coordinator's STATS: its engines (alive, load, weight version), requests."""
+        self._check_open()
+        return self._client.do(lambda client: client.stats())
+
     def _check_open(self) -> None:
         if self._closed:
             raise RuntimeError("this TrainingInference was shut down")
-        self._serving.check()
+        if self._serving is not None:
+            self._serving.check()
 
     def _check_serving(self) -> None:
         """While generate() waits: raise if the serving loop failed or ended."""
+        if self._serving is None:
+            return  # remote: the client's own timeouts and reconnection apply
         self._serving.check()
         if not self._serving.alive:
             raise RuntimeError("the serving loop ended (the coordinator stopped or was lost)")
@@ -287,6 +328,10 @@ class TrainingInference:
         if self._suspended:
             return
         serving = self._serving
+        if serving is None:  # remote: nothing of this world's to free
+            gather(None, self._layout.control)
+            self._suspended = True
+            return
         serving.request_park()
         gather(None, self._layout.control)  # every rank's generate() has returned
         if self.state.rank == 0:
@@ -301,6 +346,9 @@ class TrainingInference:
         if not self._suspended:
             return
         serving = self._serving
+        if serving is None:
+            self._suspended = False
+            return
         serving.unpark()
         if self.state.rank == 0:
             self._client.do(lambda client: client.resume_engines())
@@ -316,6 +364,11 @@ class TrainingInference:
         on every rank if any replica failed."""
         self._check_open()
         _check_version(version, mode)
+        if self._remote is not None:
+            gather(None, self._layout.control)  # every rank's optimizer step is done
+            result = self._remote.update(self._client, version, mode, self.options.timeout_s)
+            self._version = version
+            return result
         around = not self._suspended
         if around:
             self.suspend()
@@ -349,6 +402,13 @@ class TrainingInference:
         self._closed = True
         atexit.unregister(self._abandon)
         serving, timeout = self._serving, self.options.timeout_s
+        if serving is None:  # remote: the replicas are not this world's to stop
+            try:
+                gather(None, self._layout.control)
+            finally:
+                self._teardown(coordinator_grace_s=0.0)
+            destroy(self._layout.control)
+            return
         try:
             gather(None, self._layout.control)  # nobody generates any more
             serving.unpark(closing=True)

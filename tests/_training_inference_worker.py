@@ -34,7 +34,9 @@ from megatron_coord.tokenizer import load_tokenizer
 STEPS = 3
 NEW_TOKENS = 6
 TARGET = [11, 22, 33, 44, 55, 66]  # the completion the training step pulls towards
-PROBE = [5, 6, 7]  # in every rank's prompts at every step: what each version makes of it
+PROBE = [5, 6, 7]
+# Longer than the coordinator's engine timeout (3 s): a parked replica must keep beating.
+LONG_TRAINING_S = 4.0  # in every rank's prompts at every step: what each version makes of it
 GREEDY = SamplingParams(
     temperature=0.0,
     top_k=1,
@@ -80,7 +82,21 @@ def train_step(model, optimizer, params, prompts, dp_group) -> float:
     return loss.item()
 
 
-def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
+def export_error(model, checkpoint: str) -> float:
+    """Max difference of ``hf_tensors`` (whole tensors rebuilt from the shards; collective
+    over the TP group) from the checkpoint's; inf if the names differ."""
+    from safetensors.torch import load_file
+
+    from megatron_coord.models.hf_export import hf_tensors
+
+    reference = load_file(os.path.join(checkpoint, "model.safetensors"))
+    ours = dict(hf_tensors(model))
+    if set(ours) != set(reference):
+        return float("inf")
+    return max((ours[k] - reference[k]).abs().max().item() for k in ours)
+
+
+def loop(llm: TrainingInference, model, rank: int, tp: int, checkpoint: str) -> dict:
     world = dist.get_world_size()
     dp_group = dist.new_group(list(range(world))) if tp == 1 and world > 1 else None
     params = training.set_trainable(model, "all")
@@ -93,6 +109,10 @@ def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
         kv_serving = llm.kv_cache_bytes
         llm.suspend()
         kv_suspended = llm.kv_cache_bytes
+        if step == 0:
+            report["hf_export_error"] = export_error(model, checkpoint)
+        if step == 1:
+            time.sleep(LONG_TRAINING_S)  # a training phase the coordinator must sit out
         everyone = [None] * world
         dist.all_gather_object(everyone, list(zip(mine, records, strict=True)))
         items = sum(everyone[first : first + tp], [])
@@ -124,6 +144,8 @@ def loop(llm: TrainingInference, model, rank: int, tp: int) -> dict:
             result = llm.update_weights(str(step + 1))
             entry["update_ok"] = result["ok"]
         llm.resume()
+        if step == 1:
+            report["alive_after_long_training"] = [e["alive"] for e in llm.stats()["engines"]]
         report["kv"].append([kv_serving, kv_suspended, llm.kv_cache_bytes])
         report["versions"].append(llm.weight_version)
     # Rank 0 alone generates; the others go straight on to the next collective call.
@@ -148,16 +170,59 @@ def failing(llm: TrainingInference, rank: int, out: str) -> None:
     dist.all_reduce(torch.ones(1))  # never completes: rank 1 is gone
 
 
+def remote(llm: TrainingInference, model, rank: int) -> dict:
+    """Replicas elsewhere: generate, train, send the weights (update_weights), generate."""
+    dp_group = dist.new_group(list(range(dist.get_world_size())))
+    params = training.set_trainable(model, "all")
+    optimizer = torch.optim.SGD(params, lr=0.5)
+    report: dict = {"versions": [llm.weight_version], "steps": []}
+    mine = prompts_of(rank, 0) + [PROBE]
+    for step in range(2):
+        records = llm.generate(mine, GREEDY)
+        llm.suspend()
+        fresh = fresh_greedy(model, mine)
+        entry = {"records": []}
+        for prompt, record, expected in zip(mine, records, fresh, strict=True):
+            tokens = torch.tensor([prompt + record["generated_tokens"]])
+            with torch.no_grad():
+                own = training.token_log_probs(model, tokens, first=len(prompt))[0].tolist()
+            entry["records"].append(
+                {
+                    "generated_tokens": record["generated_tokens"],
+                    "fresh_tokens": expected,
+                    "log_probs": record["generated_log_probs"],
+                    "train_log_probs": own,
+                    "weight_version_spans": record["weight_version_spans"],
+                }
+            )
+        report["steps"].append(entry)
+        if step == 0:
+            entry["loss"] = train_step(model, optimizer, params, mine, dp_group)
+            result = llm.update_weights("sent-1")
+            entry["update"] = {k: result.get(k) for k in ("published", "version")}
+        llm.resume()
+        report["versions"].append(llm.weight_version)
+    return report
+
+
 def main() -> None:
     mode, out, checkpoint, tp = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    replicas = sys.argv[5] if len(sys.argv) > 5 else None
     torch.set_num_threads(1)
     torch.manual_seed(0)
     state = initialize(tp)
     model = load_model(checkpoint, state)
     tokenizer = load_tokenizer(checkpoint)
     rank = state.rank
+    version = "0" if replicas is None else "initial"  # a serve launch's first label
     with TrainingInference(
-        model, tokenizer, tp, weights_version="0", max_batch_size=8, kv_cache_tokens=512
+        model,
+        tokenizer,
+        tp,
+        weights_version=version,
+        max_batch_size=8,
+        kv_cache_tokens=512,
+        replicas=replicas,
     ) as llm:
         with open(os.path.join(out, f"pids.rank{rank}"), "w") as f:
             coordinator = llm.coordinator.pid if llm.coordinator is not None else None
@@ -165,7 +230,7 @@ def main() -> None:
         if mode == "raise":
             failing(llm, rank, out)
             return
-        report = loop(llm, model, rank, tp)
+        report = remote(llm, model, rank) if replicas else loop(llm, model, rank, tp, checkpoint)
         coordinator = llm.coordinator
     report["coordinator_alive_after"] = coordinator is not None and coordinator.is_alive()
     with open(os.path.join(out, f"report.rank{rank}.json"), "w") as f:

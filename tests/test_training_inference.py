@@ -6,8 +6,10 @@ After every update the served greedy tokens equal a freshly built engine's over 
 weights, and the served log-probs equal the training model's own (``token_log_probs``: the
 train/inference mismatch, printed as MISMATCH); suspend frees the KV bytes and resume brings
 them back; SPMD (every rank its own prompts) and rank 0 alone both work; every version label
-reaches every record. And a rank that raises in its training step ends the world within
-seconds, non-zero, with no process left (the coordinator included)."""
+reaches every record. A rank that raises in its training step ends the world within
+seconds, non-zero, with no process left (the coordinator included). And with
+``replicas="tcp://..."`` the same loop runs against a standalone coordinator's joined replica,
+the weights sent over torch.distributed."""
 
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ import uuid
 import pytest
 from _procs import launch_env, processes_with
 from test_engine import make_tiny_checkpoint
+
+from megatron_coord.testing.fault_harness import ReplicaJob, StandaloneCoordinator, StatsProbe
 
 pytestmark = pytest.mark.torchrun
 
@@ -36,7 +40,7 @@ def checkpoint(tmp_path_factory) -> str:
     return path
 
 
-def run_worker(tmp_path, mode: str, checkpoint: str, tp: int, timeout: float):
+def run_worker(tmp_path, mode: str, checkpoint: str, tp: int, timeout: float, extra=()):
     """Run the worker under torchrun; (completed process, marker, output dir, seconds)."""
     out = tmp_path / f"{mode}-tp{tp}"
     out.mkdir()
@@ -44,7 +48,7 @@ def run_worker(tmp_path, mode: str, checkpoint: str, tp: int, timeout: float):
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
         "--master-port", "0", "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0",
-        WORKER, mode, str(out), checkpoint, str(tp),
+        WORKER, mode, str(out), checkpoint, str(tp), *extra,
     ]  # fmt: skip
     env = launch_env(marker, tmp_path)
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(HERE), env.get("PYTHONPATH", "")])
@@ -97,6 +101,11 @@ def test_train_generate_update_between_steps(tmp_path, checkpoint, tp):
             assert serving > 0 and suspended == 0 and resumed == serving
         assert report["update_while_suspended"] == "final" == report["final_version"]
         assert report["coordinator_alive_after"] is False
+        # What a trainer sends to replicas elsewhere: the whole checkpoint tensors, rebuilt
+        # from this rank's shards.
+        assert report["hf_export_error"] == 0.0
+        # Parked through a training phase longer than the engine timeout: none taken for dead.
+        assert report["alive_after_long_training"] == [True] * (2 // tp)
     # Rank 0 alone generated (a token list and a text prompt); the others went on.
     only = reports[0]["rank0_only"]
     assert len(only) == 2 and all(len(tokens) == 4 for tokens in only)
@@ -118,3 +127,41 @@ def test_a_rank_that_raises_in_training_ends_the_world(tmp_path, checkpoint):
     seconds = ended - float((out / "raised_at").read_text())
     print(f"FAILED WORLD: torchrun ended {seconds:.1f} s after the raise")
     assert seconds < 20
+
+
+def test_the_same_loop_against_replicas_elsewhere(tmp_path, checkpoint):
+    """replicas="tcp://...": a standalone coordinator with one joined replica; the trainer world
+    (DP 2) sends its weights over torch.distributed on update_weights."""
+    coordinator = StandaloneCoordinator(checkpoint)
+    job = ReplicaJob(coordinator.address, checkpoint, log_path=str(tmp_path / "replica.log"))
+    probe = StatsProbe(coordinator.address)
+    try:
+        probe.wait_for(lambda s: len(s["engines"]) == 1, 120.0, "the replica joined")
+        done, marker, out, _ = run_worker(
+            tmp_path, "loop", checkpoint, 1, timeout=120, extra=[coordinator.address]
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        assert processes_with(marker) == []
+        stats = probe.stats()
+        assert [e["weight_version"] for e in stats["engines"]] == ["sent-1"]
+    finally:
+        probe.close()
+        job.kill()
+        coordinator.kill()
+    worst = 0.0
+    for rank in (0, 1):
+        report = json.loads((out / f"report.rank{rank}.json").read_text())
+        assert report["versions"] == ["initial", "sent-1", "sent-1"]
+        before, after = report["steps"]
+        assert before["update"] == {"published": True, "version": "sent-1"}
+        for step, version in ((before, "initial"), (after, "sent-1")):
+            for record in step["records"]:
+                n = len(record["generated_tokens"])
+                assert record["generated_tokens"] == record["fresh_tokens"]
+                assert record["weight_version_spans"] == [[0, n, version]]
+                pairs = zip(record["log_probs"], record["train_log_probs"], strict=True)
+                worst = max(worst, *(abs(a - b) for a, b in pairs))
+        # The probe (the last prompt) changed with the sent weights.
+        assert before["records"][-1]["generated_tokens"] != after["records"][-1]["generated_tokens"]
+    print(f"MISMATCH remote: max |served - trained| log-prob = {worst:.2e}")
+    assert worst < LOG_PROB_TOLERANCE
