@@ -20,7 +20,9 @@ rank's:
 - transformers with log-probs: the same plus one forward over the sequences for the sampled
   tokens' log-probs, as TRL computes them: what our ``generate`` returns at once.
 
-tokens/s = every rank's generated tokens / the batch's wall time, median of the repeats. The
+tokens/s = every rank's generated tokens / the batch's wall time. Each of ``--repeats`` rounds
+runs one batch of each way back to back, and a speedup is the median of the rounds' ratios,
+so the shared host's shifting load falls on the three alike. The
 loop's steps give each phase's seconds (rollout, suspend, train, update, resume; rank 0's,
 median over the steps after the first): the cycle's cost against the step it serves.
 
@@ -124,6 +126,8 @@ class _Rollouts:
         self.llm, self.model, self.config, self.batch = llm, model, config, batch
 
     def measure(self, repeats: int) -> dict[str, Any]:
+        """``repeats`` rounds, each one batch of every way back to back (the host's load
+        shifts: a round's three batches share it), ratios taken per round then medianed."""
         from transformers import LlamaForCausalLM
 
         from megatron_coord.models import default_checkpoint_dir
@@ -131,30 +135,35 @@ class _Rollouts:
 
         llm, batch, sampling = self.llm, self.batch, self.config.sampling_params()
         new_tokens, pad = self.config.max_new_tokens, self.model.config.eos_token_id
-
-        def ours() -> int:
-            return sum(len(r["generated_tokens"]) for r in llm.generate(batch, sampling))
-
-        ours()  # warm
-        out = {
-            "weight_version": llm.weight_version,
-            "ours": _summary(_timed_batches(ours, repeats)),
-        }
-        llm.suspend()  # serving parked while transformers runs in the same processes
         hf = LlamaForCausalLM.from_pretrained(default_checkpoint_dir()).eval()
         hf = to_hf_model(self.model, hf)  # the weights the engine serves now
-        _hf_generate(hf, batch, new_tokens, pad)  # warm
-        for name, log_probs in (("transformers", False), ("transformers_with_log_probs", True)):
-            batches = _timed_batches(
-                lambda lp=log_probs: _hf_generate(hf, batch, new_tokens, pad, lp), repeats
-            )
-            out[name] = _summary(batches)
+        ways: dict[str, Any] = {
+            "ours": lambda: sum(len(r["generated_tokens"]) for r in llm.generate(batch, sampling)),
+            "transformers": lambda: _hf_generate(hf, batch, new_tokens, pad),
+            "transformers_with_log_probs": lambda: _hf_generate(hf, batch, new_tokens, pad, True),
+        }
+        version = llm.weight_version
+        batches: dict[str, list[dict[str, float]]] = {name: [] for name in ways}
+        for round_ in range(repeats + 1):  # round 0 warms every way up, untimed
+            for name, run in ways.items():
+                if name == "ours":
+                    llm.resume()
+                timed = _timed_batches(run, 1)
+                if name == "ours":
+                    llm.suspend()  # serving parked while transformers runs in these processes
+                if round_:
+                    batches[name] += timed
         llm.resume()
-        ours_rate = out["ours"]["median_tokens_per_s"]
-        out["speedup"] = ours_rate / out["transformers"]["median_tokens_per_s"]
-        out["speedup_vs_with_log_probs"] = (
-            ours_rate / out["transformers_with_log_probs"]["median_tokens_per_s"]
-        )
+        out: dict[str, Any] = {"weight_version": version}
+        out.update({name: _summary(b) for name, b in batches.items()})
+        for key, other in (
+            ("speedup", "transformers"),
+            ("speedup_vs_with_log_probs", "transformers_with_log_probs"),
+        ):
+            out[key] = statistics.median(
+                a["tokens_per_s"] / b["tokens_per_s"]
+                for a, b in zip(batches["ours"], batches[other], strict=True)
+            )
         return out
 
 
