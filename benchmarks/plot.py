@@ -605,7 +605,8 @@ def plot_rl_rollout(results: str) -> list[str]:
     )
     axes[0].legend(fontsize=8)
     axes[0].set_title(
-        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and equal weights",
+        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and equal weights\n"
+        "(speedups: the median of each round's ratio, the three ways run back to back)",
         fontsize=9,
     )
     phases = cycle["median_phase_s"]

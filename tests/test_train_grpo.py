@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 import uuid
 
@@ -50,3 +51,28 @@ def test_two_tiny_steps_write_the_log(tmp_path):
     while (left := processes_with(marker)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not left, f"processes left behind: {left}"
+
+
+def test_prompts_are_dealt_and_spans_read():
+    from megatron_coord.parallel_state import ParallelState
+    from megatron_coord.rl.loop import served_versions, share
+
+    def state(dp_rank: int) -> ParallelState:
+        return ParallelState(dp_rank, 2, 1, 0, dp_rank, 2, None, dp_rank, "gloo", None)
+
+    prompts = [5, 1, 4, 1, 3]
+    assert share(prompts, state(0)) == [5, 4, 3] and share(prompts, state(1)) == [1, 1]
+    records = [
+        {"weight_version_spans": [[0, 3, "step-1"]]},
+        {"weight_version_spans": [[0, 2, "step-1"], [2, 4, "step-2"]]},
+        {"weight_version_spans": []},
+    ]
+    assert served_versions(records) == ["step-1", "step-2"]
+
+
+def test_bad_arguments_are_refused_before_anything_starts():
+    script = torchrun(1, "train_grpo.py")[-1]  # the launch file itself, run without torchrun
+    proc = subprocess.run(
+        [sys.executable, script, "--group-size", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 2 and "--group-size must be >= 1" in proc.stderr, proc.stderr
