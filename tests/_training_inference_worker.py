@@ -266,5 +266,6 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    main()
+# No ``if __name__ == "__main__"`` guard, as many torchrun scripts are written: the coordinator
+# process TrainingInference spawns must not run this script again.
+main()
