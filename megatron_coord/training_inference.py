@@ -195,6 +195,7 @@ class TrainingInference:
                     options.port,
                     options.deterministic_mode,
                     coordinator_options,
+                    import_main=False,  # the training script need not guard its main
                 )
                 address = reachable_address(address, os.environ.get("MASTER_ADDR", "127.0.0.1"))
             except Exception as exc:  # noqa: BLE001 - every rank raises it

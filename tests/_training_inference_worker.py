@@ -30,6 +30,7 @@ from megatron_coord.models.checkpoint import load_model
 from megatron_coord.models.llama import LlamaModel
 from megatron_coord.parallel_state import initialize
 from megatron_coord.tokenizer import load_tokenizer
+from megatron_coord.training_inference import GenerationError
 
 STEPS = 3
 NEW_TOKENS = 6
@@ -152,11 +153,38 @@ def loop(llm: TrainingInference, model, rank: int, tp: int, checkpoint: str) -> 
     if rank == 0:
         records = llm.generate([[7, 8, 9], "hello"], {"num_tokens_to_generate": 4, "top_k": 1})
         report["rank0_only"] = [r["generated_tokens"] for r in records]
+    report["bad_input"] = bad_input(llm)
     llm.suspend()
+    try:
+        llm.generate([[1, 2, 3]], GREEDY)
+    except RuntimeError as exc:
+        report["bad_input"]["generate_while_suspended"] = str(exc)
     report["update_while_suspended"] = llm.update_weights("final")["version"]
     llm.resume()
     report["final_version"] = llm.weight_version
     return report
+
+
+def bad_input(llm: TrainingInference) -> dict:
+    """Bad input gets a clear error; a good prompt beside a bad one still gets its record."""
+    out = {}
+    try:
+        llm.generate([[1, 2, 3], [10**7]], GREEDY)  # a token id past the vocabulary
+    except GenerationError as exc:
+        out["failed"] = sorted(exc.errors)
+        out["kept"] = [r is not None for r in exc.records]
+        out["message"] = str(exc)
+    for name, call in (
+        ("params", lambda: llm.generate([[1]], {"temperature": -1.0})),
+        ("version", lambda: llm.update_weights("")),
+        ("mode", lambda: llm.update_weights("v", mode="sometimes")),
+        ("prompts", lambda: llm.generate("not a list")),
+    ):
+        try:
+            call()
+        except (ValueError, TypeError) as exc:
+            out[name] = f"{type(exc).__name__}: {exc}"
+    return out
 
 
 def failing(llm: TrainingInference, rank: int, out: str) -> None:
@@ -238,5 +266,6 @@ def main() -> None:
     dist.destroy_process_group()
 
 
-if __name__ == "__main__":
-    main()
+# No ``if __name__ == "__main__"`` guard, as many torchrun scripts are written: the coordinator
+# process TrainingInference spawns must not run this script again.
+main()

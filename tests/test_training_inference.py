@@ -101,6 +101,13 @@ def test_train_generate_update_between_steps(tmp_path, checkpoint, tp):
             assert serving > 0 and suspended == 0 and resumed == serving
         assert report["update_while_suspended"] == "final" == report["final_version"]
         assert report["coordinator_alive_after"] is False
+        bad = report["bad_input"]
+        assert bad["failed"] == [1] and bad["kept"] == [True, False], bad
+        assert "prompt 1" in bad["message"]
+        assert bad["params"].startswith("ValueError") and "temperature" in bad["params"]
+        assert bad["version"].startswith("ValueError") and bad["mode"].startswith("ValueError")
+        assert bad["prompts"].startswith("TypeError")
+        assert "resume()" in bad["generate_while_suspended"]
         # What a trainer sends to replicas elsewhere: the whole checkpoint tensors, rebuilt
         # from this rank's shards.
         assert report["hf_export_error"] == 0.0

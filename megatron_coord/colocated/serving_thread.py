@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from ..engine.server import EngineServer
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,8 @@ class ServingThread:
     def _main(self) -> None:
         self._model_tp.use_group_in_this_thread(self._serving_tp_group)
         server = self.server
+        if server.engine.device.type == "cuda":
+            torch.cuda.set_device(server.engine.device)  # the current device is per thread
         try:
             while not server.done:
                 server.run_once()
