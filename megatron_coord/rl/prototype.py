@@ -1,8 +1,8 @@
 """A GRPO loop in one process: rollouts from an in-process engine, a policy step, repeated.
 
 It proves and tunes the learning dynamics of rl/grpo.py on the toy task (rl/toy_task.py)
-before the rollouts go through the coordinator (launch/train_grpo.py): the engine serves the
-very parameters the optimizer updates (no copy), as the in-process serving class will.
+before the rollouts go through the coordinator (rl/loop.py, launch/train_grpo.py): the engine
+serves the very parameters the optimizer updates (no copy), as ``TrainingInference`` does.
 The engine's prefix cache is off: KV blocks computed under last step's weights must not be
 reused under this step's (the coordinator's path names blocks by weight version instead).
 
