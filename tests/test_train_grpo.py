@@ -55,7 +55,8 @@ def test_two_tiny_steps_write_the_log(tmp_path):
 
 def test_prompts_are_dealt_and_spans_read():
     from megatron_coord.parallel_state import ParallelState
-    from megatron_coord.rl.loop import served_versions, share
+    from megatron_coord.rl.config import LoopConfig
+    from megatron_coord.rl.loop import run, served_versions, share
 
     def state(dp_rank: int) -> ParallelState:
         return ParallelState(dp_rank, 2, 1, 0, dp_rank, 2, None, dp_rank, "gloo", None)
@@ -68,6 +69,9 @@ def test_prompts_are_dealt_and_spans_read():
         {"weight_version_spans": []},
     ]
     assert served_versions(records) == ["step-1", "step-2"]
+    # fewer prompts than replicas: one would train on nothing while the other waits for it
+    with pytest.raises(ValueError, match="at least the number of data-parallel replicas"):
+        run(None, None, None, state(0), LoopConfig(prompts_per_step=1))
 
 
 def test_bad_arguments_are_refused_before_anything_starts():

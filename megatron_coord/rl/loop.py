@@ -167,6 +167,13 @@ def run(
     """Train ``model`` by GRPO on the toy task for ``config.steps`` steps, rollouts through
     ``llm`` (a ``TrainingInference`` over ``model``, built with weights version ``step-0``);
     every rank calls it. Returns the per-step log (the same mean rewards on every rank)."""
+    if config.prompts_per_step < state.data_parallel_size:
+        # a replica without prompts would have no rollouts to train on, while the others
+        # wait for its gradients: refused on every rank alike, before anything starts
+        raise ValueError(
+            f"prompts_per_step ({config.prompts_per_step}) must be at least the number of "
+            f"data-parallel replicas ({state.data_parallel_size})"
+        )
     task = NumeralsTask(tokenizer, model.config.vocab_size)
     rng = random.Random(config.seed)  # the same draw of prompts on every rank
     torch.manual_seed(config.seed)
