@@ -17,6 +17,8 @@ engine_overhead.png         engine_overhead.json             benchmarks/engine_o
 pack_unpack.png             pack_unpack.json                 benchmarks/pack_unpack.py
 tp_broadcast.png            tp_broadcast.json                benchmarks/tp_broadcast.py
 prefix_routing.png          prefix_routing.json              benchmarks/prefix_routing.py
+rl_rollout.png              rl_rollout.json                  benchmarks/rl_rollout.py
+train_grpo.png              train_grpo.json                  launch/train_grpo.py --output-json
 ==========================  ===============================  ==================================
 
 Run: ``python benchmarks/plot.py [--results DIR] [--only scaling coordinator ...]``.
@@ -37,7 +39,7 @@ matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, MaxNLocator  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PERCENTILES = ("p50", "p90", "p99")
@@ -547,6 +549,113 @@ def plot_prefix_routing(results: str) -> list[str]:
     return [save(fig, results, "prefix_routing.png")]
 
 
+PHASE_COLORS = {
+    "rollout_s": "#4c72b0",
+    "suspend_s": "#8172b3",
+    "train_s": "#dd8452",
+    "update_s": "#c44e52",
+    "resume_s": "#55a868",
+}
+
+
+def _phase_bars(ax: Axes, steps: Sequence[Any], entries: Sequence[dict[str, Any]]) -> None:
+    """Each step's phases stacked (rollout, suspend, train, update, resume seconds)."""
+    bottom = [0.0] * len(entries)
+    for phase, color in PHASE_COLORS.items():
+        values = [e.get(phase, 0.0) for e in entries]
+        ax.bar(steps, values, bottom=bottom, color=color, label=phase.removesuffix("_s"))
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    ax.set_ylabel("seconds (rank 0)")
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_rl_rollout(results: str) -> list[str]:
+    """Rollout tokens/s ours vs transformers' generate at the untrained and the trained
+    weights, and one step's phases (benchmarks/rl_rollout.py)."""
+    data = load(results, "rl_rollout.json")
+    if data is None:
+        return []
+    cfg, rollout, cycle = data["config"], data["rollout"], data["cycle"]
+    points = [p for p in ("initial", "trained") if p in rollout]
+    kinds = {
+        "ours": "TrainingInference.generate (ours)",
+        "transformers": "transformers model.generate",
+        "transformers_with_log_probs": "transformers generate + log-prob forward",
+    }
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.6, 1]})
+    grouped_bars(
+        axes[0],
+        [
+            f"{p} weights ({rollout[p]['weight_version']})\nours {rollout[p]['speedup']:.2f}x, "
+            f"{rollout[p]['speedup_vs_with_log_probs']:.2f}x with log-probs"
+            for p in points
+        ],
+        {
+            label: [rollout[p][k]["median_tokens_per_s"] for p in points]
+            for k, label in kinds.items()
+        },
+        "generated tokens/s, all ranks (median)",
+        {
+            kinds["ours"]: "#4c72b0",
+            kinds["transformers"]: "#8c8c8c",
+            kinds["transformers_with_log_probs"]: "#dd8452",
+        },
+        fmt="{:,.0f}",
+    )
+    axes[0].legend(fontsize=8)
+    axes[0].set_title(
+        f"Rollouts at equal batch ({cfg['rows_per_rank']} rows a rank) and equal weights\n"
+        "(speedups: the median of each round's ratio, the three ways run back to back)",
+        fontsize=9,
+    )
+    phases = cycle["median_phase_s"]
+    _phase_bars(axes[1], ["one step (median)"], [phases])
+    axes[1].set_title(
+        f"rollout {phases['rollout_s']:.2f} s; suspend + train + update + resume "
+        f"{cycle['suspend_train_update_resume_s']:.2f} s\n(of it suspend + update + resume "
+        f"{cycle['overhead_s']:.3f} s)",
+        fontsize=9,
+    )
+    load_note = data.get("machine", {}).get("load_avg_1m_at_start")
+    fig.suptitle(
+        f"RL rollouts in the training processes: {cfg['replicas']} replicas x TP "
+        f"{cfg['tensor_parallel_size']}, {cfg['max_new_tokens']} tokens per rollout "
+        f"({machine_note(data)}"
+        + (f", load average {load_note:.1f} at start" if load_note is not None else "")
+        + ")",
+        fontsize=11,
+    )
+    return [save(fig, results, "rl_rollout.png")]
+
+
+def plot_train_grpo(results: str) -> list[str]:
+    """The reward curve and each step's phases of a launch/train_grpo.py log (a JSON list)."""
+    data = load(results, "train_grpo.json")
+    if data is None:
+        return []
+    if not isinstance(data, list):
+        raise ValueError("train_grpo.json must be the list --output-json writes")
+    steps = [e["step"] for e in data]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    axes[0].plot(steps, [e["mean_reward"] for e in data], "o-", color="#4c72b0")
+    axes[0].axhline(0.8, ls="--", color="gray", label="goal 0.8")
+    axes[0].set_ylim(0, 1.05)
+    axes[0].set_xlabel("step (its rollouts served by weights version step-<step>)")
+    axes[0].set_ylabel("mean reward (fraction of numeral tokens)")
+    axes[0].grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    axes[0].set_title("GRPO on the toy task, rollouts through the coordinator", fontsize=9)
+    _phase_bars(axes[1], steps, data)
+    axes[1].set_xlabel("step")
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    total = sum(sum(e.get(p, 0.0) for p in PHASE_COLORS) for e in data)
+    axes[1].set_title(f"seconds per step ({total:.0f} s in the loop)", fontsize=9)
+    fig.suptitle("launch/train_grpo.py", fontsize=11)
+    return [save(fig, results, "train_grpo.png")]
+
+
 PLOTS: dict[str, Callable[[str], list[str]]] = {
     "scaling": plot_scaling,
     "coordinator": plot_coordinator,
@@ -558,6 +667,8 @@ PLOTS: dict[str, Callable[[str], list[str]]] = {
     "pack_unpack": plot_pack_unpack,
     "tp_broadcast": plot_tp_broadcast,
     "prefix_routing": plot_prefix_routing,
+    "rl_rollout": plot_rl_rollout,
+    "train_grpo": plot_train_grpo,
 }
 
 

@@ -15,6 +15,8 @@ _PUBLIC = {
     "InferenceClient": "client",
     "Headers": "protocol",
     "SamplingParams": "sampling_params",
+    "TrainingInference": "training_inference",
+    "WeightUpdateError": "client_updates",
 }
 
 __all__ = sorted(_PUBLIC)

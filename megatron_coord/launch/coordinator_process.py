@@ -27,12 +27,15 @@ def _coordinator_main(
     ready_event: Any,
     parent_pid: int,
     data_parallel_size: int,
-    tokenizer_path: str,
+    tokenizer_path: Any,
     port: int | None,
     deterministic_mode: bool,
     options: dict[str, Any],
 ) -> None:
     """Target of the spawned coordinator process: load the tokenizer and serve.
+
+    ``tokenizer_path`` is a checkpoint directory, or a (picklable) tokenizer object itself:
+    a training script's own (megatron_coord.training_inference).
 
     Rank 0's death sends it SIGHUP, which ``GracefulShutdown`` takes as "fail what is in
     flight and exit now" (until its handlers are installed: the default action, death)."""
@@ -42,14 +45,18 @@ def _coordinator_main(
     # serves, SIGTERM/SIGINT drain (GracefulShutdown).
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     from ..coordinator.coordinator import DataParallelInferenceCoordinator
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import as_megatron_tokenizer, load_tokenizer
 
+    if isinstance(tokenizer_path, str):
+        tokenizer = load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = as_megatron_tokenizer(tokenizer_path)
     try:
         DataParallelInferenceCoordinator.entrypoint(
             pipe_connection,
             ready_event,
             data_parallel_size,
-            load_tokenizer(tokenizer_path),
+            tokenizer,
             port,
             deterministic_mode,
             **options,
@@ -62,12 +69,16 @@ def _coordinator_main(
 
 def spawn_coordinator(
     data_parallel_size: int,
-    tokenizer_path: str,
+    tokenizer_path: Any,
     port: int | None = None,
     deterministic_mode: bool = False,
     options: dict[str, Any] | None = None,
+    import_main: bool = True,
 ) -> tuple[multiprocessing.process.BaseProcess, str, Any]:
     """Start the coordinator process; return (process, address, ready_event).
+    ``tokenizer_path``: a checkpoint directory or a picklable tokenizer object.
+    ``import_main=False``: the child does not import the parent's ``__main__`` (see
+    ``_main_hidden``).
 
     Call it from the main thread: the child dies with the thread that started it."""
     warn_unless_main_thread("the coordinator process")
@@ -89,7 +100,8 @@ def spawn_coordinator(
         name="megatron-coord-coordinator",
         daemon=True,
     )
-    process.start()
+    with contextlib.nullcontext() if import_main else _main_hidden():
+        process.start()
     child_end.close()
     if not parent_end.poll(COORDINATOR_START_TIMEOUT_S):
         process.terminate()
@@ -106,6 +118,25 @@ def spawn_coordinator(
         ) from None
     parent_end.close()
     return process, address, ready
+
+
+@contextlib.contextmanager
+def _main_hidden() -> Any:
+    """While a 'spawn' child starts, its parent's ``__main__`` has no file and no spec, so the
+    child does not import it. A 'spawn' child imports its parent's main script (to find what
+    the target names there); a training script written without an ``if __name__ ==
+    "__main__"`` guard, as torchrun scripts often are, would then run again in the
+    coordinator process, initialize torch.distributed and hang the start. The coordinator's
+    target lives in this package, so it needs nothing from ``__main__``."""
+    main = sys.modules.get("__main__")
+    saved = {name: getattr(main, name) for name in ("__file__", "__spec__") if hasattr(main, name)}
+    try:
+        for name in saved:
+            setattr(main, name, None) if name == "__spec__" else delattr(main, name)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(main, name, value)
 
 
 def reachable_address(address: str, host: str) -> str:

@@ -20,9 +20,16 @@ Megatron's autograd functions, which make each rank's gradients those of the uns
 
 None of the backward passes modifies the gradient it is given (autograd may hand one tensor
 to several functions): the all-reduces work on a copy.
+
+A thread may run the model on a process group of its own (``use_group_in_this_thread``): the
+in-process serving of a training script (megatron_coord.training_inference) serves the very
+model it trains from a background thread, on serving groups, so a serving collective never
+pairs with one of the script's training collectives on a shared group.
 """
 
 from __future__ import annotations
+
+import threading
 
 import torch
 import torch.distributed as dist
@@ -89,7 +96,18 @@ class TPGroup:
     def __init__(self, state: ParallelState) -> None:
         self.size = state.tensor_parallel_size
         self.rank = state.tp_rank
-        self.group = state.tp_group
+        self._group = state.tp_group
+        self._local = threading.local()
+
+    @property
+    def group(self):
+        """The process group of this thread's collectives: the model's own TP group, unless
+        this thread chose another (``use_group_in_this_thread``)."""
+        return getattr(self._local, "group", self._group)
+
+    def use_group_in_this_thread(self, group) -> None:
+        """Run this thread's collectives on ``group`` (same ranks as the TP group)."""
+        self._local.group = group
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum ``x`` over the group: in place for inference, out of place with a gradient."""

@@ -2,5 +2,8 @@
 
 - ``grpo``: group-relative advantages, the clipped policy loss (+ KL), one policy step;
 - ``toy_task``: a verifiable toy task for the default model (answer in numerals);
-- ``prototype``: the loop in one process, rollouts from an in-process engine.
+- ``config``: the loop's hyperparameters (shared by both loops) and their command-line flags;
+- ``prototype``: the loop in one process, rollouts from an in-process engine;
+- ``loop``: the loop in a torchrun world, rollouts through the coordinator by
+  ``TrainingInference`` (run by launch/train_grpo.py).
 """

@@ -45,14 +45,23 @@ class Rollout:
     group: int
 
     @classmethod
-    def from_record(cls, record: dict[str, Any], reward: float, group: int) -> Rollout:
-        """From an engine's or the coordinator's finished record (``return_log_probs``)."""
+    def from_record(
+        cls,
+        record: dict[str, Any],
+        reward: float,
+        group: int,
+        prompt_tokens: Sequence[int] | None = None,
+    ) -> Rollout:
+        """From an engine's or the coordinator's finished record (``return_log_probs``);
+        ``prompt_tokens`` for a record that does not carry its prompt's tokens."""
         request = record["requests"][0] if "requests" in record else record
         log_probs = request.get("generated_log_probs")
         if log_probs is None:
             raise ValueError("the record has no generated_log_probs: sample with return_log_probs")
+        if prompt_tokens is None:
+            prompt_tokens = request["prompt_tokens"]
         return cls(
-            list(request["prompt_tokens"]),
+            list(prompt_tokens),
             list(request["generated_tokens"]),
             list(log_probs),
             float(reward),
@@ -235,6 +244,26 @@ def policy_step(
         "mismatch": mismatch,
         "tokens": total_tokens,
     }
+
+
+def train_on_rollouts(
+    model: LlamaModel,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    rollouts: Sequence[Rollout],
+    config: GRPOConfig,
+    dp_group: Any = None,
+) -> dict[str, float]:
+    """Group advantages, the padded batch, one ``policy_step``: what every loop does with a
+    step's rollouts (the in-process prototype and the loop through the coordinator alike).
+
+    Each group must lie wholly in ``rollouts`` (with ``dp_group``, on one replica), since
+    advantages compare a rollout with its own group only."""
+    rewards = torch.tensor([r.reward for r in rollouts])
+    groups = torch.tensor([r.group for r in rollouts])
+    advantages = group_advantages(rewards, groups, config.scale_by_std)
+    batch = pack_rollouts(rollouts, advantages)
+    return policy_step(model, optimizer, params, batch, config, dp_group)
 
 
 def _average_gradients(params: list[torch.nn.Parameter], group: Any) -> None:

@@ -1,8 +1,8 @@
 """A GRPO loop in one process: rollouts from an in-process engine, a policy step, repeated.
 
 It proves and tunes the learning dynamics of rl/grpo.py on the toy task (rl/toy_task.py)
-before the rollouts go through the coordinator (launch/train_grpo.py): the engine serves the
-very parameters the optimizer updates (no copy), as the in-process serving class will.
+before the rollouts go through the coordinator (rl/loop.py, launch/train_grpo.py): the engine
+serves the very parameters the optimizer updates (no copy), as ``TrainingInference`` does.
 The engine's prefix cache is off: KV blocks computed under last step's weights must not be
 reused under this step's (the coordinator's path names blocks by weight version instead).
 
@@ -16,7 +16,7 @@ import argparse
 import json
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from typing import Any
 
 import torch
@@ -24,46 +24,14 @@ import torch
 from ..engine.engine import InferenceEngine
 from ..engine.tp_broadcast import NewRequest
 from ..models import training
+from ..parallel_state import single_process_state
 from ..sampling_params import SamplingParams
-from .grpo import GRPOConfig, Rollout, group_advantages, pack_rollouts, policy_step
+from .config import LoopConfig, add_arguments, default_model_and_tokenizer, from_arguments
+from .grpo import Rollout, train_on_rollouts
 from .toy_task import NumeralsTask
 
-
-@dataclass
-class PrototypeConfig:
-    """The loop's hyperparameters; the defaults are tuned for the default model on the toy task.
-
-    Measured on 2 shared CPU cores, one torch thread, seeds 0-4: the mean reward goes from
-    about 0.03 to at least 0.8 after 6 to 8 policy steps (about 3 s each: 0.9 s of rollouts,
-    2 s of training, nearly all of it the output layer's 50257 columns) and stays at 1.0 once
-    there (the policy settles on one numeral); ``steps`` leaves more than twice that margin:
-    60-75 s for the 20 steps. All weights train: the output layer alone (tied to the
-    embedding) is slower and less steady (at 1e-2 it reaches 0.23 in 15 steps where all
-    weights reach 1.0 in 10; at 3e-2 it wavers between 0.8 and 0.9), since without the
-    layers below it cannot make the last hidden state alike across contexts. Adam at 2e-2
-    is high for a real model and right for this random one, whose logits must move by about
-    5 nats; 1e-2 takes about twice the steps, 3e-3 does not move in 15. Eight prompts of
-    eight rollouts (64 sequences) make one batch and one optimizer step: four prompts take
-    cheaper but noisier steps, more of them, for about the same wall time.
-    """
-
-    steps: int = 20
-    prompts_per_step: int = 8
-    group_size: int = 8
-    max_new_tokens: int = 16
-    temperature: float = 1.0
-    lr: float = 2e-2
-    trainable: str = "all"
-    seed: int = 0
-    grpo: GRPOConfig = field(default_factory=GRPOConfig)
-
-    def sampling_params(self) -> SamplingParams:
-        return SamplingParams(
-            temperature=self.temperature,
-            num_tokens_to_generate=self.max_new_tokens,
-            return_log_probs=True,
-            skip_prompt_log_probs=True,
-        )
+# The loop's hyperparameters (rl/config.py), under the name this module gave them first.
+PrototypeConfig = LoopConfig
 
 
 def generate_rollouts(
@@ -94,7 +62,7 @@ def generate_rollouts(
 
 
 def run(
-    config: PrototypeConfig,
+    config: LoopConfig,
     model: Any = None,
     tokenizer: Any = None,
     progress: bool = False,
@@ -104,7 +72,7 @@ def run(
     from tqdm import tqdm
 
     if model is None:
-        model, tokenizer = _default_model_and_tokenizer()
+        model, tokenizer = default_model_and_tokenizer(single_process_state())
     task = NumeralsTask(tokenizer, model.config.vocab_size)
     rng = random.Random(config.seed)
     torch.manual_seed(config.seed)
@@ -123,15 +91,11 @@ def run(
             engine, task, prompts, config.group_size, sampling, rng, step * rows
         )
         rollout_s = time.perf_counter() - started
-        rewards = torch.tensor([r.reward for r in rollouts])
-        groups = torch.tensor([r.group for r in rollouts])
-        advantages = group_advantages(rewards, groups, config.grpo.scale_by_std)
+        mean_reward = sum(r.reward for r in rollouts) / len(rollouts)
         started = time.perf_counter()
-        stats = policy_step(
-            model, optimizer, params, pack_rollouts(rollouts, advantages), config.grpo
-        )
+        stats = train_on_rollouts(model, optimizer, params, rollouts, config.grpo)
         train_s = time.perf_counter() - started
-        entry = {"step": step, "mean_reward": rewards.mean().item(), "rollout_s": rollout_s}
+        entry = {"step": step, "mean_reward": mean_reward, "rollout_s": rollout_s}
         entry.update(train_s=train_s, **stats)
         entry["sample"] = tokenizer.detokenize(rollouts[0].generated_tokens)
         log.append(entry)
@@ -139,31 +103,14 @@ def run(
     return log
 
 
-def _default_model_and_tokenizer() -> tuple[Any, Any]:
-    from ..models import default_checkpoint_dir, load_model
-    from ..parallel_state import single_process_state
-    from ..tokenizer import load_tokenizer
-
-    path = default_checkpoint_dir()
-    return load_model(path, single_process_state()), load_tokenizer(path)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = PrototypeConfig()
-    for name in ("steps", "prompts_per_step", "group_size", "max_new_tokens", "seed"):
-        parser.add_argument(
-            "--" + name.replace("_", "-"), type=int, default=getattr(defaults, name)
-        )
-    for name in ("temperature", "lr"):
-        parser.add_argument("--" + name, type=float, default=getattr(defaults, name))
-    parser.add_argument("--trainable", choices=training.TRAINABLE, default=defaults.trainable)
+    add_arguments(parser)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--output-json", help="write the per-step log here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fields = {k: v for k, v in vars(args).items() if k not in ("threads", "output_json")}
-    config = PrototypeConfig(**fields)
+    config = from_arguments(args)
     started = time.perf_counter()
     log = run(config, progress=True)
     wall = time.perf_counter() - started
