@@ -582,8 +582,7 @@ def plot_weight_update(results: str) -> list[str]:
             ["#55a868", "#dd8452"],
         )
         axes[1].set_title(
-            f"throughput kept {data['throughput_kept']:.0%}, requests lost "
-            f"{data['requests_lost']}",
+            f"throughput kept {data['throughput_kept']:.0%}, requests lost {data['requests_lost']}",
             fontsize=9,
         )
     else:

@@ -289,6 +289,28 @@ class StreamProbe:
             await stream.aclose()
 
 
+async def first_tokens(client: Any, count: int) -> tuple[float, list[dict[str, Any]]]:
+    """``count`` one-token requests at once (one per replica, round robin): when the first
+    answer came, and every record."""
+    answered: list[float] = []
+    futures = [client.add_request(PROMPTS[i % len(PROMPTS)], ONE_TOKEN) for i in range(count)]
+    for future in futures:
+        future.add_done_callback(lambda _: answered.append(time.perf_counter()))
+    records = await asyncio.wait_for(asyncio.gather(*futures), 60)
+    return min(answered), records
+
+
+async def idle_first_token(client: Any, count: int, tries: int) -> float:
+    """The same one-token requests with no update before them (median seconds): the part of
+    ``update_s`` that any request costs."""
+    times = []
+    for _ in range(tries):
+        started = time.perf_counter()
+        first, _ = await first_tokens(client, count)
+        times.append(first - started)
+    return round(statistics.median(times), 4)
+
+
 async def timed_update(
     client: Any, args: argparse.Namespace, source: str, version: str, target: tuple, sender: Any
 ) -> dict[str, Any]:
@@ -308,17 +330,13 @@ async def timed_update(
     started = time.perf_counter()
     outcome = await client.update_weights(version, mode=args.mode, timeout_s=120.0, **kwargs)
     returned = time.perf_counter()
-    answered: list[float] = []
-    futures = [client.add_request(PROMPTS[i % len(PROMPTS)], ONE_TOKEN) for i in range(args.dp)]
-    for future in futures:
-        future.add_done_callback(lambda _: answered.append(time.perf_counter()))
-    records = await asyncio.wait_for(asyncio.gather(*futures), 60)
+    answered, records = await first_tokens(client, args.dp)
     if probe is not None:
         await asyncio.wait_for(probe.task, 60)
     return {
         "version": version,
         "published": bool(outcome.get("published")),
-        "first_token_s": round(min(answered) - started, 4),
+        "first_token_s": round(answered - started, 4),
         "call_s": round(returned - started, 4),
         "stream_new_token_s": (
             None
@@ -328,7 +346,7 @@ async def timed_update(
         "coordinator_duration_s": outcome.get("duration_s"),
         "replica_duration_s": [r.get("duration_s") for r in outcome.get("replicas", [])],
         "stale_first_tokens": sum(first_span_version(r) != version for r in records),
-    }
+    } | ({"sender_s": sender_seconds(sender, version)} if source == "distributed" else {})
 
 
 def summarize_updates(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -341,6 +359,7 @@ def summarize_updates(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "call_s": median("call_s"),
         "stream_new_token_s": median("stream_new_token_s"),
         "min_update_s": min(run["first_token_s"] for run in runs),
+        "sender_s": median("sender_s") if "sender_s" in runs[0] else None,
         "published": sum(run["published"] for run in runs),
         "stale_first_tokens": sum(run["stale_first_tokens"] for run in runs),
         "runs": runs,
@@ -409,6 +428,7 @@ class Load:
             "completed_in_window": done,
             "requests_per_s": round(done / elapsed, 2),
             "tokens_per_s": round(tokens / elapsed, 1),
+            "tokens_in_window": tokens,
             "requests_submitted": self.submitted,
             "requests_completed": self.completed,
             "requests_lost": self.submitted - self.completed - sum(self.errors.values()),
@@ -416,6 +436,36 @@ class Load:
             "stale_after_publish": self.stale_after_publish,
             "straddled_updates": self.straddled,
         } | ({"updates": extra} if extra is not None else {})
+
+
+def combine(windows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Load windows added up: rates over their summed time, counts summed."""
+    seconds = sum(w["seconds"] for w in windows)
+    out: dict[str, Any] = {"windows": len(windows), "seconds": round(seconds, 2)}
+    done = sum(w["completed_in_window"] for w in windows)
+    out["requests_per_s"] = round(done / seconds, 2)
+    out["tokens_per_s"] = round(sum(w["tokens_in_window"] for w in windows) / seconds, 1)
+    out["requests_per_s_each"] = [w["requests_per_s"] for w in windows]
+    for key in ("requests_submitted", "requests_completed", "requests_lost"):
+        out[key] = sum(w[key] for w in windows)
+    out["errors"] = dict(sum((Counter(w["errors"]) for w in windows), Counter()))
+    for key in ("stale_after_publish", "straddled_updates"):
+        out[key] = sum(w[key] for w in windows)
+    updates = [u for w in windows for u in w.get("updates", [])]
+    if updates:
+        out["updates"] = len(updates)
+        out["updates_published"] = sum(u["published"] for u in updates)
+        out["update_call_s"] = percentiles_s([u["call_s"] for u in updates])
+        sent = [u["sender_s"] for u in updates if u.get("sender_s") is not None]
+        if sent:
+            out["update_sender_s"] = percentiles_s(sent)
+        out["update_runs"] = updates
+    return out
+
+
+def percentiles_s(values: list[float]) -> dict[str, float]:
+    """Median and max in seconds."""
+    return {"median": round(statistics.median(values), 4), "max": round(max(values), 4)}
 
 
 async def update_stream(
@@ -443,9 +493,17 @@ async def update_stream(
         if ok:
             load.published.append((returned, version))
         done.append({"version": version, "published": ok, "call_s": round(returned - started, 4)})
+        done[-1]["sender_s"] = sender_seconds(sender, version)
         if error:
             done[-1]["error"] = error
     return done
+
+
+def sender_seconds(sender: Any, version: str) -> float | None:
+    """How long the sender's own part of the update to ``version`` took (joining the transfer
+    group, the manifest, every bucket), if it sent it."""
+    stats = sender.last_stats if sender is not None else {}
+    return round(stats["seconds"], 4) if stats.get("version") == version else None
 
 
 async def client_update(
@@ -509,8 +567,10 @@ async def session(args: argparse.Namespace, weights: Weights) -> dict[str, Any]:
         needs_sender = "load" in phases or ("updates" in phases and "distributed" in args.sources)
         if needs_sender:
             device = "cuda" if args.backend == "nccl" else "cpu"
-            sender = WeightSender(backend=args.backend, device=device)
+            options = {"bucket_bytes": args.bucket_bytes} if args.bucket_bytes else {}
+            sender = WeightSender(backend=args.backend, device=device, **options)
         versions = (f"v{n}" for n in itertools.count(1))
+        out["idle_first_token_s"] = await idle_first_token(client, args.dp, 2 * args.repeat + 1)
         if "updates" in phases:
             runs: dict[str, list] = {source: [] for source in args.sources}
             for _ in range(args.repeat):
@@ -521,10 +581,14 @@ async def session(args: argparse.Namespace, weights: Weights) -> dict[str, Any]:
                     )
             out["updates"] = {source: summarize_updates(r) for source, r in runs.items()}
         if "load" in phases:
-            out["load_without_updates"] = await Load(client, args).run(args.load_seconds)
-            load = Load(client, args)
-            during = update_stream(load, args, weights, sender, versions)
-            out["load_with_updates"] = await load.run(args.load_seconds, during)
+            windows: dict[str, list] = {"without": [], "with": []}
+            for _ in range(args.load_pairs):  # interleaved: a shared host's noise hits both
+                windows["without"].append(await Load(client, args).run(args.load_seconds))
+                load = Load(client, args)
+                during = update_stream(load, args, weights, sender, versions)
+                windows["with"].append(await load.run(args.load_seconds, during))
+            out["load_without_updates"] = combine(windows["without"])
+            out["load_with_updates"] = combine(windows["with"])
         if "restart" in phases:
             out["restart"], launch, client = await restart(
                 client, launch, args, weights.paths[1 - weights.served]
@@ -550,6 +614,7 @@ def headline(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]
         "broadcast_floor_s": floor,
         "update_s": update_s,
         "restart_s": restart_s,
+        "idle_first_token_s": result.get("idle_first_token_s"),
     }
     loaded = result.get("load_with_updates")
     if loaded is not None:
@@ -586,8 +651,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mode", choices=("keep", "recompute", "abort"), default="keep")
     parser.add_argument("--repeat", type=int, default=5, help="updates timed per source")
     parser.add_argument("--floor-repeat", type=int, default=10, help="tries of the raw broadcast")
-    parser.add_argument("--load-seconds", type=float, default=30.0, help="each load window")
+    parser.add_argument("--load-seconds", type=float, default=15.0, help="each load window")
+    parser.add_argument("--load-pairs", type=int, default=3, help="windows without/with updates")
     parser.add_argument("--update-every", type=float, default=4.0, help="seconds, under load")
+    parser.add_argument(
+        "--bucket-bytes", type=int, default=None, help="the sender's (default: its own, 8 MiB)"
+    )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request under load")
     parser.add_argument("--max-batch-size", type=int, default=8)
@@ -608,7 +677,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--floor-out", help=argparse.SUPPRESS)
     if parser.parse_args(argv).quick:  # smaller defaults; what is given still counts
-        parser.set_defaults(repeat=2, floor_repeat=3, load_seconds=8.0, update_every=2.5)
+        parser.set_defaults(
+            repeat=2, floor_repeat=3, load_seconds=6.0, load_pairs=1, update_every=2.0, tokens=16
+        )
     args = parser.parse_args(argv)
     args.sources = [s for s in args.sources.split(",") if s]
     args.phase_set = set(args.phases.split(","))
@@ -656,6 +727,8 @@ def main() -> None:
         "repeat": args.repeat,
         "floor_repeat": args.floor_repeat,
         "load_seconds": args.load_seconds,
+        "load_pairs": args.load_pairs,
+        "bucket_bytes": args.bucket_bytes,
         "update_every_s": args.update_every,
         "concurrency": args.concurrency,
         "tokens_per_request": args.tokens,
