@@ -554,7 +554,7 @@ def plot_weight_update(results: str) -> list[str]:
     data = load(results, "weight_update.json")
     if data is None:
         return []
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [2.2, 1]})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [2.2, 1]})
     bars = [("raw broadcast\n(floor)", data.get("broadcast_floor_s"), "#8c8c8c")]
     for source, seconds in data.get("update_s", {}).items():
         bars.append((f"update:\n{source.replace('_', ' ')}", seconds, "#4c72b0"))
@@ -572,7 +572,7 @@ def plot_weight_update(results: str) -> list[str]:
     axes[0].set_title(f"{data['model_bytes'] / 1e6:.0f} MB of weights", fontsize=9)
     if "load_with_updates" in data:
         without, with_ = data["load_without_updates"], data["load_with_updates"]
-        updates = len(with_.get("updates", []))
+        updates = with_.get("updates", 0)
         value_bars(
             axes[1],
             ["no updates", f"{updates} updates\n(every {data['config']['update_every_s']:g} s)"],
@@ -588,7 +588,7 @@ def plot_weight_update(results: str) -> list[str]:
     else:
         axes[1].set_axis_off()
     c = data["config"]
-    met = ", ".join(
+    met = "\n".join(
         f"{g['goal']}: {g['value']} ({'met' if g['met'] else 'missed'})" for g in data["goals"]
     )
     fig.suptitle(
