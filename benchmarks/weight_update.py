@@ -357,12 +357,12 @@ async def timed_update(
         "coordinator_duration_s": outcome.get("duration_s"),
         "replica_duration_s": [r.get("duration_s") for r in outcome.get("replicas", [])],
         "stale_first_tokens": sum(first_span_version(r) != version for r in records),
-    } | ({"sender_s": sender_seconds(sender, version)} if source == "distributed" else {})
+    } | (sender_seconds(sender, version) if source == "distributed" else {})
 
 
 def summarize_updates(runs: list[dict[str, Any]]) -> dict[str, Any]:
     def median(key: str) -> float | None:
-        values = [run[key] for run in runs if run[key] is not None]
+        values = [run[key] for run in runs if run.get(key) is not None]
         return round(statistics.median(values), 4) if values else None
 
     return {
@@ -370,7 +370,17 @@ def summarize_updates(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "call_s": median("call_s"),
         "stream_new_token_s": median("stream_new_token_s"),
         "min_update_s": min(run["first_token_s"] for run in runs),
-        "sender_s": median("sender_s") if "sender_s" in runs[0] else None,
+        **{
+            key: median(key)
+            for key in (
+                "sender_s",
+                "sender_group_s",
+                "sender_manifest_s",
+                "sender_buckets_s",
+                "sender_close_s",
+            )
+            if key in runs[0]
+        },
         "published": sum(run["published"] for run in runs),
         "stale_first_tokens": sum(run["stale_first_tokens"] for run in runs),
         "runs": runs,
@@ -504,17 +514,66 @@ async def update_stream(
         if ok:
             load.published.append((returned, version))
         done.append({"version": version, "published": ok, "call_s": round(returned - started, 4)})
-        done[-1]["sender_s"] = sender_seconds(sender, version)
+        done[-1].update(sender_seconds(sender, version))
         if error:
             done[-1]["error"] = error
     return done
 
 
-def sender_seconds(sender: Any, version: str) -> float | None:
-    """How long the sender's own part of the update to ``version`` took (joining the transfer
-    group, the manifest, every bucket), if it sent it."""
+def timed_sender(**options: Any) -> Any:
+    """A ``WeightSender`` whose sends are split in three: joining the update's new transfer
+    group (every rank connected), the manifest, the buckets. The sender module's
+    ``TransferGroup`` is replaced, in this process only, by one that notes the times."""
+    from megatron_coord.weights import WeightSender
+    from megatron_coord.weights import sender as sender_module
+
+    marks: dict[str, float] = {}
+
+    class TimedGroup(sender_module.TransferGroup):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            marks["start"] = time.monotonic()
+            super().__init__(*args, **kwargs)
+            marks["group"] = time.monotonic()
+
+        def broadcast_bytes(self, data: bytes | None) -> bytes:
+            out = super().broadcast_bytes(data)
+            marks["manifest"] = time.monotonic()
+            return out
+
+        def close(self) -> None:
+            marks["close"] = time.monotonic()
+            super().close()
+
+    class TimedSender(WeightSender):
+        def send(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            marks.clear()
+            started = time.monotonic()
+            stats = super().send(*args, **kwargs)
+            done = time.monotonic()
+            stats["wall_s"] = done - started  # its "seconds" end before the group is freed
+            if len(marks) == 4:
+                stats["group_s"] = marks["group"] - marks["start"]
+                stats["manifest_s"] = marks["manifest"] - marks["group"]
+                stats["buckets_s"] = marks["close"] - marks["manifest"]
+                stats["close_s"] = done - marks["close"]
+            return stats
+
+    sender_module.TransferGroup = TimedGroup
+    return TimedSender(**options)
+
+
+def sender_seconds(sender: Any, version: str) -> dict[str, float | None]:
+    """How long the sender's own part of the update to ``version`` took (``sender_s``), and
+    its split: joining the transfer group, the manifest, the buckets, leaving the group (the
+    process group is freed as ``send`` returns: a gloo group's threads are joined)."""
     stats = sender.last_stats if sender is not None else {}
-    return round(stats["seconds"], 4) if stats.get("version") == version else None
+    if stats.get("version") != version:
+        return {"sender_s": None}
+    out = {"sender_s": round(stats.get("wall_s", stats["seconds"]), 4)}
+    for key in ("group_s", "manifest_s", "buckets_s", "close_s"):
+        if key in stats:
+            out[f"sender_{key}"] = round(stats[key], 4)
+    return out
 
 
 async def client_update(
@@ -562,8 +621,6 @@ async def restart(
 async def session(args: argparse.Namespace, weights: Weights) -> dict[str, Any]:
     import itertools
 
-    from megatron_coord.weights import WeightSender
-
     out: dict[str, Any] = {}
     phases = args.phase_set
     launch = Launch(args, weights.paths[0], "v0")
@@ -579,7 +636,7 @@ async def session(args: argparse.Namespace, weights: Weights) -> dict[str, Any]:
         if needs_sender:
             device = "cuda" if args.backend == "nccl" else "cpu"
             options = {"bucket_bytes": args.bucket_bytes} if args.bucket_bytes else {}
-            sender = WeightSender(backend=args.backend, device=device, **options)
+            sender = timed_sender(backend=args.backend, device=device, **options)
         versions = (f"v{n}" for n in itertools.count(1))
         out["idle_first_token_s"] = await idle_first_token(client, args.dp, 2 * args.repeat + 1)
         floors = []
