@@ -374,6 +374,7 @@ def summarize_updates(runs: list[dict[str, Any]]) -> dict[str, Any]:
             key: median(key)
             for key in (
                 "sender_s",
+                "sender_prepare_s",
                 "sender_group_s",
                 "sender_manifest_s",
                 "sender_buckets_s",
@@ -552,6 +553,7 @@ def timed_sender(**options: Any) -> Any:
             done = time.monotonic()
             stats["wall_s"] = done - started  # its "seconds" end before the group is freed
             if len(marks) == 4:
+                stats["prepare_s"] = marks["start"] - started  # the manifest planned
                 stats["group_s"] = marks["group"] - marks["start"]
                 stats["manifest_s"] = marks["manifest"] - marks["group"]
                 stats["buckets_s"] = marks["close"] - marks["manifest"]
@@ -564,13 +566,13 @@ def timed_sender(**options: Any) -> Any:
 
 def sender_seconds(sender: Any, version: str) -> dict[str, float | None]:
     """How long the sender's own part of the update to ``version`` took (``sender_s``), and
-    its split: joining the transfer group, the manifest, the buckets, leaving the group (the
+    its split: planning, joining the transfer group, the manifest, the buckets, leaving it (the
     process group is freed as ``send`` returns: a gloo group's threads are joined)."""
     stats = sender.last_stats if sender is not None else {}
     if stats.get("version") != version:
         return {"sender_s": None}
     out = {"sender_s": round(stats.get("wall_s", stats["seconds"]), 4)}
-    for key in ("group_s", "manifest_s", "buckets_s", "close_s"):
+    for key in ("prepare_s", "group_s", "manifest_s", "buckets_s", "close_s"):
         if key in stats:
             out[f"sender_{key}"] = round(stats[key], 4)
     return out
