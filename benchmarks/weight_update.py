@@ -7,8 +7,9 @@ each, or ``--tensor-parallel-size 2``) takes new weights through the coordinator
 - ``broadcast_floor_s``: a raw torch.distributed broadcast of the same bytes (the model's
   Hugging Face tensors) from a trainer to as many receiving ranks as the launch has, in a
   separate torchrun group of that shape (trainer + N ranks) started by this script
-  (``--floor-worker``): tensor by tensor and as one flat buffer, the faster of the two; a
-  barrier-like all-reduce ends each try, so every rank has everything.
+  (``--floor-worker``): tensor by tensor, as one flat buffer, and as that buffer in chunks of
+  the sender's bucket size; the fastest of the three (a barrier-like all-reduce ends each try,
+  so every rank has everything). Run once before the timed updates and once after.
 - ``update_s`` per source (``checkpoint``: each rank reads its shard of a safetensors
   directory; ``distributed``: this process is the trainer, a ``WeightSender`` sends the tensors
   over a transfer group with the serving ranks; ``in_place``: a version bump, no copy): from the
@@ -61,8 +62,11 @@ from _common import write_results  # noqa: E402
 PROMPTS = ["The quick brown fox", "Data parallel inference", "Hello world", "One two three"]
 SOURCES = ("checkpoint", "distributed", "in_place")
 PHASES = ("floor", "updates", "load", "restart")
+DEFAULT_BUCKET_BYTES = (
+    8 << 20
+)  # weights/sender.py's (not imported here: the floor ranks stay light)
 ONE_TOKEN = {"num_tokens_to_generate": 1, "top_k": 1}
-FLOOR_KINDS = ("per_tensor", "flat")
+FLOOR_KINDS = ("per_tensor", "flat", "chunked")  # chunked: in the sender's bucket size
 
 
 # ---------------------------------------------------------------------- the raw broadcast floor
@@ -74,6 +78,8 @@ def floor_worker(args: argparse.Namespace) -> None:
     import torch
     import torch.distributed as dist
     from safetensors.torch import load_file
+
+    from megatron_coord.weights import DEFAULT_BUCKET_BYTES
 
     torch.set_num_threads(1)
     device = torch.device("cpu")
@@ -89,6 +95,12 @@ def floor_worker(args: argparse.Namespace) -> None:
     if rank == 0:
         flat.copy_(torch.cat([t.reshape(-1).view(torch.uint8) for t in tensors]))
     done = torch.zeros(1, device=device)
+    chunk = (args.bucket_bytes or DEFAULT_BUCKET_BYTES) // 2  # what one of its buckets holds
+    pieces = {
+        "per_tensor": tensors,
+        "flat": [flat],
+        "chunked": [flat[start : start + chunk] for start in range(0, total, chunk)],
+    }
 
     def settle() -> None:
         dist.all_reduce(done)  # every rank got everything before it
@@ -101,7 +113,7 @@ def floor_worker(args: argparse.Namespace) -> None:
         for kind in FLOOR_KINDS:
             settle()
             started = time.perf_counter()
-            for tensor in tensors if kind == "per_tensor" else [flat]:
+            for tensor in pieces[kind]:
                 dist.broadcast(tensor, 0)
             settle()
             if index:
@@ -131,6 +143,8 @@ def floor_tries(args: argparse.Namespace, model: str, receivers: int) -> dict[st
             "--floor-repeat", str(args.floor_repeat), "--floor-out", out,
             "--backend", args.backend,
         ]  # fmt: skip
+        if args.bucket_bytes:
+            command += ["--bucket-bytes", str(args.bucket_bytes)]
         env = dict(os.environ, OMP_NUM_THREADS="1")
         run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         if run.returncode != 0 or not os.path.exists(out):
