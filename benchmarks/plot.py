@@ -18,6 +18,7 @@ pack_unpack.png             pack_unpack.json                 benchmarks/pack_unp
 tp_broadcast.png            tp_broadcast.json                benchmarks/tp_broadcast.py
 prefix_routing.png          prefix_routing.json              benchmarks/prefix_routing.py
 weight_update.png           weight_update.json               benchmarks/weight_update.py
+weight_update_tp2.png       weight_update_tp2.json           benchmarks/weight_update.py (TP 2)
 ==========================  ===============================  ==================================
 
 Run: ``python benchmarks/plot.py [--results DIR] [--only scaling coordinator ...]``.
@@ -550,10 +551,17 @@ def plot_prefix_routing(results: str) -> list[str]:
 
 def plot_weight_update(results: str) -> list[str]:
     """Time to the first token under new weights per source, against the raw broadcast of the
-    same bytes and a restart (log scale); throughput with and without a stream of updates."""
-    data = load(results, "weight_update.json")
-    if data is None:
-        return []
+    same bytes and a restart (log scale); throughput with and without a stream of updates.
+    One picture per result: weight_update.json (TP 1), weight_update_tp2.json (TP 2)."""
+    paths = []
+    for name in ("weight_update", "weight_update_tp2"):
+        data = load(results, f"{name}.json")
+        if data is not None:
+            paths.append(_weight_update_figure(data, results, f"{name}.png"))
+    return paths
+
+
+def _weight_update_figure(data: dict[str, Any], results: str, name: str) -> str:
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [2.2, 1]})
     bars = [("raw broadcast\n(floor)", data.get("broadcast_floor_s"), "#8c8c8c")]
     for source, seconds in data.get("update_s", {}).items():
@@ -596,7 +604,7 @@ def plot_weight_update(results: str) -> list[str]:
         f", {c['backend']}, mode {c['mode']} ({machine_note(data)})" + (f"\n{met}" if met else ""),
         fontsize=10,
     )
-    return [save(fig, results, "weight_update.png")]
+    return save(fig, results, name)
 
 
 PLOTS: dict[str, Callable[[str], list[str]]] = {
