@@ -650,7 +650,7 @@ async def session(args: argparse.Namespace, weights: Weights) -> dict[str, Any]:
         await asyncio.gather(*(client.add_request(p, ONE_TOKEN) for p in PROMPTS * 2))  # warm
         needs_sender = "load" in phases or ("updates" in phases and "distributed" in args.sources)
         if needs_sender:
-            device = "cuda" if args.backend == "nccl" else "cpu"
+            device = trainer_device(args)
             options = {"bucket_bytes": args.bucket_bytes} if args.bucket_bytes else {}
             sender = timed_sender(backend=args.backend, device=device, **options)
         versions = (f"v{n}" for n in itertools.count(1))
@@ -694,6 +694,12 @@ async def session(args: argparse.Namespace, weights: Weights) -> dict[str, Any]:
         if sender is not None:
             sender.close()
     return out
+
+
+def trainer_device(args: argparse.Namespace) -> str:
+    """Where this process (the trainer) holds the tensors it sends: with NCCL the GPU after the
+    serving ranks' (they take cuda:0..N-1, one each), else the CPU."""
+    return f"cuda:{args.ranks}" if args.backend == "nccl" else "cpu"
 
 
 def headline(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -781,7 +787,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--floor-out", help=argparse.SUPPRESS)
     if parser.parse_args(argv).quick:  # smaller defaults; what is given still counts
         parser.set_defaults(
-            repeat=2, floor_repeat=3, load_seconds=6.0, load_pairs=1, update_every=2.0, tokens=16
+            repeat=2, floor_repeat=2, load_seconds=5.0, load_pairs=1, update_every=1.5, tokens=16
         )
     args = parser.parse_args(argv)
     args.sources = [s for s in args.sources.split(",") if s]
@@ -815,7 +821,7 @@ def main() -> None:
     started = time.perf_counter()
     result: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="weight_update_weights_") as folder:
-        weights = Weights(model, folder, "cuda" if args.backend == "nccl" else "cpu")
+        weights = Weights(model, folder, trainer_device(args))
         result["model_bytes"] = weights.bytes
         result.update(asyncio.run(session(args, weights)))
     result = headline(result, args) | result
