@@ -418,6 +418,7 @@ class Load:
         self.submitted = self.completed = self.tokens = 0
         self.errors: Counter[str] = Counter()
         self.stale_after_publish = 0
+        self.aborted = 0  # answered, but ended by an update (mode abort): tokens so far
         self.straddled = 0  # records whose tokens came from two versions or more (keep)
         self.running = True
 
@@ -438,6 +439,7 @@ class Load:
                 self.errors["connection"] += 1
                 continue
             self.completed += 1
+            self.aborted += record["requests"][0].get("finish_reason") == "aborted"
             self.tokens += len(record["requests"][0].get("generated_tokens") or [])
             spans = version_spans(record)
             self.straddled += len({span[2] for span in spans}) > 1
@@ -471,6 +473,7 @@ class Load:
             "errors": dict(self.errors),
             "stale_after_publish": self.stale_after_publish,
             "straddled_updates": self.straddled,
+            "aborted_by_updates": self.aborted,
         } | ({"updates": extra} if extra is not None else {})
 
 
@@ -485,7 +488,7 @@ def combine(windows: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("requests_submitted", "requests_completed", "requests_lost"):
         out[key] = sum(w[key] for w in windows)
     out["errors"] = dict(sum((Counter(w["errors"]) for w in windows), Counter()))
-    for key in ("stale_after_publish", "straddled_updates"):
+    for key in ("stale_after_publish", "straddled_updates", "aborted_by_updates"):
         out[key] = sum(w[key] for w in windows)
     updates = [u for w in windows for u in w.get("updates", [])]
     if updates:
