@@ -9,7 +9,11 @@ each, or ``--tensor-parallel-size 2``) takes new weights through the coordinator
   separate torchrun group of that shape (trainer + N ranks) started by this script
   (``--floor-worker``): tensor by tensor, as one flat buffer, and as that buffer in chunks of
   the sender's bucket size; the fastest of the three (a barrier-like all-reduce ends each try,
-  so every rank has everything). Run once before the timed updates and once after.
+  so every rank has everything). Run once before the timed updates and once after. Beside it,
+  as diagnostics: a new group's setup, and the update's own transfer (``WeightSender`` to
+  ``receive_weights`` into TP 1 models) in the same processes, without a coordinator or a
+  serving loop, with its first receiver's time split (joining, manifest, buckets, of which
+  copying into the model, leaving).
 - ``update_s`` per source (``checkpoint``: each rank reads its shard of a safetensors
   directory; ``distributed``: this process is the trainer, a ``WeightSender`` sends the tensors
   over a transfer group with the serving ranks; ``in_place``: a version bump, no copy): from the
@@ -67,6 +71,7 @@ DEFAULT_BUCKET_BYTES = (
 )  # weights/sender.py's (not imported here: the floor ranks stay light)
 ONE_TOKEN = {"num_tokens_to_generate": 1, "top_k": 1}
 FLOOR_KINDS = ("per_tensor", "flat", "chunked")  # chunked: in the sender's bucket size
+DIAGNOSTICS = ("group_setup", "weight_sender")  # beside the floor, not part of it
 
 
 # ---------------------------------------------------------------------- the raw broadcast floor
@@ -107,7 +112,8 @@ def floor_worker(args: argparse.Namespace) -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {kind: [] for kind in (*FLOOR_KINDS, "group_setup")}
+    times: dict[str, list[float]] = {kind: [] for kind in (*FLOOR_KINDS, *DIAGNOSTICS)}
+    transfer = SenderOutsideServing(args, rank, world, device)
     settle()
     for index in range(1 + args.floor_repeat):  # the first try warms up, not counted
         for kind in FLOOR_KINDS:
@@ -125,10 +131,109 @@ def floor_worker(args: argparse.Namespace) -> None:
         if index:
             times["group_setup"].append(time.perf_counter() - started)
         dist.destroy_process_group(group)
+        if transfer.ready:
+            settle()
+            started = time.perf_counter()
+            transfer.once(f"floor-{index}")
+            settle()
+            if index:
+                times["weight_sender"].append(time.perf_counter() - started)
+    splits: list[Any] = [None] * world
+    dist.all_gather_object(splits, transfer.splits[1:] if transfer.ready else [])
     if rank == 0:
+        out = {"bytes": total, "tensors": len(tensors), "world_size": world} | times
+        out["receiver_split"] = splits[1]  # the first receiver's, per counted try
         with open(args.floor_out, "w") as f:
-            json.dump({"bytes": total, "tensors": len(tensors), "world_size": world} | times, f)
+            json.dump(out, f)
     dist.destroy_process_group()
+
+
+class SenderOutsideServing:
+    """A diagnostic beside the floor, in the floor group's processes: the update's own transfer
+    (a ``WeightSender`` on rank 0; on the others ``receive_weights`` into a TP 1 model of the
+    checkpoint, shard checks and copies included), without a coordinator or a serving loop
+    around it: what the bucketed transfer itself costs against the raw broadcasts (gloo only;
+    every receiver holds the whole model, as a TP 1 replica does)."""
+
+    def __init__(self, args: argparse.Namespace, rank: int, world: int, device: Any) -> None:
+        import torch.distributed as dist
+
+        self.rank, self.world = rank, world
+        self.ready = args.backend == "gloo"
+        if not self.ready:
+            return
+        from safetensors.torch import load_file
+
+        from megatron_coord.models.checkpoint import load_model
+        from megatron_coord.parallel_state import single_process_state
+        from megatron_coord.weights import WeightSender
+
+        spec: list[Any] = [None]
+        if rank == 0:
+            options = {"bucket_bytes": args.bucket_bytes} if args.bucket_bytes else {}
+            self.sender = WeightSender(backend="gloo", timeout_s=120.0, **options)
+            self.tensors = list(load_file(os.path.join(args.model, "model.safetensors")).items())
+            spec[0] = self.sender.source_spec()
+        else:
+            self.model = load_model(args.model, single_process_state())
+            self._time_receiver()
+        dist.broadcast_object_list(spec, 0)
+        self.spec = spec[0]
+        self.splits: list[dict[str, float]] = []  # a receiver's, per try
+
+    def _time_receiver(self) -> None:
+        """Note, in this process only, when the receiver's group was joined, the manifest in,
+        and how long its copies into the model took (the rest of the buckets' time: waiting)."""
+        from megatron_coord.weights import receiver
+
+        marks = self.marks = {"copy": 0.0}
+
+        class TimedGroup(receiver.TransferGroup):
+            def __init__(self, *args: Any, **kwargs: Any) -> None:
+                super().__init__(*args, **kwargs)
+                marks["group"] = time.monotonic()
+
+            def broadcast_bytes(self, data: bytes | None) -> bytes:
+                out = super().broadcast_bytes(data)
+                marks["manifest"] = time.monotonic()
+                return out
+
+            def close(self) -> None:
+                marks["close"] = time.monotonic()
+                super().close()
+
+        write_bucket = receiver.ShardWriter.write_bucket
+
+        def timed_write(writer: Any, *args: Any) -> None:
+            started = time.monotonic()
+            write_bucket(writer, *args)
+            marks["copy"] += time.monotonic() - started
+
+        receiver.TransferGroup = TimedGroup
+        receiver.ShardWriter.write_bucket = timed_write
+
+    def once(self, label: str) -> None:
+        if self.rank == 0:
+            self.sender.send(self.tensors, self.world, version=label)
+            return
+        from megatron_coord.weights.receiver import TransferProgress, receive_weights
+
+        marks = self.marks
+        marks.update(copy=0.0, start=time.monotonic())
+        receive_weights(
+            self.model, self.spec, label, self.rank, self.world, 120.0,
+            lambda problems: problems, TransferProgress(),
+        )  # fmt: skip
+        done = time.monotonic()
+        self.splits.append(
+            {
+                "join_s": marks["group"] - marks["start"],  # the store, the new group
+                "manifest_s": marks["manifest"] - marks["group"],
+                "buckets_s": marks["close"] - marks["manifest"],
+                "of_which_copy_s": marks["copy"],
+                "close_s": done - marks["close"],
+            }
+        )
 
 
 def floor_tries(args: argparse.Namespace, model: str, receivers: int) -> dict[str, Any]:
@@ -156,8 +261,9 @@ def floor_tries(args: argparse.Namespace, model: str, receivers: int) -> dict[st
 def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The floor over every run's tries (one run before the timed updates, one after, so a
     shared host's drift weighs on both sides): the faster kind's median."""
-    kinds = (*FLOOR_KINDS, "group_setup")
-    tries = {kind: [t for run in runs for t in run[kind]] for kind in kinds}
+    kinds = (*FLOOR_KINDS, *DIAGNOSTICS)
+    tries = {kind: [t for run in runs for t in run.get(kind, [])] for kind in kinds}
+    kinds = tuple(kind for kind in kinds if tries[kind])
     medians = {kind: statistics.median(tries[kind]) for kind in kinds}
     fastest = min(FLOOR_KINDS, key=medians.__getitem__)
     total = runs[0]["bytes"]
@@ -172,6 +278,18 @@ def summarize_floor(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "median_s_per_run": [round(statistics.median(run[fastest]), 4) for run in runs],
         "all_s": {kind: [round(t, 4) for t in tries[kind]] for kind in kinds},
         "gbit_per_s": round(total * 8 / medians[fastest] / 1e9, 2),
+    } | _receiver_split(runs)
+
+
+def _receiver_split(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The diagnostic transfer's time on its first receiver, split (medians over the tries)."""
+    splits = [split for run in runs for split in run.get("receiver_split") or []]
+    if not splits:
+        return {}
+    return {
+        "weight_sender_receiver_split_s": {
+            key: round(statistics.median(split[key] for split in splits), 4) for key in splits[0]
+        }
     }
 
 
