@@ -209,6 +209,10 @@ class FakeEngine:
             self.socket.send(_encode([int(Headers.STOP_ACK)]))
         elif header == Headers.STOP_ACK:
             return False
+        elif header == Headers.UPDATE_WEIGHTS:  # applied at once (a fake has no weights)
+            version = message[2].get("version") if isinstance(message[2], dict) else None
+            result = {"ok": True, "version": version, "error": None, "duration_s": 0.0}
+            self.socket.send(_encode([int(Headers.UPDATE_WEIGHTS_DONE), message[1], result]))
         elif header == Headers.ABORT:
             for index, held in enumerate(self.held):
                 if held[0] == message[1]:
