@@ -1,7 +1,7 @@
 """``POST /v1/admin/update_weights`` and the weight-update metrics, against a real coordinator
 with two fake engines (which apply any update at once): behind the API key (401 without it),
 a published update answered 200 with the coordinator's result, a bad body 400 naming the
-field, a refused spec 400, a failed update 502 naming the replicas; ``/metrics`` shows the
+field, a spec the coordinator refuses in its state 409, a failed update 502 naming the replicas; ``/metrics`` shows the
 published version, each replica's and the rounds by outcome."""
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_admin_update_weights_behind_the_key_and_in_metrics():
                 assert field in answer.text
             unknown = {**spec, "version": "v3", "abort_older_than": "v9"}
             answer = http.post(url, json=unknown, headers=auth)  # refused by the coordinator
-            assert answer.status_code == 400 and "'v9'" in answer.json()["error"]["message"]
+            assert answer.status_code == 409 and "'v9'" in answer.json()["error"]["message"]
 
             metrics = http.get(f"{server.url}/metrics").text
             assert 'megatron_coord_weight_version_info{version="v2"} 1.0' in metrics
@@ -67,7 +67,7 @@ def test_admin_update_weights_behind_the_key_and_in_metrics():
         own.send(101, {"data_parallel_rank": 1, "protocol": 1, "weight_version": "v2"})
         with httpx.Client(timeout=30) as http:
             answer = _post_while(http, url, {**spec, "version": "v4"}, auth, own)
-            assert answer.status_code == 502, answer.text
+            assert answer.status_code == 409, answer.text
             failure = answer.json()
             assert failure["error"]["code"] == "update_failed"
             assert failure["update"]["failed"] and "dp rank 1" in failure["error"]["message"]

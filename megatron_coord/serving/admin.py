@@ -7,10 +7,13 @@ behind the API key when the server has one (``Guard``, state.py); without a key 
 binds loopback by default) it is as open as the rest of the API. The answer:
 
 * 200 with the coordinator's UPDATE_WEIGHTS_DONE dict when the version was published;
-* 502 when it was not (a replica failed: ``update`` names which and why, ``error.message``
-  says it in one line): the replicas are this server's upstream;
-* 400 (the coordinator refused the spec, a Megatron engine is registered), 429 (another update
-  is in progress), 503 (no replica, no coordinator, shutting down), 504 (no answer in time).
+* 409 when it was not (a replica failed: ``update`` names which and why, ``error.message``
+  says it in one line): the replicas' weights are not the requested version, which the
+  caller resolves (another update, from a good source); no 5xx, as nothing here broke;
+* 409 too, without ``update``, when the coordinator refuses a valid body in its state (an
+  unknown ``abort_older_than``, a Megatron engine registered); 400 for a bad body; 429
+  (another update is in progress), 503 (no replica, no coordinator, shutting down), 504 (no
+  answer in time).
 
 For the distributed source the trainer, which hosts the store named in the spec, sends its
 tensors to the group of ``trainer_ranks`` + every replica's TP ranks while this call waits.
@@ -26,15 +29,17 @@ from pydantic import BaseModel, Field
 
 from ..client_requests import RequestError
 from .bounds import MAX_INT64
-from .openai_protocol import OpenAIError, StrictModel, error_body
+from .openai_protocol import OpenAIError, StrictModel, _int, error_body
 from .schemas import ErrorDetail, route_responses
 
 Label = Annotated[str, Field(min_length=1, max_length=128)]
 ADMIN_ERRORS = (400, 429, 503, 504)
 # The coordinator's refusal code -> the HTTP status and OpenAI error type.
+# A body valid here that the coordinator refuses conflicts with its state (409); 400 is for
+# what this route's own validation refuses.
 _REFUSED = {
-    "invalid_request": (400, "invalid_request_error"),
-    "malformed": (400, "invalid_request_error"),
+    "invalid_request": (409, "invalid_request_error"),
+    "malformed": (409, "invalid_request_error"),
     "overloaded": (429, "rate_limit_error"),
 }
 
@@ -47,9 +52,9 @@ class CheckpointSource(StrictModel):
 class DistributedSource(StrictModel):
     kind: Literal["distributed"]
     store_host: Annotated[str, Field(min_length=1)]
-    store_port: Annotated[int, Field(ge=1, le=65535)]
-    trainer_ranks: Annotated[int, Field(ge=1, le=65536)] = 1
-    bucket_bytes: Annotated[int, Field(ge=1, le=MAX_INT64)]
+    store_port: _int(1, 65535)
+    trainer_ranks: _int(1, 65536) = 1
+    bucket_bytes: _int(1, MAX_INT64)
     backend: Literal["gloo", "nccl"] | None = None
 
 
@@ -88,19 +93,21 @@ class UpdateWeightsResult(BaseModel):
 
 
 class UpdateWeightsFailure(BaseModel):
-    """Not published: the error, and the coordinator's result naming the failed replicas."""
+    """Not published: the error, and the coordinator's result naming the failed replicas
+    (no result when the coordinator refused the spec)."""
 
     error: ErrorDetail
-    update: UpdateWeightsResult
+    update: UpdateWeightsResult | None = None
 
 
 def install_admin_routes(app: FastAPI, state: Any, statuses: tuple[int, ...], extra: dict) -> None:
     """The admin route; ``statuses`` / ``extra``: the /v1 error statuses and OpenAPI extras
     (401 and the bearer key when the server has one)."""
     responses = route_responses(UpdateWeightsResult, (*ADMIN_ERRORS, *statuses))
-    responses[502] = {
+    responses[409] = {
         "model": UpdateWeightsFailure,
-        "description": "not published: a replica failed",
+        "description": "not published (a replica failed), or refused by the coordinator in "
+        "its state (an unknown abort_older_than, a Megatron engine registered)",
     }
 
     @app.post("/v1/admin/update_weights", responses=responses, openapi_extra=extra)
@@ -127,4 +134,4 @@ def install_admin_routes(app: FastAPI, state: Any, statuses: tuple[int, ...], ex
             return JSONResponse(result)
         message = result.get("error") or "the update was not published"
         failure = error_body(message, "server_error", code="update_failed")
-        return JSONResponse({**failure, "update": result}, status_code=502)
+        return JSONResponse({**failure, "update": result}, status_code=409)
