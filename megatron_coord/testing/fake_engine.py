@@ -210,8 +210,7 @@ class FakeEngine:
         elif header == Headers.STOP_ACK:
             return False
         elif header == Headers.UPDATE_WEIGHTS:  # applied at once (a fake has no weights)
-            version = message[2].get("version") if isinstance(message[2], dict) else None
-            result = {"ok": True, "version": version, "error": None, "duration_s": 0.0}
+            result = {"ok": True, "version": message[2].get("version"), "error": None}
             self.socket.send(_encode([int(Headers.UPDATE_WEIGHTS_DONE), message[1], result]))
         elif header == Headers.ABORT:
             for index, held in enumerate(self.held):
