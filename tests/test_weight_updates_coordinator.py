@@ -86,9 +86,9 @@ async def _connect(address: str):
     return client
 
 
-async def _in_flight(client, update):
-    """64 requests (two of them streamed, to know decoding is under way), then ``update()``
-    once tokens flow; (the update's result or error, the 64 final records' requests)."""
+async def _in_flight(client, update, count: int = 64):
+    """``count`` requests (two of them streamed, to know decoding is under way), then
+    ``update()`` once tokens flow; (the update's result or error, the final records' requests)."""
     started = asyncio.Event()
 
     async def streamed(prompt):
@@ -99,7 +99,7 @@ async def _in_flight(client, update):
         return last
 
     tasks = [asyncio.ensure_future(streamed(p)) for p in PROMPTS[:2]]
-    tasks += [client.add_request(p, PARAMS) for p in PROMPTS[2:]]
+    tasks += [client.add_request(p, PARAMS) for p in PROMPTS[2:count]]
     await asyncio.wait_for(started.wait(), 60)
     try:
         outcome = await update()
@@ -192,6 +192,7 @@ def test_updates_from_a_trainer_while_serving_in_each_mode(served, paths, greedy
             greedy(seed, prompt, request["generated_tokens"])
             assert request["weight_version_spans"] == [[0, N, new]]
     assert [s["version"] for s in trainer.sent] == ["v2", "v3", "v4"]
+    assert trainer.world_sizes == [5, 5, 5]  # the trainer, then 2 replicas x 2 TP ranks
 
     # A prompt cached before the updates: the new weights' tokens, then their blocks reused.
     first, second = found["cached_after"]
@@ -241,6 +242,7 @@ def test_failed_updates_are_named_and_serving_goes_on(served, paths, greedy):
                     mode="abort",
                     timeout_s=60,
                 ),
+                16,
             )
         stream = client.add_request_streaming(PROMPTS[0], PARAMS)
         await stream.__anext__()  # decoding
@@ -277,7 +279,7 @@ def test_failed_updates_are_named_and_serving_goes_on(served, paths, greedy):
         assert not result["published"] and len(result["failed"]) == 2, result
         assert all(name.startswith("dp rank ") for name in result["failed"])
         assert says in result["error"] and "not published" in str(error)
-        for prompt, request in zip(PROMPTS, requests, strict=True):
+        for prompt, request in zip(PROMPTS[:16], requests, strict=True):
             assert request["weight_version_spans"] == [[0, N, version]], request
             greedy(SEED_OF[version], prompt, request["generated_tokens"])
 
