@@ -17,9 +17,9 @@ from _procs import ServeLaunch
 from _weight_trainer import UP, TrainerProcess
 from test_engine import make_tiny_checkpoint
 
-pytestmark = pytest.mark.torchrun
+pytestmark = [pytest.mark.torchrun, pytest.mark.timeout(420)]  # one launch, two phases
 
-N = 24
+N = 16
 PROMPTS = [[7 + i, 300 + 3 * i, 11, 40 + i % 5] for i in range(64)]
 PARAMS = {"top_k": 1, "num_tokens_to_generate": N, "termination_id": -1}
 SHARED = list(range(100, 135))  # 2 full KV blocks of 16, then 3 tokens
