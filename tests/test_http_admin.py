@@ -1,13 +1,13 @@
 """``POST /v1/admin/update_weights`` and the weight-update metrics, against a real coordinator
 with two fake engines (which apply any update at once): behind the API key (401 without it),
 a published update answered 200 with the coordinator's result, a bad body 400 naming the
-field, a spec the coordinator refuses in its state 409, a failed update 502 naming the replicas; ``/metrics`` shows the
+field, a spec the coordinator refuses in its state 409, a failed update 409 naming the replicas; ``/metrics`` shows the
 published version, each replica's and the rounds by outcome."""
 
 from __future__ import annotations
 
 import httpx
-from conftest import Peer, start_coordinator
+from conftest import Peer, start_coordinator, wait_stats
 
 from megatron_coord.serving import HTTPServerThread
 from megatron_coord.testing.fake_engine import ByteTokenizer, spawn
@@ -60,11 +60,15 @@ def test_admin_update_weights_behind_the_key_and_in_metrics():
                 line = f'replica_weight_version_info{{data_parallel_rank="{rank}",version="v2"}}'
                 assert line in metrics
 
-        # A replica that fails: 502, the failed replica named, nothing published.
+        # A replica that fails: 409, the failed replica named, nothing published.
+        watcher = Peer(address).connect_ours()
         engines[1].kill()
         engines[1].wait()
-        own = Peer(address)
+        wait_stats(watcher, lambda s: len(s["engines"]) == 1, "the killed engine gone")
+        own = Peer(address)  # takes its place
         own.send(101, {"data_parallel_rank": 1, "protocol": 1, "weight_version": "v2"})
+        wait_stats(watcher, lambda s: len(s["engines"]) == 2, "the raw engine registered")
+        watcher.close()
         with httpx.Client(timeout=30) as http:
             answer = _post_while(http, url, {**spec, "version": "v4"}, auth, own)
             assert answer.status_code == 409, answer.text
