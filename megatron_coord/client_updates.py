@@ -107,6 +107,21 @@ class WeightUpdatesClient:
             "abort_older_than": abort_older_than,
             "timeout_s": timeout_s,
         }
+        sent = (sender, named_tensors) if sender is not None else None
+        result, sender_error = await self._run_update(spec, sent)
+        if not result.get("published"):
+            raise WeightUpdateError(result, sender_error)
+        return result
+
+    async def update_weights_spec(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Send a whole UPDATE_WEIGHTS spec as it is (the HTTP admin route's way: a trainer
+        sending over torch.distributed knows its group's size itself) and return the
+        coordinator's result, published or not; RequestError if refused."""
+        return (await self._run_update(spec, None))[0]
+
+    async def _run_update(
+        self, spec: dict[str, Any], sent: tuple[Any, Any] | None
+    ) -> tuple[dict[str, Any], BaseException | None]:
         if not self.connected.is_set():
             raise ConnectionError("not connected to the coordinator")
         loop = asyncio.get_running_loop()
@@ -115,12 +130,14 @@ class WeightUpdatesClient:
         WeightUpdatesClient._next_update += 1
         client_request_id = f"update-{WeightUpdatesClient._next_update}"
         pending = self._updates_pending[client_request_id] = _Pending(loop)
-        wait_s = timeout_s + _ANSWER_MARGIN_S
+        timeout_s = spec.get("timeout_s")
+        wait_s = (timeout_s if isinstance(timeout_s, int | float) else 300.0) + _ANSWER_MARGIN_S
+        version = spec.get("version")
         try:
             self.socket.send(_encode([int(Headers.UPDATE_WEIGHTS), client_request_id, spec]))
             sender_error = None
-            if sender is not None:
-                sender_error = await self._transfer(pending, sender, named_tensors, version, wait_s)
+            if sent is not None:
+                sender_error = await self._transfer(pending, *sent, version, wait_s)
             try:
                 result = await asyncio.wait_for(asyncio.shield(pending.done), wait_s)
             except asyncio.TimeoutError:
@@ -129,9 +146,9 @@ class WeightUpdatesClient:
                 ) from None
         finally:
             self._updates_pending.pop(client_request_id, None)
-        if not result.get("published"):
-            raise WeightUpdateError(result, sender_error)
-        return result
+            if pending.ready.done() and not pending.ready.cancelled():
+                pending.ready.exception()  # retrieved
+        return result, sender_error
 
     async def _transfer(
         self, pending: _Pending, sender: Any, named_tensors: Any, version: str, wait_s: float

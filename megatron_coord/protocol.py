@@ -77,6 +77,8 @@ class Headers(enum.IntEnum):
     # "source": {"kind": "checkpoint", "path": str} | {"kind": "distributed", "store_host",
     # "store_port", "trainer_ranks", "bucket_bytes", "backend"} | {"kind": "in_place"},
     # "mode": "abort" | "keep" | "recompute", "abort_older_than": str | None, "timeout_s"}
+    # refused with [ERROR, client_request_id, code, message]: a bad spec (invalid_request),
+    # another update in progress (overloaded), a Megatron engine registered (invalid_request)
     # coord -> engine: [UPDATE_WEIGHTS, update_id: int, spec_for_engine]: the spec plus
     # "stale_versions": [labels] (and "first_rank", "world_size" for the distributed source)
     UPDATE_WEIGHTS = 106

@@ -4,6 +4,9 @@ is on this process's path only: ``megatron019.environment()``). Prints one JSON 
 ``requests ADDRESS [--count N] [--stop] [--shutdown]``: N requests (text and token prompts;
 every other one deserialized into 0.19's classes), then PAUSE, UNPAUSE, PAUSE and, with
 ``--stop``, STOP; with ``--shutdown``, SHUTDOWN.
+``epoch ADDRESS``: a request, SET_GENERATION_EPOCH 9, a request, a long request followed at
+once by SET_GENERATION_EPOCH 10, a request; reports each reply's policy_epoch and
+kv_cache_epoch (0.19's DynamicInferenceRequest fields), then PAUSE and STOP.
 ``bad ADDRESS``: bad input on a raw socket after a 0.19 handshake, then a request; reports every
 header the coordinator sent back.
 """
@@ -130,9 +133,39 @@ async def _typed_failed(address: str) -> dict:
     return {"failed": _summary(failed), "message": message, "ok": _summary(ok)}
 
 
+async def run_epochs(address: str, tokens: int) -> dict:
+    client = InferenceClient(address, deserialize=True)
+    client.start()
+    short = SamplingParams(num_tokens_to_generate=tokens, top_k=1)
+    long = SamplingParams(num_tokens_to_generate=40, top_k=1)
+    replies = [await client.add_request([72, 105, 33], short)]
+    client.set_generation_epoch(9)
+    replies.append(await client.add_request([72, 105, 34], short))
+    straddling = client.add_request([72, 105, 35], long)
+    client.set_generation_epoch(10)
+    replies.append(await straddling)
+    replies.append(await client.add_request([72, 105, 36], short))
+    client.pause_engines()  # 0.19's engines stop only once paused
+    await asyncio.sleep(0.2)
+    client.stop_engines()
+    await asyncio.sleep(0.5)
+    client.stop()
+    return {
+        "replies": [
+            {
+                "class": type(r).__name__,
+                "policy_epoch": r.policy_epoch,
+                "kv_cache_epoch": r.kv_cache_epoch,
+                "generated_length": len(r.generated_tokens),
+            }
+            for r in replies
+        ]
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("scenario", choices=["requests", "bad"])
+    parser.add_argument("scenario", choices=["requests", "bad", "epoch"])
     parser.add_argument("address")
     parser.add_argument("--count", type=int, default=20)
     parser.add_argument("--tokens", type=int, default=4)
@@ -142,6 +175,8 @@ def main() -> None:
     if args.scenario == "requests":
         scenario = run_requests(args.address, args.count, args.stop, args.tokens, args.shutdown)
         result = asyncio.run(asyncio.wait_for(scenario, 120))
+    elif args.scenario == "epoch":
+        result = asyncio.run(asyncio.wait_for(run_epochs(args.address, args.tokens), 120))
     else:
         result = run_bad(args.address)
     print(json.dumps(result), flush=True)

@@ -54,12 +54,14 @@ class TrainerProcess:
         self.process.start()
         self.spec = self.outbox.get(timeout=120)
         self.sent: list[dict] = []
+        self.world_sizes: list[int] = []
 
     def source_spec(self) -> dict[str, Any]:
         return self.spec
 
     def send(self, command: tuple[str, str | None], world_size: int, version: str | None = None):
         path, fault = command
+        self.world_sizes.append(world_size)
         self.inbox.put((path, fault, world_size, version))
         while True:
             try:

@@ -241,6 +241,46 @@ def test_megatron_019_client_on_our_real_engine(checkpoint, tokenizer, model):
     assert process.exitcode == 0
 
 
+def test_megatron_019_set_generation_epoch_on_our_real_engine(tokenizer, model):
+    """0.19's client's SET_GENERATION_EPOCH reaches our engine (as SET_GENERATION_EPOCH_OURS):
+    its records carry ``policy_epoch`` / ``kv_cache_epoch`` as 0.19's engine stamps them
+    (``[[0, epoch]]`` for a request admitted after it; a boundary at the last token's index
+    for one it straddles), and the coordinator publishes ``str(epoch)``."""
+    from megatron_coord.engine import InferenceEngine
+    from megatron_coord.engine.server import EngineServer
+    from megatron_coord.parallel_state import single_process_state
+
+    address, process, ready = start_coordinator(1, tokenizer=tokenizer)
+    engine = InferenceEngine(model, max_batch_size=8, max_seq_len=64)
+    server = EngineServer(engine, single_process_state(), address, idle_timeout_s=0.05)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        assert ready.wait(60)
+        result = run_client("epoch", address, "--tokens", "4")
+        thread.join(30)
+        assert not thread.is_alive()
+    finally:
+        server.request_shutdown()
+        thread.join(30)
+        process.join(30)
+        if process.is_alive():
+            process.kill()
+    before, after, straddling, last = result["replies"]
+    assert all(r["class"] == "DynamicInferenceRequest" for r in result["replies"])
+    assert before["policy_epoch"] is None and before["kv_cache_epoch"] is None
+    assert after["policy_epoch"] == after["kv_cache_epoch"] == [[0, 9]]
+    assert last["policy_epoch"] == last["kv_cache_epoch"] == [[0, 10]]
+    epochs = straddling["policy_epoch"]
+    assert straddling["generated_length"] == 40
+    assert epochs in ([[0, 9]], [[0, 10]]) or (
+        len(epochs) == 2 and epochs[0] == [0, 9] and epochs[1][1] == 10
+        and 3 <= epochs[1][0] < 3 + 40 - 1
+    ), epochs  # fmt: skip
+    assert straddling["kv_cache_epoch"] == epochs  # under keep: the same boundaries
+    assert engine.weight_version == "10"
+
+
 def test_standalone_coordinator_with_019_engines_and_shutdown(checkpoint, tokenizer):
     """``python -m megatron_coord.coordinator --megatron-engines 0.19``: a 0.19 engine joins,
     0.19's client is served (its tokenizer on the coordinator) and its SHUTDOWN ends the

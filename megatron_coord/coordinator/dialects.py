@@ -150,6 +150,10 @@ def flat_record(record: dict[str, Any], token_texts: TokenTexts | None = None) -
     merged = {k: v for k, v in first.items() if k in FIELDS_019}
     if "num_cached_tokens" not in merged and type(first.get("cached_tokens")) is int:
         merged["num_cached_tokens"] = first["cached_tokens"]
+    if "policy_epoch" not in merged and "weight_version_spans" in first:
+        prompt = len(_ids(first.get("prompt_tokens") or []))
+        merged["policy_epoch"] = epochs_019(first["weight_version_spans"], prompt - 1)
+        merged["kv_cache_epoch"] = epochs_019(first.get("kv_version_spans") or [], 0)
     if len(requests) > 1:
         merged["generated_tokens"] = [t for r in requests for t in _ids(r["generated_tokens"])]
         merged["generated_text"] = "".join(r.get("generated_text") or "" for r in requests)
@@ -161,6 +165,24 @@ def flat_record(record: dict[str, Any], token_texts: TokenTexts | None = None) -
     for key, value in _REQUIRED.items():
         merged.setdefault(key, value)
     return merged
+
+
+def epochs_019(spans: list[Any], offset: int) -> list[list[int]] | None:
+    """Our version spans as 0.19's ``policy_epoch`` / ``kv_cache_epoch``: sparse
+    ``[start_token_index, epoch]`` boundaries, as 0.19's engine stamps them. Only versions
+    that are epochs (a 0.19 client's SET_GENERATION_EPOCH labels them ``str(epoch)``) count;
+    the first is stamped at 0 (0.19 stamps ``[(0, epoch)]`` on a request that had none), a
+    later one at the index of the sequence's last token when it began: for generated tokens
+    ``offset`` (the prompt's length - 1) + the span's start, for KV positions the start."""
+    out: list[list[int]] = []
+    for start, _, version in spans:
+        if isinstance(version, str) and version.isdecimal():
+            epoch = int(version)
+            if not out:
+                out.append([0, epoch])
+            elif out[-1][1] != epoch:
+                out.append([offset + start, epoch])
+    return out or None
 
 
 def wrapped_record(flat: dict[str, Any]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ alternatives, ``echo`` with the prompt's log-probs, vLLM's ``prompt_logprobs`` a
 fields: ``top_k``, ``min_p``, penalties, ``logit_bias``, ``ignore_eos``, ``min_tokens``,
 ``stop_token_ids`` ...), ``GET /v1/models``, ``GET /health/live`` (200 while this server runs),
 ``GET /health/ready`` and its alias ``GET /health`` (503 unless connected to the coordinator
-and a replica is alive and healthy), ``GET /metrics`` (Prometheus) and, with a tokenizer,
-vLLM's ``POST /tokenize`` and ``POST /detokenize``. Errors use OpenAI's JSON error shape: 400
+and a replica is alive and healthy), ``GET /metrics`` (Prometheus), ``POST
+/v1/admin/update_weights`` (admin.py) and, with a tokenizer, vLLM's ``POST /tokenize`` and
+``POST /detokenize``. Errors use OpenAI's JSON error shape: 400
 bad request (a field out of bounds, a prompt past the context), 401 bad API key, 404 unknown
 model, 405 wrong method (with ``Allow``), 413 body too large, 429 overloaded, 503 no replica,
 504 timeout, 500 anything else. ``/openapi.json`` documents exactly these (schemathesis checks
@@ -34,6 +35,7 @@ from pydantic import WithJsonSchema
 from ..coordinator_stats import is_serving
 from . import openai_protocol as oa
 from . import schemas
+from .admin import install_admin_routes
 from .chat_template import render_chat_prompt
 from .choices import build_choices
 from .errors import install_error_handlers
@@ -86,6 +88,7 @@ def create_app(
     install_error_handlers(app)
     _install_inference_routes(app, state)
     _install_info_routes(app, state)
+    install_admin_routes(app, state, *_v1(state, ()))
     install_tokenize_routes(app, state)
     install_openapi(app, api_key=bool(opts.api_key))
     return app

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 __all__ = ["CONTENT_TYPE_LATEST", "OUTCOMES", "ServingMetrics"]
@@ -75,6 +75,10 @@ LOAD_GAUGES = {
     "prefix_cache_hit_rate": "Share of admitted prompt tokens reused from the prefix cache (engine report).",
     "kv_blocks_cached": "KV blocks holding reusable prefixes, in use or not (engine report).",
     "kv_blocks_free": "KV blocks free or evictable (unused cached ones) (engine report).",
+    "healthy": "1 while the replica serves; 0 when its steps keep failing or an update left its "
+    "weights mixed (engine report).",
+    "weight_bytes": "Bytes of the replica's weights, all its ranks (engine report).",
+    "kv_bytes": "Bytes of the replica's KV cache, 0 while suspended (engine report).",
 }
 
 
@@ -85,7 +89,13 @@ COORDINATOR_GAUGES = {
     "coordinator_requests_in_flight": "Requests the coordinator has routed and not yet "
     "answered (all clients).",
     "coordinator_clients": "Clients connected to the coordinator.",
+    "weight_update_last_seconds": "Duration of the last weight update round, published or not "
+    "(0 before the first).",
 }
+# Labelled "info" gauges (value 1) naming weight versions, and the update rounds' outcomes.
+VERSION_INFO = "weight_version_info"
+REPLICA_VERSION_INFO = "replica_weight_version_info"
+UPDATES = "weight_updates"
 REPLICA_GAUGES = {
     "replica_up": "1 if the replica (data-parallel rank) is alive, else 0.",
     "replica_queue_depth": "Requests routed to the replica and not yet answered.",
@@ -102,10 +112,34 @@ class CoordinatorView:
     def __init__(self) -> None:
         self.values: dict[str, float] = dict.fromkeys(COORDINATOR_GAUGES, 0.0)
         self.replicas: dict[str, dict[str, float]] = {name: {} for name in REPLICA_GAUGES}
+        self.version: str | None = None  # the published weight version
+        self.replica_versions: dict[str, str] = {}
+        self.updates = {"published": 0.0, "failed": 0.0}
 
     def collect(self) -> Any:
         for name, help_text in COORDINATOR_GAUGES.items():
             yield GaugeMetricFamily(f"{PREFIX}_{name}", help_text, value=self.values[name])
+        info = GaugeMetricFamily(
+            f"{PREFIX}_{VERSION_INFO}", "The weight version the coordinator published (1).",
+            labels=["version"],
+        )  # fmt: skip
+        if self.version is not None:
+            info.add_metric([self.version], 1.0)
+        yield info
+        info = GaugeMetricFamily(
+            f"{PREFIX}_{REPLICA_VERSION_INFO}", "Each replica's weight version (1).",
+            labels=["data_parallel_rank", "version"],
+        )  # fmt: skip
+        for rank, version in self.replica_versions.items():
+            info.add_metric([rank, version], 1.0)
+        yield info
+        rounds = CounterMetricFamily(
+            f"{PREFIX}_{UPDATES}", "Weight update rounds by outcome (published or failed), as "
+            "the coordinator counts them.", labels=["outcome"],
+        )  # fmt: skip
+        for outcome, count in self.updates.items():
+            rounds.add_metric([outcome], count)
+        yield rounds
         for name, help_text in REPLICA_GAUGES.items():
             family = GaugeMetricFamily(f"{PREFIX}_{name}", help_text, labels=["data_parallel_rank"])
             for rank, value in self.replicas[name].items():
@@ -223,6 +257,14 @@ class ServingMetrics:
         engines = stats.get("engines") or []
         view.values["coordinator_requests_in_flight"] = _number(stats.get("requests_in_flight"))
         view.values["coordinator_clients"] = _number(stats.get("clients"))
+        view.values["weight_update_last_seconds"] = _number(stats.get("last_update_s"))
+        version = stats.get("weight_version")
+        view.version = version if isinstance(version, str) else None
+        view.updates = {
+            "published": _number(stats.get("updates_done")),
+            "failed": _number(stats.get("updates_failed")),
+        }
+        view.replica_versions = {}
         replicas = view.replicas = {name: {} for name in REPLICA_GAUGES}
         self._known_ranks = set()
         alive = 0
@@ -239,6 +281,8 @@ class ServingMetrics:
             if isinstance(tokens, int) and not isinstance(tokens, bool):
                 replicas["replica_outstanding_tokens"][rank] = float(tokens)
             self._set_load(rank, engine.get("load"))
+            if isinstance(engine.get("weight_version"), str):
+                view.replica_versions[rank] = engine["weight_version"]
         view.values["replicas_alive"] = float(alive)
 
     def _set_load(self, rank: str, load: Any) -> None:

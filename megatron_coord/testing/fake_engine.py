@@ -209,6 +209,9 @@ class FakeEngine:
             self.socket.send(_encode([int(Headers.STOP_ACK)]))
         elif header == Headers.STOP_ACK:
             return False
+        elif header == Headers.UPDATE_WEIGHTS:  # applied at once (a fake has no weights)
+            result = {"ok": True, "version": message[2].get("version"), "error": None}
+            self.socket.send(_encode([int(Headers.UPDATE_WEIGHTS_DONE), message[1], result]))
         elif header == Headers.ABORT:
             for index, held in enumerate(self.held):
                 if held[0] == message[1]:
