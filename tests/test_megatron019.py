@@ -207,6 +207,17 @@ def test_bad_input_from_a_019_client_is_never_answered_in_our_headers(coordinato
     assert [e.poll() for e in engines] == [None]
 
 
+def _close_link(server) -> None:
+    """Close an in-process engine's socket without lingering: its coordinator is gone, and a
+    context left to the garbage collector with unsent messages blocks it in ``term()``
+    (forever: it hung a later test that allocated enough to trigger a collection)."""
+    link = server.link
+    if link is not None and link.socket is not None:
+        link.socket.close(linger=0)
+        link.socket = None
+        link.context.term()
+
+
 def test_megatron_019_client_on_our_real_engine(checkpoint, tokenizer, model):
     """Our real engine (the tiny checkpoint, TP=1) serving 0.19's client: greedy tokens as
     transformers generates them."""
@@ -233,6 +244,7 @@ def test_megatron_019_client_on_our_real_engine(checkpoint, tokenizer, model):
         process.join(30)
         if process.is_alive():
             process.kill()
+        _close_link(server)
     token_prompts = [p if isinstance(p, list) else tokenizer.tokenize(p) for p in prompts(20)]
     expected = hf_greedy(checkpoint, token_prompts, 4)
     assert [r["generated_tokens"] for r in result["replies"]] == expected
@@ -266,6 +278,7 @@ def test_megatron_019_set_generation_epoch_on_our_real_engine(tokenizer, model):
         process.join(30)
         if process.is_alive():
             process.kill()
+        _close_link(server)
     before, after, straddling, last = result["replies"]
     assert all(r["class"] == "DynamicInferenceRequest" for r in result["replies"])
     assert before["policy_epoch"] is None and before["kv_cache_epoch"] is None
