@@ -17,6 +17,8 @@ engine_overhead.png         engine_overhead.json             benchmarks/engine_o
 pack_unpack.png             pack_unpack.json                 benchmarks/pack_unpack.py
 tp_broadcast.png            tp_broadcast.json                benchmarks/tp_broadcast.py
 prefix_routing.png          prefix_routing.json              benchmarks/prefix_routing.py
+weight_update.png           weight_update.json               benchmarks/weight_update.py
+weight_update_tp2.png       weight_update_tp2.json           benchmarks/weight_update.py (TP 2)
 ==========================  ===============================  ==================================
 
 Run: ``python benchmarks/plot.py [--results DIR] [--only scaling coordinator ...]``.
@@ -547,6 +549,64 @@ def plot_prefix_routing(results: str) -> list[str]:
     return [save(fig, results, "prefix_routing.png")]
 
 
+def plot_weight_update(results: str) -> list[str]:
+    """Time to the first token under new weights per source, against the raw broadcast of the
+    same bytes and a restart (log scale); throughput with and without a stream of updates.
+    One picture per result: weight_update.json (TP 1), weight_update_tp2.json (TP 2)."""
+    paths = []
+    for name in ("weight_update", "weight_update_tp2"):
+        data = load(results, f"{name}.json")
+        if data is not None:
+            paths.append(_weight_update_figure(data, results, f"{name}.png"))
+    return paths
+
+
+def _weight_update_figure(data: dict[str, Any], results: str, name: str) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6), gridspec_kw={"width_ratios": [2.2, 1]})
+    bars = [("raw broadcast\n(floor)", data.get("broadcast_floor_s"), "#8c8c8c")]
+    for source, seconds in data.get("update_s", {}).items():
+        bars.append((f"update:\n{source.replace('_', ' ')}", seconds, "#4c72b0"))
+    bars.append(("restart", data.get("restart_s"), "#c44e52"))
+    bars = [bar for bar in bars if bar[1] is not None]
+    value_bars(
+        axes[0],
+        [b[0] for b in bars],
+        [b[1] for b in bars],
+        "{:.3g} s",
+        "seconds (call to first token under the new weights)",
+        [b[2] for b in bars],
+    )
+    plain_log_y(axes[0])
+    axes[0].set_title(f"{data['model_bytes'] / 1e6:.0f} MB of weights", fontsize=9)
+    if "load_with_updates" in data:
+        without, with_ = data["load_without_updates"], data["load_with_updates"]
+        updates = with_.get("updates", 0)
+        value_bars(
+            axes[1],
+            ["no updates", f"{updates} updates\n(every {data['config']['update_every_s']:g} s)"],
+            [without["requests_per_s"], with_["requests_per_s"]],
+            "{:.1f}",
+            "requests/s (closed loop)",
+            ["#55a868", "#dd8452"],
+        )
+        axes[1].set_title(
+            f"throughput kept {data['throughput_kept']:.0%}, requests lost {data['requests_lost']}",
+            fontsize=9,
+        )
+    else:
+        axes[1].set_axis_off()
+    c = data["config"]
+    met = "\n".join(
+        f"{g['goal']}: {g['value']} ({'met' if g['met'] else 'missed'})" for g in data["goals"]
+    )
+    fig.suptitle(
+        f"Weight updates while serving: {c['replicas']} replicas x TP {c['tensor_parallel_size']}"
+        f", {c['backend']}, mode {c['mode']} ({machine_note(data)})" + (f"\n{met}" if met else ""),
+        fontsize=10,
+    )
+    return save(fig, results, name)
+
+
 PLOTS: dict[str, Callable[[str], list[str]]] = {
     "scaling": plot_scaling,
     "coordinator": plot_coordinator,
@@ -558,6 +618,7 @@ PLOTS: dict[str, Callable[[str], list[str]]] = {
     "pack_unpack": plot_pack_unpack,
     "tp_broadcast": plot_tp_broadcast,
     "prefix_routing": plot_prefix_routing,
+    "weight_update": plot_weight_update,
 }
 
 

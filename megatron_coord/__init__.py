@@ -15,6 +15,7 @@ _PUBLIC = {
     "InferenceClient": "client",
     "Headers": "protocol",
     "SamplingParams": "sampling_params",
+    "WeightUpdateError": "client_updates",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -25,6 +25,7 @@ import zmq.asyncio
 
 from .client_reconnect import Reconnection
 from .client_requests import END, RequestError, RequestsInFlight, stream_tail
+from .client_updates import WeightUpdatesClient
 from .coordinator_stats import is_serving
 from .liveness_contract import client_settings, confirmed_cadence
 from .protocol import DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSION, Headers
@@ -49,7 +50,7 @@ def _unencodable(prompt: str | list[int], params: dict[str, Any]) -> str:
     return "the request cannot be encoded"
 
 
-class InferenceClient(Reconnection):
+class InferenceClient(Reconnection, WeightUpdatesClient):
     """An asyncio client of ``DataParallelInferenceCoordinator`` (see the module docstring).
 
     It outlives its coordinator: it pings when the connection is quiet (``ping_interval``: its
@@ -349,10 +350,12 @@ class InferenceClient(Reconnection):
             self.paused.set()
         elif header == Headers.STOP_ACK:
             self.stopped.set()
+        elif header in (Headers.UPDATE_WEIGHTS_DONE, Headers.WEIGHT_TRANSFER_READY):
+            self._on_update_message(message)  # client_updates.py
 
     def _on_error(self, request_id: Any, code: str, text: str) -> None:
         error = RequestError(code, text)
-        if self._requests.fail(request_id, error):
+        if self._requests.fail(request_id, error) or self._update_refused(request_id, error):
             return
         logger.warning("client: coordinator error: %s", error)
         self.last_error = error
@@ -401,6 +404,7 @@ class InferenceClient(Reconnection):
                 task.cancel()
         self.listener_task = self._watchdog_task = None
         self._requests.abandon(ConnectionError("the InferenceClient was stopped"))
+        self._abandon_updates(ConnectionError("the InferenceClient was stopped"))
         self._close()
 
     def _close(self) -> None:

@@ -18,6 +18,7 @@ from .endings import RequestEndings
 from .failover import Failover
 from .outbox import Outbox
 from .state import CoordinatorState
+from .weight_updates import WeightUpdates
 
 logger = logging.getLogger("megatron_coord.coordinator")
 
@@ -34,6 +35,7 @@ class AfterWakeup:
         rounds: ControlRounds,
         failover: Failover,
         client_gone: Callable[[bytes], None],
+        updates: WeightUpdates,
     ) -> None:
         self.state = state
         self.outbox = outbox
@@ -41,6 +43,7 @@ class AfterWakeup:
         self._rounds = rounds
         self._failover = failover
         self._client_gone = client_gone
+        self._updates = updates
 
     def poll_timeout_ms(self) -> int:
         """Milliseconds until the next deadline (-1: none, block until a message)."""
@@ -51,6 +54,7 @@ class AfterWakeup:
             state.shutdown.next_deadline(),
             min(state.requests.orphans.values(), default=None),
             min(state.requests.reserved.values(), default=None),
+            self._updates.next_deadline(),
         ]
         upcoming = [d for d in deadlines if d is not None]
         if not upcoming:
@@ -88,6 +92,8 @@ class AfterWakeup:
             if expired:
                 logger.warning("%d request(s) timed out: aborted", len(expired))
             state.requests.deadlines.compact(engine_of)
+        if self._updates.round is not None:
+            self._updates.check_deadline(now)
         if state.requests.orphans:
             self._failover.expire_orphans(now)
         if state.requests.reserved:

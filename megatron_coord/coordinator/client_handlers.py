@@ -75,6 +75,7 @@ class ClientHandlers:
         # token budget), routed in flush once tokenized.
         self.later: list[tuple[list[Any], str | list[int], int]] = []
         self._sampling_cache: dict[bytes, tuple[msgspec.Raw, bool, tuple]] = {}
+        self.set_epoch: Callable[[int], None] | None = None  # weight_updates.py's
         self.table = {
             int(Headers.SUBMIT_REQUEST): self.on_submit,
             int(Headers.CONNECT): self.on_connect,
@@ -373,7 +374,8 @@ class ClientHandlers:
 
     def on_broadcast_019(self, client: bytes, payload: bytes) -> None:
         """SET_GENERATION_EPOCH ``[44, epoch]`` / START|STOP_CUDA_PROFILER ``[46]|[47]``: to
-        every 0.19 engine (the others know no such signal), unchanged."""
+        every 0.19 engine, unchanged; the epoch also to ours, as SET_GENERATION_EPOCH_OURS
+        (weight_updates.py: a version bump, ``str(epoch)`` published)."""
         if peek_header(payload) == Wire019.SET_GENERATION_EPOCH:
             decode_as(epoch_decoder, payload)
         else:
@@ -383,6 +385,8 @@ class ClientHandlers:
         for identity in registry.order:
             if registry.engines[identity].dialect is Dialect.MEGATRON_019:
                 self._send(identity, payload)
+        if peek_header(payload) == Wire019.SET_GENERATION_EPOCH and self.set_epoch is not None:
+            self.set_epoch(decode_as(epoch_decoder, payload)[1])  # ours: a version bump
 
     def on_shutdown(self, client: bytes, payload: bytes) -> None:
         """SHUTDOWN ``[61]`` (0.19): end the coordinator, leaving the engines running. The
@@ -434,6 +438,7 @@ class ClientHandlers:
                 "load": engine.load,
                 "identity": engine.identity.hex(),
                 "info": engine.info,
+                "weight_version": state.versions.current.get(engine.identity),
             }
             for engine in (state.registry.engines[i] for i in state.registry.order)
         ]
@@ -448,6 +453,7 @@ class ClientHandlers:
             "late_results_dropped": state.late_results_dropped,
             "shutting_down": state.shutdown.deadline is not None,
             "maps": self.map_sizes(),  # every per-request map: all 0 when nothing is in flight
+            **state.versions.stats(),  # the published weight version, updates done / failed
         }
         self._send(client, encode([int(Headers.STATS), stats]))
 

@@ -47,7 +47,7 @@ import zmq
 from ..auth import ServerAuth, check_bind
 from ..exit_codes import ConfigurationError
 from ..ports import port_in_use_message
-from ..protocol import ErrorCode, ProtocolError
+from ..protocol import ErrorCode, Headers, ProtocolError
 from .after_wakeup import AfterWakeup
 from .client_handlers import ClientHandlers
 from .control import ControlState
@@ -65,6 +65,7 @@ from .routing import make_policy
 from .shutdown import GracefulShutdown
 from .state import CoordinatorState
 from .text import TextCodec
+from .weight_updates import WeightUpdates
 from .wire import client_request_id_of, peek_header
 
 logger = logging.getLogger("megatron_coord.coordinator")
@@ -194,8 +195,12 @@ class DataParallelInferenceCoordinator:
             client_handlers.on_connect,
             client_handlers.flush,
         )
+        updates = WeightUpdates(state, outbox, engine_handlers.reroute)
+        client_handlers.table[int(Headers.UPDATE_WEIGHTS)] = updates.on_update
+        client_handlers.set_epoch = updates.set_epoch
+        engine_handlers.table[int(Headers.UPDATE_WEIGHTS_DONE)] = updates.on_done
         self.after_wakeup = AfterWakeup(
-            state, outbox, endings, rounds, failover, client_handlers.client_gone
+            state, outbox, endings, rounds, failover, client_handlers.client_gone, updates
         )
         # bound once: _handle runs for every message
         self._engines = state.registry.engines

@@ -212,12 +212,14 @@ class EngineHandlers:
             return False
         if not state.registry.add(identity, rank, dialect, info):
             return False
+        state.versions.register(identity, info if dialect is Dialect.OURS else None)
         state.registry.forget_dead(identity)
         state.monitor.learn(identity, state.stranger_fd)  # to notice when its connection closes
         serving = state.routing_policy is not None
         if serving:
             state.registry.order.append(identity)
-            state.routing_policy.add_engine(identity)
+            if state.versions.serves(identity):  # of the published version (versions.py)
+                state.routing_policy.add_engine(identity)
         if state.registry.engines[identity].rejoins:
             self._adoption.acknowledge(identity, info, cadence)
         if serving:
@@ -403,23 +405,33 @@ class EngineHandlers:
         """HEARTBEAT ``[102, load]``: the engine lives, and reports its load."""
         _, engine.load = decode_as(heartbeat_decoder, payload)
         self._heartbeat(engine)
-        self._route_by_health(engine)
         state = self.state
+        if state.versions.reported(engine.identity, engine.load.get("weight_version")):
+            state.routing_policy.on_version_change(engine.identity)  # before its block events
+        self._route_by_health(engine)
         if state.tracks_load:
             state.routing_policy.on_load_report(engine.identity, engine.load)
         for key in _BLOCK_EVENTS:  # consumed: STATS (every /metrics scrape) need not carry them
             engine.load.pop(key, None)
 
+    def reroute(self, identity: bytes) -> None:
+        """Decide again whether ``identity`` is routed to (a weight update ended)."""
+        engine = self.state.registry.engines.get(identity)
+        if engine is not None:
+            self._route_by_health(engine)
+
     def _route_by_health(self, engine: Engine) -> None:
-        """``"healthy": false`` (its model steps keep failing): no new request goes to the
-        engine; a healthy report puts it back. It stays registered and in ``order``, so it
-        keeps what it holds and PAUSE / STOP still reach it."""
+        """``"healthy": false`` (its model steps keep failing, or an update left its weights
+        mixed) or weights other than the published ones (versions.py): no new request goes
+        to the engine; a healthy report puts it back. It stays registered and in ``order``,
+        so it keeps what it holds and PAUSE / STOP still reach it."""
         state = self.state
         policy = state.routing_policy
         identity = engine.identity
         if policy is None or identity not in state.registry.order:
             return
-        healthy = engine.load.get("healthy") is not False
+        load = engine.load or {}
+        healthy = load.get("healthy") is not False and state.versions.serves(identity)
         if healthy == (identity in policy.engines):
             return
         if healthy:
@@ -429,7 +441,9 @@ class EngineHandlers:
                 self._adopt_orphans()
         else:
             policy.remove_engine(identity)
-            logger.error("engine %r reports itself unhealthy: routing around it", identity)
+            logger.error(
+                "engine %r is unhealthy or serves other weights: routing around it", identity
+            )
 
     def _heartbeat(self, engine: Engine) -> None:
         state = self.state

@@ -88,6 +88,8 @@ class Failover:
             if outcome == FAILED:
                 self._abort_on_dead(identity, request_id)
         state.requests.forget_engine(identity)
+        if state.versions_watcher is not None:
+            state.versions_watcher(identity)  # failed in the update round it was in
         stopped = engine.state_019 is State019.STOPPING  # a 0.19 engine leaving after STOP
         logger.log(
             logging.INFO if stopped else logging.ERROR,

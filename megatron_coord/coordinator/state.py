@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .control import ControlState
@@ -21,6 +22,7 @@ from .requests import RequestTable
 from .routing import RoutingPolicy
 from .shutdown import GracefulShutdown
 from .text import TextCodec
+from .versions import Versions
 
 
 @dataclass(eq=False, slots=True)
@@ -55,6 +57,10 @@ class CoordinatorState:
     routing_policy: RoutingPolicy | None = None
     routes_by_tokens: bool = False  # the policy chooses from token ids (ROUTE_LATER)
     tracks_load: bool = False  # the policy is told of every submit, token and finish
+    # The published weight version and each replica's (versions.py); the update round is
+    # told of every engine declared dead (weight_updates.py).
+    versions: Versions = field(default_factory=Versions)
+    versions_watcher: Callable[[bytes], None] | None = None
 
     def route_with(self, policy: RoutingPolicy) -> None:
         """Start routing with ``policy`` (once the first engines registered)."""

@@ -96,6 +96,9 @@ class RoutingPolicy:
     def on_load_report(self, engine: Identity, report: dict[str, Any]) -> None:
         """``engine`` sent a HEARTBEAT load report."""
 
+    def on_version_change(self, engine: Identity) -> None:
+        """``engine`` serves other weights now: what it cached before is of no use."""
+
     def on_resubmit(self, old: Identity, new: Identity, request_id: int) -> None:
         """``request_id`` moved from ``old`` (dead) to ``new``, where it starts over."""
         self.on_finish(old, request_id)

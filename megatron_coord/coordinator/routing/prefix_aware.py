@@ -257,6 +257,17 @@ class PrefixAware(LeastLoaded):
         if evicted.__class__ is list:
             self.index.evict(_block_names(evicted), bit)
 
+    def on_version_change(self, engine: Identity) -> None:
+        """New weights on ``engine``: its blocks are forgotten, also those of its requests in
+        flight (kept ones hold blocks of the old weights; the engine names recomputed ones
+        again in its reports), so no request is routed on blocks of other weights."""
+        bit = self._bit.get(engine)
+        if bit is None:
+            return
+        self.index.drop(bit)
+        for request_id in [r for r, (held, _) in self._in_flight.items() if held == engine]:
+            del self._in_flight[request_id]
+
     def holds(self, engine: Identity) -> int:
         """How many indexed blocks ``engine`` holds (tests, debugging; O(index))."""
         bit = self._bit.get(engine, 0)
