@@ -660,7 +660,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--load-pairs", type=int, default=3, help="windows without/with updates")
     parser.add_argument("--update-every", type=float, default=4.0, help="seconds, under load")
     parser.add_argument(
-        "--bucket-bytes", type=int, default=None, help="the sender's (default: its own, 8 MiB)"
+        "--bucket-bytes", type=int, default=None, help="the sender's (default: its own, 16 MiB)"
     )
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=32, help="tokens per request under load")
