@@ -27,6 +27,7 @@ import logging
 import os
 import socket
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -124,6 +125,10 @@ class CoordinatorLink:
             apply_client(sock, self.auth_keys)
         sock.connect(self.address)
         self.socket: zmq.Socket | None = sock
+        # A link dropped without close() (an in-process server its owner forgot) still closes
+        # its socket before its context: left to the cyclic garbage collector, the context can
+        # be finalized first, and its term() then waits forever for the socket.
+        self._finalizer = weakref.finalize(self, _close_quietly, sock, self.context)
         self._registered_at = time.monotonic()
         self._join_deadline = self._registered_at + self.join_timeout_s
         self.poller = zmq.Poller()
@@ -266,6 +271,7 @@ class CoordinatorLink:
         replica holds): not joined until answered."""
         self.reconnect_pending = False
         self.joined = self.answered = False
+        self._finalizer.detach()
         self.socket.close(0)
         self.context.term()
         self.last_heard = time.monotonic()
@@ -274,6 +280,13 @@ class CoordinatorLink:
 
     def close(self) -> None:
         if self.socket is not None:
+            self._finalizer.detach()
             self.socket.close()
             self.context.term()
             self.socket = None
+
+
+def _close_quietly(sock: zmq.Socket, context: zmq.Context) -> None:
+    """The finalizer of a link never closed: nothing can be delivered any more, so no linger."""
+    sock.close(0)
+    context.term()
