@@ -59,7 +59,7 @@ def initialize(tensor_parallel_size: int = 1, timeout_s: float = 600.0) -> Paral
 
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    tp_rank, dp_rank, dp_size = layout(rank, world_size, tensor_parallel_size)
+    layout(rank, world_size, tensor_parallel_size)  # a bad TP size fails before the rendezvous
 
     use_cuda = torch.cuda.is_available()
     backend = "nccl" if use_cuda else "gloo"
@@ -77,6 +77,15 @@ def initialize(tensor_parallel_size: int = 1, timeout_s: float = 600.0) -> Paral
             backend, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
         )
 
+    return build_state(rank, world_size, tensor_parallel_size, backend, device)
+
+
+def build_state(
+    rank: int, world_size: int, tensor_parallel_size: int, backend: str, device: torch.device
+) -> ParallelState:
+    """This rank's ParallelState over an initialized world, with new TP groups of contiguous
+    ranks (collective: every rank calls it, in the same order as its other ``new_group``s)."""
+    tp_rank, dp_rank, dp_size = layout(rank, world_size, tensor_parallel_size)
     tp_group = None
     for first in range(0, world_size, tensor_parallel_size):
         ranks = list(range(first, first + tensor_parallel_size))

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..parallel_state import ParallelState, layout
+from ..parallel_state import ParallelState, build_state, layout
 
 
 @dataclasses.dataclass
@@ -53,28 +53,10 @@ def check_world(model: Any, tensor_parallel_size: int) -> tuple[int, int, int, i
 
 def serving_layout(model: Any, tensor_parallel_size: int) -> ServingLayout:
     """Make the serving groups (collective over the world: every rank calls it together)."""
-    rank, world, tp_rank, dp_rank, dp_size = check_world(model, tensor_parallel_size)
+    rank, world, _, _, _ = check_world(model, tensor_parallel_size)
     control = dist.new_group(list(range(world)), backend="gloo")
-    tp_group = None
-    if tensor_parallel_size > 1:
-        for first in range(0, world, tensor_parallel_size):
-            ranks = list(range(first, first + tensor_parallel_size))
-            group = dist.new_group(ranks)
-            if rank in ranks:
-                tp_group = group
     device = torch.device(model.device)
-    state = ParallelState(
-        rank=rank,
-        world_size=world,
-        tensor_parallel_size=tensor_parallel_size,
-        tp_rank=tp_rank,
-        dp_rank=dp_rank,
-        data_parallel_size=dp_size,
-        tp_group=tp_group,
-        tp_src_rank=rank - tp_rank,
-        backend=dist.get_backend(),
-        device=device,
-    )
+    state = build_state(rank, world, tensor_parallel_size, dist.get_backend(), device)
     return ServingLayout(state, control)
 
 
