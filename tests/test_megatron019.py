@@ -238,9 +238,6 @@ def test_megatron_019_client_on_our_real_engine(checkpoint, tokenizer, model):
     finally:
         server.request_shutdown()
         thread.join(30)
-        # Closed here, not left to the garbage collector: a ZMQ context collected later, in
-        # some other test, blocked that test in its term() for good.
-        server.close()
         process.join(30)
         if process.is_alive():
             process.kill()
